@@ -1,0 +1,7 @@
+"""The data side of mmloom: conversation JSON + media -> validated WebDataset shards + manifest.
+
+Never imports `trainer` or `torch.distributed`; it owns the canonical sample schema
+(`data_tools.sample`) and the manifest (`data_tools.manifest`) that the trainer consumes.
+"""
+
+__version__ = "0.1.0"

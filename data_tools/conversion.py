@@ -1,0 +1,152 @@
+"""One source file -> canonical samples with their media bytes, in input order, on N processes.
+
+`convert_record` is the whole per-record job (parse the format, read and validate every media
+file, build the canonical sample); `convert_source` runs it over a file's records on a process
+pool with a bounded window of chunks in flight, and yields the results in input order, so the
+shards written from them do not depend on the number of workers and memory does not depend on
+the size of the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_tools.formats import Draft, MediaRef, parse_record
+from data_tools.media import DEFAULT_MAX_PIXELS, media_stat, probe_image, probe_video, read_media
+from data_tools.sample import ImagePart, Rejected, Sample, TextPart, Turn, VideoPart
+from data_tools.sources import RecordReader
+
+_CHUNK = 16             # records per task sent to a worker
+_WINDOW_PER_WORKER = 4  # chunks in flight per worker: keeps workers busy, memory bounded
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    media_root: Path | None = None      # relative media paths resolve here, else next to the JSON
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class Converted:
+    """The outcome for one record: members to write, or why it was rejected."""
+
+    index: int
+    line: int
+    key: str
+    id: str | None
+    members: list[tuple[str, bytes]] | None = None   # (suffix, bytes); "json" first
+    code: str | None = None
+    reason: str | None = None
+    images: int = 0
+    videos: int = 0
+    text_chars: int = 0
+    media_bytes: int = 0
+
+
+def sample_key(index: int) -> str:
+    return f"{index:09d}"
+
+
+def convert_record(index: int, line: int, record: Any, source: str, json_dir: Path,
+                   opts: ConvertOptions) -> Converted:
+    """Convert one input record; never raises for bad data (a rejection is a result)."""
+    raw_id = record.get("id") if isinstance(record, dict) else None
+    out = Converted(index=index, line=line, key=sample_key(index), id=None if raw_id is None else str(raw_id))
+    try:
+        draft = parse_record(record, media_root=opts.media_root or json_dir)
+        sample, members = _materialize(draft, out, source, opts)
+    except Rejected as e:
+        out.code, out.reason = e.code, e.reason
+        return out
+    out.members = [("json", sample.to_json()), *members]
+    out.text_chars = sum(len(p.text) for t in sample.turns for p in t.parts if isinstance(p, TextPart))
+    out.text_chars += len(sample.system or "")
+    return out
+
+
+def _materialize(draft: Draft, out: Converted, source: str,
+                 opts: ConvertOptions) -> tuple[Sample, list[tuple[str, bytes]]]:
+    members: list[tuple[str, bytes]] = []
+    turns = []
+    for role, parts in draft.turns:
+        new_parts: list[TextPart | ImagePart | VideoPart] = []
+        for part in parts:
+            if isinstance(part, str):
+                new_parts.append(TextPart(text=part))
+                continue
+            data = read_media(part)
+            if part.kind == "image":
+                info = probe_image(data, part.origin, opts.max_image_pixels)
+                member = f"img{out.images}.{info.ext}"
+                out.images += 1
+                new_parts.append(ImagePart(member=member, width=info.width, height=info.height,
+                                           format=info.format, bytes=len(data), origin=part.origin))
+            else:
+                vinfo = probe_video(data, part.origin)
+                member = f"vid{out.videos}.{vinfo.ext}"
+                out.videos += 1
+                new_parts.append(VideoPart(member=member, width=vinfo.width, height=vinfo.height,
+                                           frames=vinfo.frames, fps=vinfo.fps, duration=vinfo.duration,
+                                           format=vinfo.format, bytes=len(data),
+                                           num_frames=part.num_frames, origin=part.origin))
+            members.append((member, data))
+            out.media_bytes += len(data)
+        turns.append(Turn(role=role, parts=new_parts))  # type: ignore[arg-type]
+    sample = Sample(key=out.key, source=source, index=out.index, id=out.id, system=draft.system, turns=turns)
+    return sample, members
+
+
+def _convert_chunk(chunk: list[tuple[int, int, Any]], source: str, json_dir: Path,
+                   opts: ConvertOptions) -> list[Converted]:
+    return [convert_record(i, line, rec, source, json_dir, opts) for i, line, rec in chunk]
+
+
+def convert_source(file: Path, source: str, opts: ConvertOptions, workers: int) -> Iterator[Converted]:
+    """Convert every record of `file`, yielding results in input order."""
+    records = iter(RecordReader(file))
+    if workers <= 1:
+        for i, line, rec in records:
+            yield convert_record(i, line, rec, source, file.parent, opts)
+        return
+    # spawn, not fork: the parent may hold threads (progress bar) that fork would copy mid-lock.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pending: deque[Future[list[Converted]]] = deque()
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < workers * _WINDOW_PER_WORKER:
+                chunk = [r for _, r in zip(range(_CHUNK), records)]
+                if not chunk:
+                    exhausted = True
+                    break
+                pending.append(pool.submit(_convert_chunk, chunk, source, file.parent, opts))
+            if not pending:
+                return
+            yield from pending.popleft().result()
+
+
+def fingerprint_source(file: Path, source: str, opts: ConvertOptions, settings: dict[str, Any]) -> tuple[int, str]:
+    """(record count, fingerprint) of a source: changes when the JSON, any media file it names
+    (size, mtime) or any setting that shapes the output changes. Raises DataError on bad JSON."""
+    h = hashlib.sha256(repr(sorted(settings.items())).encode())
+    h.update(f"{source}\0{opts}\0".encode())
+    reader = RecordReader(file)
+    count = 0
+    for _, _, record in reader:
+        count += 1
+        try:
+            refs: list[MediaRef] = parse_record(record, media_root=opts.media_root or file.parent).media
+        except Rejected:
+            refs = []
+        for ref in refs:
+            h.update(media_stat(ref).encode() + b"\0")
+        h.update(b"\1")
+    h.update(reader.sha256.encode())
+    return count, h.hexdigest()

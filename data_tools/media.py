@@ -1,0 +1,176 @@
+"""Media validation at conversion time: read the bytes, prove they decode, record their geometry.
+
+Images are opened with Pillow from the bytes (the extension is ignored), checked against an
+explicit pixel limit before decoding (decompression bombs) and decoded once to catch truncated
+or corrupt files; JPEGs decode in draft mode (1/8 scale), which still reads every entropy-coded
+byte. Videos are opened with PyAV: a video stream must exist, every packet is demuxed (frame
+count, truncation) and the first frame must decode. The bytes that go into the shard are the
+original bytes, untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from data_tools.formats import MediaRef
+from data_tools.sample import Rejected
+
+DEFAULT_MAX_PIXELS = 1 << 28      # 16384 x 16384; anything larger is treated as a decompression bomb
+
+# Member extensions by detected format, so a JPEG named x.png is stored as .jpg.
+_IMAGE_EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "tiff": "tiff", "bmp": "bmp",
+              "mpo": "jpg", "ppm": "ppm", "ico": "ico", "jpeg2000": "jp2", "tga": "tga"}
+_VIDEO_EXT = {"mov,mp4,m4a,3gp,3g2,mj2": "mp4", "matroska,webm": "mkv", "avi": "avi", "mpegts": "ts",
+              "flv": "flv", "gif": "gif", "mpeg": "mpg", "ogg": "ogv"}
+_ROTATED = {5, 6, 7, 8}           # EXIF orientations that swap width and height
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    format: str
+    ext: str
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    width: int
+    height: int
+    frames: int
+    fps: float
+    duration: float
+    format: str
+    ext: str
+
+
+def read_media(ref: MediaRef) -> bytes:
+    """The media's bytes; missing, unreadable and empty files are Rejected."""
+    if ref.data is not None:
+        data = ref.data
+    else:
+        assert ref.path is not None
+        try:
+            with open(ref.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise Rejected("missing_media",
+                           f"{ref.kind} {ref.origin!r} not found at {ref.path}; fix the path, or pass "
+                           f"--media-root if paths are relative to another folder") from None
+        except IsADirectoryError:
+            raise Rejected("unreadable_media", f"{ref.kind} {ref.origin!r} is a directory ({ref.path})") from None
+        except OSError as e:
+            raise Rejected("unreadable_media",
+                           f"{ref.kind} {ref.origin!r} cannot be read ({e.strerror}: {ref.path}); "
+                           f"check its permissions") from None
+    if not data:
+        raise Rejected("empty_media", f"{ref.kind} {ref.origin!r} is an empty (0-byte) file; replace it")
+    return data
+
+
+def probe_image(data: bytes, origin: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Prove `data` is a whole, decodable image of at most `max_pixels`; return its geometry."""
+    # The pixel limit is ours and explicit; Pillow's own (warning below 2x its default) is off.
+    Image.MAX_IMAGE_PIXELS = None
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        kind = "a video" if _looks_like_video(data) else "not an image Pillow can read"
+        raise Rejected("not_an_image", f"image {origin!r} is {kind}; give an image file") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise Rejected("not_an_image", f"image {origin!r} has a broken header ({e}); replace it") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise Rejected("image_too_large",
+                       f"image {origin!r} is {width}x{height} = {width * height} pixels, over the limit "
+                       f"of {max_pixels} (decompression-bomb guard); resize it or raise --max-image-pixels")
+    fmt = (img.format or "unknown").lower()
+    try:
+        orientation = img.getexif().get(0x0112)
+        if fmt == "jpeg":
+            img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+        img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise Rejected("truncated_image",
+                       f"image {origin!r} does not decode ({e}); the file is truncated or corrupt, replace it") from None
+    if orientation in _ROTATED:
+        width, height = height, width
+    return ImageInfo(width=width, height=height, format=fmt, ext=_IMAGE_EXT.get(fmt, fmt))
+
+
+def probe_video(data: bytes, origin: str) -> VideoInfo:
+    """Prove `data` is a video whose stream demuxes to the end and whose first frame decodes."""
+    import av   # imported here: only video sources need it, and it is slow to import
+
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.FFmpegError, ValueError, UnicodeDecodeError) as e:
+        raise Rejected("not_a_video", f"video {origin!r} cannot be opened ({e}); give a video file") from None
+    with container:
+        if not container.streams.video:
+            what = "audio only" if container.streams.audio else "no video stream"
+            raise Rejected("no_video_stream", f"video {origin!r} has {what}; give a file with a video track")
+        stream = container.streams.video[0]
+        first = None
+        frames = 0
+        last_pts = None
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue
+                frames += 1
+                if packet.pts is not None:
+                    last_pts = packet.pts if last_pts is None else max(last_pts, packet.pts)
+                if first is None:
+                    for frame in packet.decode():
+                        first = frame
+                        break
+            if first is None:
+                for frame in stream.codec_context.decode(None):   # flush: decoders with delay
+                    first = frame
+                    break
+        except (av.FFmpegError, ValueError) as e:
+            raise Rejected("undecodable_video",
+                           f"video {origin!r} breaks after {frames} frames ({e}); it is truncated or corrupt, "
+                           f"re-encode or replace it") from None
+        if first is None or frames == 0:
+            raise Rejected("undecodable_video",
+                           f"video {origin!r} has no decodable frame; it is truncated or corrupt, replace it")
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        duration = _duration(container, stream, last_pts, frames, fps)
+        fmt = container.format.name
+        return VideoInfo(width=first.width, height=first.height, frames=frames, fps=round(fps, 6),
+                         duration=round(duration, 6), format=fmt, ext=_VIDEO_EXT.get(fmt, "video"))
+
+
+def _duration(container, stream, last_pts, frames: int, fps: float) -> float:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000
+    if last_pts is not None and stream.time_base is not None:
+        return float(last_pts * stream.time_base) + (1 / fps if fps else 0)
+    return frames / fps if fps else 0.0
+
+
+def _looks_like_video(data: bytes) -> bool:
+    head = data[:16]
+    return head[4:8] == b"ftyp" or head[:4] in (b"\x1aE\xdf\xa3", b"RIFF") and b"AVI" in head
+
+
+def media_stat(ref: MediaRef) -> str:
+    """What a re-run compares to know a media file is unchanged: size and mtime, or 'missing'."""
+    if ref.path is None:
+        return f"inline:{len(ref.data or b'')}"
+    try:
+        st = os.stat(ref.path)
+    except OSError:
+        return f"{ref.path}:missing"
+    return f"{ref.path}:{st.st_size}:{st.st_mtime_ns}"
+
+

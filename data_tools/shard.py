@@ -1,0 +1,251 @@
+"""Convert conversation JSON + media into validated WebDataset shards with a mixing manifest.
+
+    python data_tools/shard.py data.txt --out shards/ [--media-root DIR] [--workers N]
+                               [--shard-size 1G] [--shard-samples 10000] [--seed 0]
+
+`data.txt` lists `<json path> <samples per epoch, in thousands>` lines (InternLM-XComposer).
+Every sample is validated; rejected ones go to `shards/rejected.jsonl` with a reason and the run
+goes on. Output: `shards/<source>/<source>-NNNNNN.tar`, `shards/manifest.json`. The same inputs
+give byte-identical shards whatever --workers is; a re-run reuses the shards of every source
+whose JSON, media files and settings did not change. Exit codes: 0 done (rejections included),
+2 bad input (data.txt, missing or unparsable JSON) with nothing written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    # Run as a script, data_tools/ would come first on sys.path and its inspect.py would shadow
+    # the standard library's; put the repository root there instead.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
+
+from data_tools import __version__  # noqa: E402
+from data_tools.conversion import ConvertOptions, convert_source, fingerprint_source  # noqa: E402
+from data_tools.manifest import (  # noqa: E402
+    MANIFEST, REJECTED, Manifest, ShardEntry, SourceEntry, write_atomic,
+)
+from data_tools.media import DEFAULT_MAX_PIXELS  # noqa: E402
+from data_tools.sources import DataError, SourceSpec, parse_data_txt  # noqa: E402
+from data_tools.writer import ShardWriter  # noqa: E402
+
+logger = logging.getLogger("mmloom.shard")
+_PARTIAL = ".partial"
+
+
+def parse_size(text: str) -> int:
+    """'512M', '1G', '1.5GB', '4096' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 512M or 1G")
+    value = float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shard.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data_txt", type=Path, help="lines of `<json path> <samples per epoch in thousands>`")
+    p.add_argument("--out", type=Path, required=True, help="output directory for shards and manifest")
+    p.add_argument("--media-root", type=Path, default=None,
+                   help="folder that relative media paths resolve against (default: the JSON file's folder)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="conversion processes")
+    p.add_argument("--shard-size", type=parse_size, default=parse_size("1G"),
+                   help="maximum bytes per shard, e.g. 512M (a single larger sample gets its own shard)")
+    p.add_argument("--shard-samples", type=int, default=10_000, help="maximum samples per shard")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="larger images are rejected as decompression bombs")
+    p.add_argument("--seed", type=int, default=0, help="global seed stored in the manifest for epoch mixing")
+    p.add_argument("--force", action="store_true", help="re-convert every source even if unchanged")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.workers < 1 or args.shard_samples < 1:
+        print("error: --workers and --shard-samples must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        return run(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    specs = parse_data_txt(args.data_txt)
+    out: Path = args.out
+    opts = ConvertOptions(media_root=args.media_root.resolve() if args.media_root else None,
+                          max_image_pixels=args.max_image_pixels)
+    settings = {"converter": __version__, "shard_size": args.shard_size, "shard_samples": args.shard_samples}
+
+    # Pass 1 reads every JSON file before anything is written: a syntax error in the last file
+    # stops the run now, not hours in, and the fingerprints tell which sources are unchanged.
+    scans = {}
+    for spec in tqdm(specs, desc="scanning", unit="file", disable=args.quiet or None):
+        scans[spec.name] = fingerprint_source(spec.file, spec.name, opts, settings)
+
+    old = _load_previous(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_partials(out)
+    old_rejected = _read_rejected(out) if old else {}
+
+    entries: list[SourceEntry] = []
+    rejected_lines: list[str] = []
+    converted_names: list[str] = []
+    total = sum(count for count, _ in scans.values())
+    try:
+        with tqdm(total=total, desc="converting", unit="sample", disable=args.quiet or None) as bar:
+            for spec in specs:
+                count, fingerprint = scans[spec.name]
+                reused = _reusable(old, spec, fingerprint, out, args.force)
+                if reused is not None:
+                    reused.path, reused.epoch_samples = spec.path, spec.epoch_samples
+                    entries.append(reused)
+                    rejected_lines += old_rejected.get(spec.path, [])
+                    bar.update(count)
+                    logger.info("%s: unchanged, reusing %d shards", spec.name, len(reused.shards))
+                    continue
+                entry, lines = _convert(spec, fingerprint, opts, args, out, bar)
+                entries.append(entry)
+                rejected_lines += lines
+                converted_names.append(spec.name)
+    except BaseException:
+        _remove_partials(out)
+        raise
+
+    # Swap the new sources in only now that all of them are complete.
+    for name in converted_names:
+        final = out / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(out / (name + _PARTIAL), final)
+    names = {e.name for e in entries}
+    for stale in old.sources if old else []:
+        if stale.name not in names and (out / stale.name).is_dir():
+            shutil.rmtree(out / stale.name)
+
+    manifest = Manifest(seed=args.seed, converter=__version__, sources=entries,
+                        options={**settings, "max_image_pixels": args.max_image_pixels,
+                                 "media_root": str(opts.media_root) if opts.media_root else None})
+    write_atomic(out / REJECTED, "".join(rejected_lines))
+    write_atomic(out / MANIFEST, manifest.to_json())
+    print_summary(manifest, time.perf_counter() - start, converted_names, out)
+    return 0
+
+
+def _convert(spec: SourceSpec, fingerprint: str, opts: ConvertOptions, args: argparse.Namespace,
+             out: Path, bar: tqdm) -> tuple[SourceEntry, list[str]]:
+    tmp = out / (spec.name + _PARTIAL)
+    tmp.mkdir()
+    writer = ShardWriter(tmp, spec.name, max_bytes=args.shard_size, max_samples=args.shard_samples)
+    stats: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    lines = []
+    for result in convert_source(spec.file, spec.name, opts, args.workers):
+        bar.update(1)
+        if result.members is None:
+            reasons[result.code or "unknown"] += 1
+            lines.append(json.dumps({"source": spec.path, "index": result.index, "line": result.line,
+                                     "id": result.id, "code": result.code, "reason": result.reason},
+                                    ensure_ascii=False) + "\n")
+            continue
+        writer.write(result.key, result.members)
+        stats.update(images=result.images, videos=result.videos, text_chars=result.text_chars,
+                     media_bytes=result.media_bytes, samples=1)
+    shards = [ShardEntry(**asdict(s)) for s in writer.close()]
+    entry = SourceEntry(name=spec.name, path=spec.path, samples=stats["samples"],
+                        epoch_samples=spec.epoch_samples, rejected=sum(reasons.values()),
+                        rejected_by_reason=dict(sorted(reasons.items())), images=stats["images"],
+                        videos=stats["videos"], text_chars=stats["text_chars"],
+                        media_bytes=stats["media_bytes"], fingerprint=fingerprint, shards=shards)
+    return entry, lines
+
+
+def _load_previous(out: Path) -> Manifest | None:
+    path = out / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return Manifest.from_json(path.read_text(encoding="utf-8"), str(path))
+    except ValueError as e:
+        logger.warning("ignoring the existing manifest: %s", e)
+        return None
+
+
+def _reusable(old: Manifest | None, spec: SourceSpec, fingerprint: str, out: Path,
+              force: bool) -> SourceEntry | None:
+    prev = old.source(spec.name) if old and not force else None
+    if prev is None or prev.fingerprint != fingerprint:
+        return None
+    for shard in prev.shards:
+        path = out / shard.path
+        if not path.is_file() or path.stat().st_size != shard.bytes:
+            logger.warning("%s: shard %s is missing or changed; converting again", spec.name, shard.path)
+            return None
+    return prev
+
+
+def _read_rejected(out: Path) -> dict[str, list[str]]:
+    by_source: dict[str, list[str]] = {}
+    path = out / REJECTED
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            by_source.setdefault(json.loads(line)["source"], []).append(line)
+    return by_source
+
+
+def _remove_partials(out: Path) -> None:
+    for tmp in out.glob("*" + _PARTIAL):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_summary(manifest: Manifest, seconds: float, converted: list[str], out: Path) -> None:
+    """The per-source table, totals and throughput."""
+    rows = [("source", "valid", "rejected", "images", "videos", "MB", "per epoch", "sampling", "reasons")]
+    for s in manifest.sources:
+        reasons = ", ".join(f"{k}:{v}" for k, v in s.rejected_by_reason.items()) or "-"
+        note = "" if s.name in converted else " (reused)"
+        rows.append((s.name + note, str(s.samples), str(s.rejected), str(s.images), str(s.videos),
+                     f"{s.media_bytes / 1e6:.1f}", str(s.epoch_samples), s.sampling, reasons))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for k, row in enumerate(rows):
+        print("  ".join(c.ljust(w) if i in (0, 7, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+    valid = sum(s.samples for s in manifest.sources)
+    rejected = sum(s.rejected for s in manifest.sources)
+    done = [s for s in manifest.sources if s.name in converted]
+    mb = sum(s.media_bytes for s in done) / 1e6
+    n = sum(s.samples + s.rejected for s in done)
+    print(f"\n{valid} samples in {sum(len(s.shards) for s in manifest.sources)} shards, {rejected} rejected "
+          f"(see {out / REJECTED}); converted {n} records, {mb:.1f} MB of media in {seconds:.1f} s: "
+          f"{mb / seconds:.1f} MB/s, {n / seconds:.0f} samples/s")
+    for s in manifest.sources:
+        if s.samples == 0 and s.epoch_samples > 0:
+            print(f"warning: {s.path} has no valid samples but asks for {s.epoch_samples} per epoch; "
+                  f"fix its data or remove it from data.txt", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    from data_tools.shard import main as _main   # the package module, so workers can import it
+
+    sys.exit(_main())

@@ -1,0 +1,1 @@
+"""The training side of mmloom: config, models, streaming data, FSDP2 loop, checkpoints, export."""
