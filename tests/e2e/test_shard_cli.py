@@ -1,0 +1,333 @@
+"""The real `python data_tools/shard.py` and `inspect.py` on a dataset of every format, every
+accepted oddity and every rejection reason: exact counts, exact reasons, byte-identical output
+for 1 and 2 workers, reuse on re-run, fatal errors that leave nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from tests.media import write_video
+from tests.unit.test_media import ACCEPTED_IMAGES, ACCEPTED_VIDEOS
+
+REPO = Path(__file__).resolve().parents[2]
+TURNS = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A picture."}]
+
+
+def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def shard(data_txt: Path, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run("data_tools/shard.py", data_txt, "--out", out, "-q", *extra, check=check)
+
+
+def dump(path: Path, records: list, jsonl: bool = False) -> None:
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in records) if jsonl else json.dumps(records, indent=1)
+    path.write_text(text, encoding="utf-8")
+
+
+# id -> expected rejection code, for every sample of the dataset that must be rejected
+EXPECTED_REJECTIONS = {
+    "missing": "missing_media", "empty-file": "empty_media", "text-as-jpg": "not_an_image",
+    "truncated-jpg": "truncated_image", "truncated-png": "truncated_image", "bomb": "image_too_large",
+    "video-as-image": "not_an_image", "too-many-placeholders": "media_count_mismatch",
+    "too-many-images": "media_count_mismatch", "no-answer-turn": "no_assistant_turn",
+    "empty-answer": "empty_answer", "bad-role": "unknown_role", "number-text": "bad_text",
+    "empty-conv": "empty_conversation", "not-a-conversation": "unknown_format",
+    "truncated-video": "undecodable_video", "truncated-faststart": "truncated_video",
+    "audio-only": "no_video_stream", "image-as-video": "not_a_video",
+}
+
+
+def build_dataset(root: Path, media: dict[str, Path]) -> Path:
+    """data.txt + five sources under `root`, media copied to root/media with their odd names."""
+    mdir = root / "media"
+    mdir.mkdir(parents=True)
+    for name, path in media.items():
+        shutil.copy(path, mdir / name)
+
+    def img(name: str, id_: str, turns=TURNS) -> dict:
+        return {"id": id_, "image": f"media/{name}", "conversations": turns}
+
+    dump(root / "oddities.json", [img(name, name) for name in sorted(ACCEPTED_IMAGES)])
+    broken = [
+        img("nope.jpg", "missing"), img("empty.jpg", "empty-file"), img("text.jpg", "text-as-jpg"),
+        img("truncated.jpg", "truncated-jpg"), img("truncated.png", "truncated-png"), img("bomb.png", "bomb"),
+        img("bikes.mp4", "video-as-image"),
+        img("flower.jpg", "too-many-placeholders", [{"from": "human", "value": "<image><image>"}, TURNS[1]]),
+        {"id": "too-many-images", "image": ["media/flower.jpg", "media/one.png"], "conversations": TURNS},
+        {"id": "no-answer-turn", "conversations": TURNS[:1], "image": "media/flower.jpg"},
+        {"id": "empty-answer", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
+        {"id": "bad-role", "conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]},
+        {"id": "number-text", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": 42}]},
+        {"id": "empty-conv", "conversations": []},
+        {"id": "not-a-conversation", "text": "just text"},
+        {"id": "ok-between-bad-ones", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+    ]
+    dump(root / "broken.jsonl", broken, jsonl=True)
+    dump(root / "formats.jsonl", [
+        {"id": "llava", "image": ["media/flower.jpg", "media/gray.png"],
+         "conversations": [{"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "No."}]},
+        {"id": "xcomposer", "image": ["media/photo.webp"],
+         "conversations": [{"from": "user", "value": "<ImageHere>Describe."}, {"from": "assistant", "value": "Roof."}]},
+        {"id": "minicpm", "image": {"<image_00>": "media/one.png", "<image_01>": "media/rgba.png"},
+         "conversations": [{"role": "user", "content": "<image_01> vs <image_00>"},
+                           {"role": "assistant", "content": "Différent."}]},
+        {"id": "openai", "messages": [
+            {"role": "system", "content": "Short answers."},
+            {"role": "user", "content": [{"type": "image", "image": "media/anim.gif"}, {"type": "text", "text": "Hi"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}]},
+        {"id": "text-only", "conversations": [{"from": "user", "value": "你好"}, {"from": "assistant", "value": "你好！"}]},
+    ], jsonl=True)
+    videos = [{"id": name, "video": f"media/{name}", "num_frames": 4,
+               "conversations": [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "x"}]}
+              for name in sorted(ACCEPTED_VIDEOS)]
+    for id_, name in [("truncated-video", "truncated.mp4"), ("truncated-faststart", "truncated_faststart.mp4"),
+                      ("audio-only", "audio_only.m4a"), ("image-as-video", "jpeg_named.mp4")]:
+        videos.append({"id": id_, "video": f"media/{name}", "conversations": videos[0]["conversations"]})
+    dump(root / "videos.json", videos)
+    dump(root / "text.json", [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"{i}+{i}?"},
+                                                              {"from": "gpt", "value": str(2 * i)}]} for i in range(9)])
+    data_txt = root / "data.txt"
+    data_txt.write_text("# every format, oddity and failure\noddities.json 0.03\nbroken.jsonl 0.001\n"
+                        "formats.jsonl 0.005\nvideos.json   0.0025  # rounds half up to 3\ntext.json 0.004\n")
+    return data_txt
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory, media: dict[str, Path]) -> Path:
+    return build_dataset(tmp_path_factory.mktemp("dataset"), media)
+
+
+@pytest.fixture(scope="module")
+def converted(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("out") / "shards"
+    proc = shard(dataset, out, "--workers", "2", "--shard-samples", "4")
+    return out, proc.stdout
+
+
+def read_samples(out: Path, entry: dict) -> list[dict]:
+    urls = [str(out / s["path"]) for s in entry["shards"]]
+    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+
+
+def test_manifest_counts_and_sampling(converted: tuple[Path, str]) -> None:
+    out, stdout = converted
+    manifest = json.loads((out / "manifest.json").read_text())
+    got = {s["path"]: (s["samples"], s["rejected"], s["epoch_samples"], s["images"], s["videos"])
+           for s in manifest["sources"]}
+    assert got == {
+        "oddities.json": (15, 0, 30, 15, 0),
+        "broken.jsonl": (1, 15, 1, 0, 0),
+        "formats.jsonl": (5, 0, 5, 6, 0),
+        "videos.json": (5, 4, 3, 0, 5),
+        "text.json": (9, 0, 4, 0, 0),
+    }
+    for source in manifest["sources"]:
+        assert sum(s["samples"] for s in source["shards"]) == source["samples"]
+        assert all(s["samples"] <= 4 for s in source["shards"])
+        assert [s["path"] for s in source["shards"]] == [
+            f"{source['name']}/{source['name']}-{i:06d}.tar" for i in range(len(source["shards"]))]
+        for s in source["shards"]:
+            assert hashlib.sha256((out / s["path"]).read_bytes()).hexdigest() == s["sha256"]
+    assert manifest["sources"][1]["rejected_by_reason"]["media_count_mismatch"] == 2
+    assert manifest["totals"]["samples"] == 35 and manifest["totals"]["rejected"] == 19
+    assert "up x2.00" in stdout and "down x0.44" in stdout and "down x0.60" in stdout
+    assert re.search(r"converted 54 records, [\d.]+ MB of media in [\d.]+ s: [\d.]+ MB/s", stdout)
+
+
+def test_every_rejection_has_its_reason(converted: tuple[Path, str]) -> None:
+    out, _ = converted
+    lines = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert {r["id"]: r["code"] for r in lines} == EXPECTED_REJECTIONS
+    by_id = {r["id"]: r for r in lines}
+    assert by_id["missing"]["source"] == "broken.jsonl" and by_id["missing"]["index"] == 0
+    assert by_id["missing"]["line"] == 1
+    assert "media/nope.jpg" in by_id["missing"]["reason"] and "--media-root" in by_id["missing"]["reason"]
+    assert by_id["truncated-video"]["index"] == 5 and by_id["truncated-video"]["source"] == "videos.json"
+
+
+def test_accepted_oddities_keep_their_bytes_and_geometry(converted: tuple[Path, str], media: dict[str, Path]) -> None:
+    out, _ = converted
+    manifest = json.loads((out / "manifest.json").read_text())
+    samples = read_samples(out, manifest["sources"][0])
+    assert [json.loads(s["json"])["id"] for s in samples] == sorted(ACCEPTED_IMAGES)
+    for s in samples:
+        meta = json.loads(s["json"])
+        part = meta["turns"][0]["parts"][0]
+        width, height, fmt, ext = ACCEPTED_IMAGES[meta["id"]]
+        assert (part["width"], part["height"], part["format"], part["member"]) == (width, height, fmt, f"img0.{ext}")
+        assert s[f"img0.{ext}"] == media[meta["id"]].read_bytes()      # original bytes, untouched
+        assert meta["source"] == "oddities" and meta["key"] == s["__key__"]
+        assert part["origin"] == f"media/{meta['id']}"
+
+
+def test_videos_record_frames_and_num_frames(converted: tuple[Path, str], media: dict[str, Path]) -> None:
+    out, _ = converted
+    manifest = json.loads((out / "manifest.json").read_text())
+    for s in read_samples(out, manifest["sources"][3]):
+        meta = json.loads(s["json"])
+        part = meta["turns"][0]["parts"][0]
+        w, h, frames, fps, duration = ACCEPTED_VIDEOS[meta["id"]]
+        assert (part["type"], part["width"], part["height"], part["frames"], part["fps"], part["duration"],
+                part["num_frames"]) == ("video", w, h, frames, fps, duration, 4)
+        assert s["vid0.mp4"] == media[meta["id"]].read_bytes()
+
+
+def test_formats_become_canonical_samples(converted: tuple[Path, str]) -> None:
+    out, _ = converted
+    manifest = json.loads((out / "manifest.json").read_text())
+    samples = {json.loads(s["json"])["id"]: (json.loads(s["json"]), s) for s in read_samples(out, manifest["sources"][2])}
+
+    def shape(meta: dict) -> list:
+        return [(t["role"], [p["text"] if p["type"] == "text" else p["member"] for p in t["parts"]]) for t in meta["turns"]]
+
+    assert shape(samples["llava"][0]) == [("user", ["img0.jpg", "img1.png", "Same?"]), ("assistant", ["No."])]
+    assert shape(samples["xcomposer"][0]) == [("user", ["img0.webp", "Describe."]), ("assistant", ["Roof."])]
+    assert shape(samples["minicpm"][0]) == [("user", ["img0.png", " vs ", "img1.png"]), ("assistant", ["Différent."])]
+    assert samples["minicpm"][0]["turns"][0]["parts"][0]["origin"] == "media/rgba.png"
+    assert shape(samples["openai"][0]) == [("user", ["img0.gif", "Hi"]), ("assistant", ["Hello"])]
+    assert samples["openai"][0]["system"] == "Short answers."
+    assert shape(samples["text-only"][0]) == [("user", ["你好"]), ("assistant", ["你好！"])]
+    assert sorted(k for k in samples["text-only"][1] if not k.startswith("__")) == ["json"]
+
+
+def test_tar_members_are_safe_and_contiguous(converted: tuple[Path, str]) -> None:
+    out, _ = converted
+    for tar_path in sorted(out.glob("*/*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members = tar.getmembers()
+        keys = [m.name.split(".", 1)[0] for m in members]
+        for m in members:
+            assert re.fullmatch(r"\d{9}\.(json|img\d+\.[a-z]+|vid\d+\.[a-z0-9]+)", m.name), m.name
+            assert m.isreg() and (m.mtime, m.uid, m.gid, m.uname, m.gname) == (0, 0, 0, "", "")
+        # all members of a key are contiguous, and the json comes first
+        runs = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
+        assert len(runs) == len(set(runs)), tar_path
+        assert all(members[i].name.endswith(".json") for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k)
+
+
+def test_output_is_byte_identical_for_1_and_2_workers(converted: tuple[Path, str], dataset: Path,
+                                                      tmp_path: Path) -> None:
+    out2, _ = converted
+    out1 = tmp_path / "one"
+    shard(dataset, out1, "--workers", "1", "--shard-samples", "4")
+
+    def tree(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    t1, t2 = tree(out1), tree(out2)
+    assert sorted(t1) == sorted(t2)
+    assert len([k for k in t1 if k.endswith(".tar")]) == 4 + 1 + 2 + 2 + 3
+    for name in t1:
+        assert t1[name] == t2[name], name
+
+
+def test_rerun_reuses_unchanged_sources_and_redoes_changed_ones(dataset: Path, tmp_path: Path) -> None:
+    work = tmp_path / "data"
+    shutil.copytree(dataset.parent, work)
+    data_txt, out = work / "data.txt", tmp_path / "shards"
+    first = shard(data_txt, out, "--workers", "1")
+    assert "(reused)" not in first.stdout
+    inodes = {p.name: p.stat().st_ino for p in out.glob("*/*.tar")}
+    rejected = (out / "rejected.jsonl").read_text()
+
+    again = shard(data_txt, out, "--workers", "1")
+    assert again.stdout.count("(reused)") == 5
+    assert {p.name: p.stat().st_ino for p in out.glob("*/*.tar")} == inodes
+    assert (out / "rejected.jsonl").read_text() == rejected
+
+    # A media file changes (only videos.json uses short.mp4); the JSON of another source changes;
+    # the per-epoch count of a third changes (no re-conversion needed); one source is dropped.
+    write_video(work / "media" / "short.mp4", frames=5)
+    text = json.loads((work / "text.json").read_text())
+    (work / "text.json").write_text(json.dumps(text[:5]))
+    data_txt.write_text(data_txt.read_text().replace("oddities.json 0.03", "oddities.json 0.06")
+                        .replace("broken.jsonl 0.001\n", ""))
+    third = shard(data_txt, out, "--workers", "1")
+    reused = {line.split()[0] for line in third.stdout.splitlines() if "(reused)" in line}
+    assert reused == {"oddities", "formats"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["sources"]] == ["oddities", "formats", "videos", "text"]
+    assert manifest["sources"][0]["epoch_samples"] == 60 and manifest["sources"][3]["samples"] == 5
+    assert not (out / "broken").exists()
+    assert {json.loads(r)["source"] for r in (out / "rejected.jsonl").read_text().splitlines()} == {"videos.json"}
+    assert not list(out.glob("*.partial"))
+    assert run("data_tools/inspect.py", out, "--verify").returncode == 0
+
+
+@pytest.mark.parametrize("case", ["bad line", "missing json", "bad json", "bad jsonl"])
+def test_fatal_errors_stop_before_writing(tmp_path: Path, case: str) -> None:
+    (tmp_path / "ok.json").write_text(json.dumps([{"conversations": TURNS[1:]}]))
+    lines = ["ok.json 1"]
+    if case == "bad line":
+        lines.append("broken.json")
+        expect = f"{tmp_path / 'data.txt'}:2: expected `<json path> <samples per epoch in thousands>`"
+    elif case == "missing json":
+        lines.append("gone.json 2")
+        expect = f"{tmp_path / 'data.txt'}:2: gone.json does not exist"
+    elif case == "bad json":
+        (tmp_path / "bad.json").write_text('[\n {"conversations": []},\n {"conversations": [}\n]')
+        lines.append("bad.json 2")
+        expect = f"{tmp_path / 'bad.json'}:3:21: invalid JSON: Expecting value"
+    else:
+        (tmp_path / "bad.jsonl").write_text('{"conversations": []}\n\n{"conversations": ]}\n')
+        lines.append("bad.jsonl 2")
+        expect = f"{tmp_path / 'bad.jsonl'}:3:20: invalid JSON: Expecting value"
+    (tmp_path / "data.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "shards"
+    proc = shard(tmp_path / "data.txt", out, check=False)
+    assert proc.returncode == 2
+    assert expect in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_media_root_and_inspect(tmp_path: Path, media: dict[str, Path]) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    shutil.copy(media["flower.jpg"], root / "f.jpg")
+    dump(tmp_path / "a.json", [{"id": "with root", "image": "f.jpg", "conversations": TURNS}])
+    (tmp_path / "data.txt").write_text("a.json 1\n")
+    out = tmp_path / "shards"
+    shard(tmp_path / "data.txt", out, "--media-root", root)
+    shown = run("data_tools/inspect.py", out, "--sample", "with root")
+    sample = json.loads(shown.stdout)
+    assert sample["_members"] == ["json", "img0.jpg"] and sample["turns"][0]["parts"][0]["width"] == 640
+
+    summary = run("data_tools/inspect.py", out, "--verify")
+    assert "verified 1 shards: 1 ok, 0 bad" in summary.stdout and "a  " in summary.stdout
+    tar = next(out.glob("a/*.tar"))
+    data = bytearray(tar.read_bytes())
+    data[600] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    bad = run("data_tools/inspect.py", out, "--verify", check=False)
+    assert bad.returncode == 1 and f"BAD  a/{tar.name}: sha256" in bad.stdout
+    assert run("data_tools/inspect.py", out, "--sample", "nope", check=False).returncode == 1
+
+
+def test_shard_py_runs_from_any_directory(tmp_path: Path) -> None:
+    # Invoked by path from elsewhere, with no install: the script finds its package itself.
+    (tmp_path / "a.json").write_text(json.dumps([{"conversations": TURNS[1:] * 0 + [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]))
+    (tmp_path / "data.txt").write_text("a.json 1\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(REPO / "data_tools" / "shard.py"), "data.txt", "--out", "s", "-q"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["sources"][0]["samples"] == 1
