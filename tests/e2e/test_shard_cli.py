@@ -288,7 +288,7 @@ def test_fatal_errors_stop_before_writing(tmp_path: Path, case: str) -> None:
     else:
         (tmp_path / "bad.jsonl").write_text('{"conversations": []}\n\n{"conversations": ]}\n')
         lines.append("bad.jsonl 2")
-        expect = f"{tmp_path / 'bad.jsonl'}:3:20: invalid JSON: Expecting value"
+        expect = f"{tmp_path / 'bad.jsonl'}:3:19: invalid JSON: Expecting value"
     (tmp_path / "data.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "shards"
     proc = shard(tmp_path / "data.txt", out, check=False)
