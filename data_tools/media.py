@@ -1,9 +1,9 @@
 """Media validation at conversion time: read the bytes, prove they decode, record their geometry.
 
-Images are opened with Pillow from the bytes (the extension is ignored), checked against an
-explicit pixel limit before decoding (decompression bombs) and decoded once to catch truncated
-or corrupt files; JPEGs decode in draft mode (1/8 scale), which still reads every entropy-coded
-byte. Videos are opened with PyAV: a video stream must exist, every packet is demuxed (frame
+Images are opened with Pillow from the bytes (the extension is ignored) and checked against an
+explicit pixel limit before any decoding (decompression bombs). Then they are proven whole as
+cheaply as the format allows: a JPEG must have its end-of-image marker after the scan data, a
+PNG must pass every chunk's CRC to IEND, anything else is decoded once. Videos are opened with PyAV: a video stream must exist, every packet is demuxed (frame
 count, truncation) and the first frame must decode. The bytes that go into the shard are the
 original bytes, untouched.
 """
@@ -92,15 +92,27 @@ def probe_image(data: bytes, origin: str, max_pixels: int = DEFAULT_MAX_PIXELS) 
     fmt = (img.format or "unknown").lower()
     try:
         orientation = img.getexif().get(0x0112)
-        if fmt == "jpeg":
-            img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
-        img.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        _check_complete(img, fmt, data)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise Rejected("truncated_image",
                        f"image {origin!r} does not decode ({e}); the file is truncated or corrupt, replace it") from None
     if orientation in _ROTATED:
         width, height = height, width
     return ImageInfo(width=width, height=height, format=fmt, ext=_IMAGE_EXT.get(fmt, fmt))
+
+
+def _check_complete(img: Image.Image, fmt: str, data: bytes) -> None:
+    """Raise if the image data is cut short or corrupt, as cheaply as each format allows."""
+    if fmt in ("jpeg", "mpo"):
+        # Pillow stops parsing at the first start-of-scan; a whole JPEG has its end-of-image
+        # marker after it (0xFF inside scan data is byte-stuffed, so FFD9 cannot occur by chance).
+        if data.find(b"\xff\xd9", img.fp.tell()) < 0:
+            raise OSError("no end-of-image marker after the scan data")
+    elif fmt == "png":
+        # Every chunk's CRC up to IEND, without inflating the pixels; verify() wants a fresh image.
+        Image.open(io.BytesIO(data)).verify()
+    else:
+        img.load()
 
 
 def probe_video(data: bytes, origin: str) -> VideoInfo:

@@ -13,7 +13,7 @@ size, frame count, fps and duration.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 SCHEMA_VERSION = 1
@@ -91,7 +91,8 @@ class Sample:
 
     def to_json(self) -> bytes:
         """Deterministic UTF-8 JSON (same sample -> same bytes)."""
-        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":")).encode()
+        # `default=vars` walks the dataclasses in field order, without asdict's deep copies.
+        return json.dumps(self, default=vars, ensure_ascii=False, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes | str | dict[str, Any]) -> Sample:

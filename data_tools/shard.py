@@ -101,15 +101,13 @@ def run(args: argparse.Namespace) -> int:
     # stops the run now, not hours in, and the fingerprints tell which sources are unchanged.
     scans = {}
     for spec in tqdm(specs, desc="scanning", unit="file", disable=args.quiet or None):
-        scans[spec.name] = fingerprint_source(spec.file, spec.name, opts, settings)
+        scans[spec.name] = fingerprint_source(spec.file, spec.name, opts, {**settings, "path": spec.path})
 
     old = _load_previous(out)
     out.mkdir(parents=True, exist_ok=True)
     _remove_partials(out)
-    old_rejected = _read_rejected(out) if old else {}
 
     entries: list[SourceEntry] = []
-    rejected_lines: list[str] = []
     converted_names: list[str] = []
     total = sum(count for count, _ in scans.values())
     try:
@@ -120,13 +118,10 @@ def run(args: argparse.Namespace) -> int:
                 if reused is not None:
                     reused.path, reused.epoch_samples = spec.path, spec.epoch_samples
                     entries.append(reused)
-                    rejected_lines += old_rejected.get(spec.path, [])
                     bar.update(count)
                     logger.info("%s: unchanged, reusing %d shards", spec.name, len(reused.shards))
                     continue
-                entry, lines = _convert(spec, fingerprint, opts, args, out, bar)
-                entries.append(entry)
-                rejected_lines += lines
+                entries.append(_convert(spec, fingerprint, opts, args, out, bar))
                 converted_names.append(spec.name)
     except BaseException:
         _remove_partials(out)
@@ -146,38 +141,39 @@ def run(args: argparse.Namespace) -> int:
     manifest = Manifest(seed=args.seed, converter=__version__, sources=entries,
                         options={**settings, "max_image_pixels": args.max_image_pixels,
                                  "media_root": str(opts.media_root) if opts.media_root else None})
-    write_atomic(out / REJECTED, "".join(rejected_lines))
+    _join_rejected(out, entries)
     write_atomic(out / MANIFEST, manifest.to_json())
     print_summary(manifest, time.perf_counter() - start, converted_names, out)
     return 0
 
 
 def _convert(spec: SourceSpec, fingerprint: str, opts: ConvertOptions, args: argparse.Namespace,
-             out: Path, bar: tqdm) -> tuple[SourceEntry, list[str]]:
+             out: Path, bar: tqdm) -> SourceEntry:
     tmp = out / (spec.name + _PARTIAL)
     tmp.mkdir()
     writer = ShardWriter(tmp, spec.name, max_bytes=args.shard_size, max_samples=args.shard_samples)
     stats: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    lines = []
-    for result in convert_source(spec.file, spec.name, opts, args.workers):
-        bar.update(1)
-        if result.members is None:
-            reasons[result.code or "unknown"] += 1
-            lines.append(json.dumps({"source": spec.path, "index": result.index, "line": result.line,
-                                     "id": result.id, "code": result.code, "reason": result.reason},
-                                    ensure_ascii=False) + "\n")
-            continue
-        writer.write(result.key, result.members)
-        stats.update(images=result.images, videos=result.videos, text_chars=result.text_chars,
-                     media_bytes=result.media_bytes, samples=1)
+    # Each source keeps its own rejections beside its shards, so a reused source keeps them too.
+    with open(tmp / REJECTED, "w", encoding="utf-8") as rejected:
+        for result in convert_source(spec.file, spec.name, opts, args.workers):
+            bar.update(1)
+            if result.members is None:
+                reasons[result.code or "unknown"] += 1
+                rejected.write(json.dumps({"source": spec.path, "index": result.index, "line": result.line,
+                                           "id": result.id, "code": result.code, "reason": result.reason},
+                                          ensure_ascii=False) + "\n")
+                continue
+            writer.write(result.key, result.members)
+            stats.update(images=result.images, videos=result.videos, text_chars=result.text_chars,
+                         media_bytes=result.media_bytes, samples=1)
     shards = [ShardEntry(**asdict(s)) for s in writer.close()]
     entry = SourceEntry(name=spec.name, path=spec.path, samples=stats["samples"],
                         epoch_samples=spec.epoch_samples, rejected=sum(reasons.values()),
                         rejected_by_reason=dict(sorted(reasons.items())), images=stats["images"],
                         videos=stats["videos"], text_chars=stats["text_chars"],
                         media_bytes=stats["media_bytes"], fingerprint=fingerprint, shards=shards)
-    return entry, lines
+    return entry
 
 
 def _load_previous(out: Path) -> Manifest | None:
@@ -196,6 +192,8 @@ def _reusable(old: Manifest | None, spec: SourceSpec, fingerprint: str, out: Pat
     prev = old.source(spec.name) if old and not force else None
     if prev is None or prev.fingerprint != fingerprint:
         return None
+    if not (out / spec.name / REJECTED).is_file():
+        return None
     for shard in prev.shards:
         path = out / shard.path
         if not path.is_file() or path.stat().st_size != shard.bytes:
@@ -204,13 +202,14 @@ def _reusable(old: Manifest | None, spec: SourceSpec, fingerprint: str, out: Pat
     return prev
 
 
-def _read_rejected(out: Path) -> dict[str, list[str]]:
-    by_source: dict[str, list[str]] = {}
-    path = out / REJECTED
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-            by_source.setdefault(json.loads(line)["source"], []).append(line)
-    return by_source
+def _join_rejected(out: Path, entries: list[SourceEntry]) -> None:
+    """rejected.jsonl: every source's rejections, in data.txt order, streamed."""
+    tmp = out / f".{REJECTED}.tmp"
+    with open(tmp, "wb") as dst:
+        for entry in entries:
+            with open(out / entry.name / REJECTED, "rb") as src:
+                shutil.copyfileobj(src, dst)
+    os.replace(tmp, out / REJECTED)
 
 
 def _remove_partials(out: Path) -> None:

@@ -102,6 +102,7 @@ def make_media(root: Path) -> dict[str, Path]:
     save("large.jpg", Image.linear_gradient("L").resize((8000, 6000)), quality=50)
     save("photo.webp", photo, format="WEBP")
     save("PHOTO.JPG", photo)
+    save("progressive.jpg", photo, progressive=True)
     save("my photo.v2.final.jpeg", photo)
     save("png_named.jpg", Image.open(SKIMAGE / "coffee.png").resize((50, 40)), format="PNG")
     m["anim.gif"] = SKIMAGE / "no_time_for_that_tiny.gif"
@@ -119,6 +120,9 @@ def make_media(root: Path) -> dict[str, Path]:
         m[name].write_bytes(content)
     png = io.BytesIO()
     Image.open(SKIMAGE / "astronaut.png").save(png, format="PNG")
+    progressive = m["progressive.jpg"].read_bytes()
+    m["truncated_progressive.jpg"] = root / "truncated_progressive.jpg"
+    m["truncated_progressive.jpg"].write_bytes(progressive[: len(progressive) - 40])
     m["truncated.png"] = root / "truncated.png"
     m["truncated.png"].write_bytes(png.getvalue()[: len(png.getvalue()) * 2 // 3])
 

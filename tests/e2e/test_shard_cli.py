@@ -132,7 +132,7 @@ def test_manifest_counts_and_sampling(converted: tuple[Path, str]) -> None:
     got = {s["path"]: (s["samples"], s["rejected"], s["epoch_samples"], s["images"], s["videos"])
            for s in manifest["sources"]}
     assert got == {
-        "oddities.json": (15, 0, 30, 15, 0),
+        "oddities.json": (16, 0, 30, 16, 0),
         "broken.jsonl": (1, 15, 1, 0, 0),
         "formats.jsonl": (5, 0, 5, 6, 0),
         "videos.json": (5, 4, 3, 0, 5),
@@ -146,9 +146,9 @@ def test_manifest_counts_and_sampling(converted: tuple[Path, str]) -> None:
         for s in source["shards"]:
             assert hashlib.sha256((out / s["path"]).read_bytes()).hexdigest() == s["sha256"]
     assert manifest["sources"][1]["rejected_by_reason"]["media_count_mismatch"] == 2
-    assert manifest["totals"]["samples"] == 35 and manifest["totals"]["rejected"] == 19
-    assert "up x2.00" in stdout and "down x0.44" in stdout and "down x0.60" in stdout
-    assert re.search(r"converted 54 records, [\d.]+ MB of media in [\d.]+ s: [\d.]+ MB/s", stdout)
+    assert manifest["totals"]["samples"] == 36 and manifest["totals"]["rejected"] == 19
+    assert "up x1.88" in stdout and "down x0.44" in stdout and "down x0.60" in stdout
+    assert re.search(r"converted 55 records, [\d.]+ MB of media in [\d.]+ s: [\d.]+ MB/s", stdout)
 
 
 def test_every_rejection_has_its_reason(converted: tuple[Path, str]) -> None:

@@ -22,6 +22,7 @@ ACCEPTED_IMAGES = {
     "large.jpg": (8000, 6000, "jpeg", "jpg"),
     "photo.webp": (640, 427, "webp", "webp"),
     "PHOTO.JPG": (640, 427, "jpeg", "jpg"),
+    "progressive.jpg": (640, 427, "jpeg", "jpg"),
     "my photo.v2.final.jpeg": (640, 427, "jpeg", "jpg"),
     "png_named.jpg": (50, 40, "png", "png"),
     "anim.gif": (14, 25, "gif", "gif"),
@@ -32,6 +33,7 @@ ACCEPTED_IMAGES = {
 REJECTED_IMAGES = {
     "text.jpg": "not_an_image",
     "truncated.jpg": "truncated_image",
+    "truncated_progressive.jpg": "truncated_image",
     "truncated.png": "truncated_image",
     "bomb.png": "image_too_large",
     "bikes.mp4": "not_an_image",
