@@ -331,3 +331,27 @@ def test_shard_py_runs_from_any_directory(tmp_path: Path) -> None:
                           cwd=tmp_path, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["sources"][0]["samples"] == 1
+
+
+def peak_rss_of_shard(data_txt: Path, out: Path) -> int:
+    """Peak RSS (bytes) of a converter process, measured from a fresh parent."""
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    cmd = [sys.executable, "data_tools/shard.py", str(data_txt), "--out", str(out), "-q", "--workers", "1"]
+    proc = subprocess.run([sys.executable, "-c", probe, *cmd], cwd=REPO, capture_output=True, text=True, check=True)
+    return int(proc.stdout.split()[-1]) * 1024
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_the_dataset(tmp_path: Path) -> None:
+    line = json.dumps({"id": "x", "conversations": [{"from": "human", "value": "What is the capital of France?"},
+                                                    {"from": "gpt", "value": "Paris."}]}) + "\n"
+    rss = {}
+    for n in (5_000, 80_000):
+        src = tmp_path / f"text{n}.jsonl"
+        src.write_text(line * n)
+        (tmp_path / f"data{n}.txt").write_text(f"{src.name} 1\n")
+        rss[n] = peak_rss_of_shard(tmp_path / f"data{n}.txt", tmp_path / f"out{n}")
+        assert json.loads((tmp_path / f"out{n}" / "manifest.json").read_text())["sources"][0]["samples"] == n
+    # 16x the records (15 MB of JSONL) may not cost more than a few MB of extra memory.
+    assert rss[80_000] - rss[5_000] < 12 << 20, rss
