@@ -10,6 +10,7 @@ the size of the file.
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing
 from collections import deque
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from data_tools.formats import Draft, MediaRef, parse_record
 from data_tools.media import DEFAULT_MAX_PIXELS, media_stat, probe_image, probe_video, read_media
 from data_tools.sample import ImagePart, Rejected, Sample, TextPart, Turn, VideoPart
 from data_tools.sources import RecordReader
+
+logger = logging.getLogger(__name__)
 
 _CHUNK = 16             # records per task sent to a worker
 _WINDOW_PER_WORKER = 4  # chunks in flight per worker: keeps workers busy, memory bounded
@@ -64,6 +67,11 @@ def convert_record(index: int, line: int, record: Any, source: str, json_dir: Pa
         sample, members = _materialize(draft, out, source, opts)
     except Rejected as e:
         out.code, out.reason = e.code, e.reason
+        return out
+    except Exception as e:  # noqa: BLE001 - one sample must never end a long conversion
+        logger.exception("record %d of %s: unexpected error", index, source)
+        out.code = "converter_error"
+        out.reason = f"the converter failed on this record ({e!r}); please report it with the record"
         return out
     out.members = [("json", sample.to_json()), *members]
     out.text_chars = sum(len(p.text) for t in sample.turns for p in t.parts if isinstance(p, TextPart))
@@ -143,7 +151,7 @@ def fingerprint_source(file: Path, source: str, opts: ConvertOptions, settings: 
         count += 1
         try:
             refs: list[MediaRef] = parse_record(record, media_root=opts.media_root or file.parent).media
-        except Rejected:
+        except Exception:  # noqa: BLE001 - rejected (or failing) records name no media to watch
             refs = []
         for ref in refs:
             h.update(media_stat(ref).encode() + b"\0")

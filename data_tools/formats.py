@@ -34,6 +34,7 @@ IMAGE_PLACEHOLDERS = ("<image>", "<ImageHere>")
 VIDEO_PLACEHOLDERS = ("<video>",)
 _ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                  "model": "assistant", "system": "system"}
+assert set(_ROLE_ALIASES.values()) == set(ROLES)
 
 
 @dataclass(kw_only=True)
@@ -270,7 +271,6 @@ def _nonempty_list(value: Any, name: str) -> list:
 def _role(role: Any, i: int) -> str:
     if isinstance(role, str) and role.lower() in _ROLE_ALIASES:
         return _ROLE_ALIASES[role.lower()]
-    assert set(_ROLE_ALIASES.values()) == set(ROLES)
     raise Rejected("unknown_role", f"turn {i} has role {role!r}; use human/user, gpt/assistant or system")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -82,8 +83,8 @@ def probe_image(data: bytes, origin: str, max_pixels: int = DEFAULT_MAX_PIXELS) 
     except UnidentifiedImageError:
         kind = "a video" if _looks_like_video(data) else "not an image Pillow can read"
         raise Rejected("not_an_image", f"image {origin!r} is {kind}; give an image file") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise Rejected("not_an_image", f"image {origin!r} has a broken header ({e}); replace it") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's parsers raise many types on malformed headers
+        raise Rejected("not_an_image", f"image {origin!r} has a broken header ({e!r}); replace it") from None
     width, height = img.size
     if width * height > max_pixels:
         raise Rejected("image_too_large",
@@ -93,12 +94,12 @@ def probe_image(data: bytes, origin: str, max_pixels: int = DEFAULT_MAX_PIXELS) 
     try:
         orientation = img.getexif().get(0x0112)
         _check_complete(img, fmt, data)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+    except Exception as e:  # noqa: BLE001 - likewise for malformed pixel data
         raise Rejected("truncated_image",
                        f"image {origin!r} does not decode ({e}); the file is truncated or corrupt, replace it") from None
     if orientation in _ROTATED:
         width, height = height, width
-    return ImageInfo(width=width, height=height, format=fmt, ext=_IMAGE_EXT.get(fmt, fmt))
+    return ImageInfo(width=width, height=height, format=fmt, ext=_IMAGE_EXT.get(fmt) or _safe_ext(fmt))
 
 
 def _check_complete(img: Image.Image, fmt: str, data: bytes) -> None:
@@ -121,7 +122,7 @@ def probe_video(data: bytes, origin: str) -> VideoInfo:
 
     try:
         container = av.open(io.BytesIO(data), mode="r")
-    except (av.FFmpegError, ValueError, UnicodeDecodeError) as e:
+    except Exception as e:  # noqa: BLE001 - FFmpeg's errors, and whatever a malformed header raises
         if _looks_like_video(data):
             raise Rejected("undecodable_video",
                            f"video {origin!r} cannot be opened ({e}); it looks truncated or corrupt, "
@@ -153,7 +154,7 @@ def probe_video(data: bytes, origin: str) -> VideoInfo:
                 for frame in stream.codec_context.decode(None):   # flush: decoders with delay
                     first = frame
                     break
-        except (av.FFmpegError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001
             raise Rejected("undecodable_video",
                            f"video {origin!r} breaks after {frames} frames ({e}); it is truncated or corrupt, "
                            f"re-encode or replace it") from None
@@ -168,7 +169,7 @@ def probe_video(data: bytes, origin: str) -> VideoInfo:
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         duration = _duration(container, stream, last_pts, frames, fps)
         name = container.format.name
-        fmt = _VIDEO_EXT.get(name, name.split(",")[0])
+        fmt = _VIDEO_EXT.get(name) or _safe_ext(name.split(",")[0])
         return VideoInfo(width=first.width, height=first.height, frames=frames, fps=round(fps, 6),
                          duration=round(duration, 6), format=fmt, ext=fmt)
 
@@ -181,6 +182,11 @@ def _duration(container, stream, last_pts, frames: int, fps: float) -> float:
     if last_pts is not None and stream.time_base is not None:
         return float(last_pts * stream.time_base) + (1 / fps if fps else 0)
     return frames / fps if fps else 0.0
+
+
+def _safe_ext(name: str) -> str:
+    # Becomes part of a tar member name: letters and digits only.
+    return re.sub(r"[^a-z0-9]", "", name.lower()) or "bin"
 
 
 def _looks_like_video(data: bytes) -> bool:

@@ -42,7 +42,7 @@ from data_tools.media import DEFAULT_MAX_PIXELS  # noqa: E402
 from data_tools.sources import DataError, SourceSpec, parse_data_txt  # noqa: E402
 from data_tools.writer import ShardWriter  # noqa: E402
 
-logger = logging.getLogger("mmloom.shard")
+logger = logging.getLogger(__name__)
 _PARTIAL = ".partial"
 
 
@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory for shards and manifest")
     p.add_argument("--media-root", type=Path, default=None,
                    help="folder that relative media paths resolve against (default: the JSON file's folder)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="conversion processes")
+    # One core stays with the main process, which writes and hashes the tars.
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="conversion processes (default: one per core, less one for the writer)")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("1G"),
                    help="maximum bytes per shard, e.g. 512M (a single larger sample gets its own shard)")
     p.add_argument("--shard-samples", type=int, default=10_000, help="maximum samples per shard")
@@ -104,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
         scans[spec.name] = fingerprint_source(spec.file, spec.name, opts, {**settings, "path": spec.path})
 
     old = _load_previous(out)
+    ours = {s.name for s in old.sources} if old else set()
+    for spec in specs:
+        if (out / spec.name).exists() and spec.name not in ours:
+            raise DataError(f"{out / spec.name} exists and was not written by shard.py; "
+                            f"choose another --out or move it away")
     out.mkdir(parents=True, exist_ok=True)
     _remove_partials(out)
 

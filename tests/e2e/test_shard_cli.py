@@ -355,3 +355,15 @@ def test_memory_does_not_grow_with_the_dataset(tmp_path: Path) -> None:
         assert json.loads((tmp_path / f"out{n}" / "manifest.json").read_text())["sources"][0]["samples"] == n
     # 16x the records (15 MB of JSONL) may not cost more than a few MB of extra memory.
     assert rss[80_000] - rss[5_000] < 12 << 20, rss
+
+
+def test_never_deletes_what_it_did_not_write(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps([{"conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]))
+    (tmp_path / "data.txt").write_text("a.json 1\n")
+    keep = tmp_path / "shards" / "a" / "precious.txt"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("mine")
+    proc = shard(tmp_path / "data.txt", tmp_path / "shards", check=False)
+    assert proc.returncode == 2 and "was not written by shard.py" in proc.stderr
+    assert keep.read_text() == "mine"
