@@ -134,6 +134,11 @@ def make_media(root: Path) -> dict[str, Path]:
     faststart = write_video(root / "faststart.mp4", frames=40, size=(128, 96), faststart=True).read_bytes()
     m["truncated_faststart.mp4"] = root / "truncated_faststart.mp4"
     m["truncated_faststart.mp4"].write_bytes(faststart[: len(faststart) // 2])
+    garbage = bytearray(faststart)                        # intact index, frame data zeroed
+    start = garbage.find(b"mdat") + 4
+    garbage[start:] = bytes(len(garbage) - start)
+    m["garbage_frames.mp4"] = root / "garbage_frames.mp4"
+    m["garbage_frames.mp4"].write_bytes(bytes(garbage))
     bikes = m["bikes.mp4"].read_bytes()
     m["truncated.mp4"] = root / "truncated.mp4"
     m["truncated.mp4"].write_bytes(bikes[: len(bikes) // 2])

@@ -51,6 +51,7 @@ ACCEPTED_VIDEOS = {
 REJECTED_VIDEOS = {
     "truncated.mp4": "undecodable_video",
     "truncated_faststart.mp4": "truncated_video",
+    "garbage_frames.mp4": "undecodable_video",
     "audio_only.m4a": "no_video_stream",
     "jpeg_named.mp4": "not_a_video",
     "text.jpg": "not_a_video",
