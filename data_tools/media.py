@@ -107,7 +107,7 @@ def _check_complete(img: Image.Image, fmt: str, data: bytes) -> None:
     if fmt in ("jpeg", "mpo"):
         # Pillow stops parsing at the first start-of-scan; a whole JPEG has its end-of-image
         # marker after it (0xFF inside scan data is byte-stuffed, so FFD9 cannot occur by chance).
-        if data.find(b"\xff\xd9", img.fp.tell()) < 0:
+        if data.rfind(b"\xff\xd9") < img.fp.tell():
             raise OSError("no end-of-image marker after the scan data")
     elif fmt == "png":
         # Every chunk's CRC up to IEND, without inflating the pixels; verify() wants a fresh image.

@@ -233,7 +233,7 @@ def print_summary(manifest: Manifest, seconds: float, converted: list[str], out:
     mb = sum(s.media_bytes for s in done) / 1e6
     n = sum(s.samples + s.rejected for s in done)
     print(f"\n{valid} samples in {sum(len(s.shards) for s in manifest.sources)} shards, {rejected} rejected "
-          f"(see {out / REJECTED}); converted {n} records, {mb:.1f} MB of media in {seconds:.1f} s: "
+          f"(see {out / REJECTED}); converted {n} records, {mb:.1f} MB of media in {seconds:.2f} s: "
           f"{mb / max(seconds, 1e-9):.1f} MB/s, {n / max(seconds, 1e-9):.0f} samples/s")
     for s in manifest.sources:
         if s.samples == 0 and s.epoch_samples > 0:

@@ -5,14 +5,13 @@ of a sample are written together, `<key>.json` first, so WebDataset groups them 
 shard starts when the next sample would push the current one past `max_bytes` or `max_samples`.
 The sha256 of each shard is computed while it is written.
 
-We write with the standard library's tarfile rather than webdataset's TarWriter because the
-latter stamps the current time and user into every member.
+Headers come from the standard library's tarfile; we do not use webdataset's TarWriter because
+it stamps the current time and user into every member.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import tarfile
 from dataclasses import dataclass
@@ -32,17 +31,14 @@ class ShardInfo:
 
 class _HashingFile:
     def __init__(self, path: Path) -> None:
-        self._f = open(path, "wb")
+        self._f = open(path, "wb", buffering=1 << 20)
         self.sha256 = hashlib.sha256()
         self.size = 0
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes) -> None:
         self.sha256.update(data)
         self.size += len(data)
-        return self._f.write(data)
-
-    def tell(self) -> int:
-        return self.size
+        self._f.write(data)
 
     def close(self) -> None:
         self._f.close()
@@ -63,7 +59,6 @@ class ShardWriter:
         self.out_dir, self.prefix = out_dir, prefix
         self.max_bytes, self.max_samples = max_bytes, max_samples
         self.shards: list[ShardInfo] = []
-        self._tar: tarfile.TarFile | None = None
         self._file: _HashingFile | None = None
         self._path: Path | None = None
         self._samples = 0
@@ -76,41 +71,46 @@ class ShardWriter:
             # Keys carry no dots (WebDataset splits the key at the first one) and names no paths.
             assert _SAFE_MEMBER.match(name) and "." not in key, name
         size = tar_size(members)
-        if self._tar is not None and (
+        if self._file is not None and (
             self._samples >= self.max_samples or self._bytes + size > self.max_bytes
         ):
             self._finish()
-        if self._tar is None:
+        if self._file is None:
             self._start()
-        assert self._tar is not None
+        assert self._file is not None
         for suffix, data in members:
+            # tarfile's own header encoding; the data is written in one piece rather than
+            # through TarFile.addfile's 16 KiB copy loop.
             info = tarfile.TarInfo(f"{key}.{suffix}")
             info.size = len(data)
             info.mtime = 0
             info.mode = 0o644
             info.uid = info.gid = 0
             info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))  # shares data's buffer, no copy
+            self._file.write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
+            self._file.write(data)
+            self._file.write(bytes(-len(data) % _BLOCK))
         self._samples += 1
         self._bytes += size
 
     def close(self) -> list[ShardInfo]:
-        if self._tar is not None:
+        if self._file is not None:
             self._finish()
         return self.shards
 
     def _start(self) -> None:
         self._path = self.out_dir / f"{self.prefix}-{len(self.shards):06d}.tar"
         self._file = _HashingFile(self._path)
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[call-overload]
         self._samples = self._bytes = 0
 
     def _finish(self) -> None:
-        assert self._tar is not None and self._file is not None and self._path is not None
-        self._tar.close()
+        assert self._file is not None and self._path is not None
+        # End of archive as tarfile writes it: two zero blocks, then zeros to a whole record.
+        self._file.write(bytes(2 * _BLOCK))
+        self._file.write(bytes(-self._file.size % tarfile.RECORDSIZE))
         self._file.close()
         self.shards.append(ShardInfo(path=f"{self.prefix}/{self._path.name}",
                                      samples=self._samples, bytes=self._file.size,
                                      sha256=self._file.sha256.hexdigest()))
-        self._tar = self._file = self._path = None
+        self._file = self._path = None
 
