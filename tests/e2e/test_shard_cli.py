@@ -367,3 +367,14 @@ def test_never_deletes_what_it_did_not_write(tmp_path: Path) -> None:
     proc = shard(tmp_path / "data.txt", tmp_path / "shards", check=False)
     assert proc.returncode == 2 and "was not written by shard.py" in proc.stderr
     assert keep.read_text() == "mine"
+
+
+def test_bundled_demo_data_converts(tmp_path: Path) -> None:
+    # What `make demo` runs first: every demo sample is valid but the one that shows a rejection.
+    shard(REPO / "data_tools" / "demo" / "data.txt", tmp_path / "shards", "--workers", "2")
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert {s["name"]: (s["samples"], s["rejected"], s["videos"]) for s in manifest["sources"]} == {
+        "llava_images": (6, 1, 0), "minicpm_chat": (3, 0, 0), "openai_messages": (3, 0, 0),
+        "video_qa": (2, 0, 2), "text_only": (4, 0, 0)}
+    [line] = (tmp_path / "shards" / "rejected.jsonl").read_text().splitlines()
+    assert json.loads(line)["id"] == "missing-1"
