@@ -130,3 +130,78 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# --- the mixing plan ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Every occurrence of one epoch, in shard-major order.
+
+    Occurrence k reads sample `pos[k]` (its ordinal inside the shard) of shard `shard[k]` (an
+    index into `shards`); an up-sampled sample appears as several consecutive occurrences.
+    Shards are visited in a per-epoch shuffled order, and inside a shard in file order, so any
+    contiguous slice of the plan is read sequentially.
+    """
+
+    epoch: int
+    shards: list[tuple[int, ShardEntry]]     # (source index, shard) for every shard of the manifest
+    shard: Any                               # np.ndarray[int32], len = occurrences
+    pos: Any                                 # np.ndarray[int32]
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def slice(self, part: int, parts: int) -> range:
+        """Occurrences of `part` out of `parts` equal contiguous parts (sizes differ by <= 1)."""
+        n = len(self)
+        return range(part * n // parts, (part + 1) * n // parts)
+
+
+def sample_counts(manifest: Manifest, seed: int, epoch: int) -> list[Any]:
+    """How often each valid sample of each source occurs in `epoch`: every sample
+    floor(target/valid) times, plus a fresh draw of target mod valid distinct samples."""
+    import numpy as np
+
+    counts = []
+    for i, source in enumerate(manifest.sources):
+        n, target = source.samples, source.epoch_samples
+        if n == 0:
+            if target:
+                raise ValueError(f"source {source.path} has no valid samples but asks for {target} per epoch; "
+                                 f"fix its data or set its count to 0 in data.txt")
+            counts.append(np.zeros(0, dtype=np.int32))
+            continue
+        c = np.full(n, target // n, dtype=np.int32)
+        extra = target % n
+        if extra:
+            rng = np.random.default_rng([seed, epoch, i, 0x5A3D])
+            c[rng.choice(n, size=extra, replace=False)] += 1
+        counts.append(c)
+    return counts
+
+
+def plan_epoch(manifest: Manifest, seed: int, epoch: int) -> EpochPlan:
+    """Pure function (manifest, seed, epoch) -> the epoch's occurrences in shard-major order."""
+    import numpy as np
+
+    counts = sample_counts(manifest, seed, epoch)
+    shards = [(i, sh) for i, s in enumerate(manifest.sources) for sh in s.shards]
+    first = []                       # ordinal of each shard's first sample within its source
+    seen: dict[int, int] = {}
+    for i, sh in shards:
+        first.append(seen.get(i, 0))
+        seen[i] = seen.get(i, 0) + sh.samples
+    order = np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(shards))
+    shard_ids, positions = [], []
+    for g in order:
+        i, sh = shards[g]
+        reps = counts[i][first[g]: first[g] + sh.samples]
+        pos = np.repeat(np.arange(sh.samples, dtype=np.int32), reps)
+        shard_ids.append(np.full(len(pos), g, dtype=np.int32))
+        positions.append(pos)
+    empty = np.zeros(0, dtype=np.int32)
+    return EpochPlan(epoch=epoch, shards=shards,
+                     shard=np.concatenate(shard_ids) if shard_ids else empty,
+                     pos=np.concatenate(positions) if positions else empty)
