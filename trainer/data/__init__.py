@@ -1,0 +1,1 @@
+"""Streaming data: read planned occurrences from shards, render with the model processor, pack."""

@@ -1,0 +1,188 @@
+"""Canonical sample -> token ids, labels and media tensors, through the model's own processor.
+
+The conversation is rendered with the processor's chat template, once per assistant turn: the
+text before turn a with `add_generation_prompt=True` (exactly what inference sees) and the text
+through turn a. The full text is cut at those boundaries into prompt and answer segments; each
+segment is tokenized by the processor together with the images it contains, so every image is
+processed once and expands exactly as at inference. Labels cover the answer segments up to and
+including their end-of-turn token (a trailing newline after it is not trained on).
+
+    rendered = render_sample(adapter, sample, members, max_tokens=8192, overlong="trim")
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image, ImageOps
+
+from data_tools.sample import ImagePart, Sample, TextPart, VideoPart
+
+if TYPE_CHECKING:
+    from trainer.models.adapter import ModelAdapter
+
+IGNORE = -100
+
+
+class RenderError(Exception):
+    """A sample that cannot be rendered: `reason` is the skip counter it is counted under."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Rendered:
+    input_ids: torch.Tensor                 # [L] int64
+    labels: torch.Tensor                    # [L] int64, IGNORE outside answers
+    position_ids: torch.Tensor              # [L], or [3, L] for 3-D rope families; restart at 0
+    media: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: int = -1
+    key: str = ""
+    occurrence: int = -1
+    trimmed: bool = False                   # later turns were cut to fit max_tokens
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def targets(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+@dataclass
+class _Segment:
+    start: int
+    end: int
+    answer: bool
+    images: list[Any] = field(default_factory=list)
+    videos: list[Any] = field(default_factory=list)
+
+
+def to_messages(sample: Sample) -> list[dict[str, Any]]:
+    """Canonical sample -> Hugging Face chat messages with typed content parts."""
+    messages = []
+    if sample.system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": sample.system}]})
+    for turn in sample.turns:
+        content = []
+        for part in turn.parts:
+            if isinstance(part, TextPart):
+                content.append({"type": "text", "text": part.text})
+            elif isinstance(part, ImagePart):
+                content.append({"type": "image"})
+            else:
+                content.append({"type": "video"})
+        messages.append({"role": turn.role, "content": content})
+    # Turns after the last answer carry nothing to learn.
+    while messages and messages[-1]["role"] != "assistant":
+        messages.pop()
+    return messages
+
+
+def decode_image(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    return ImageOps.exif_transpose(img).convert("RGB")
+
+
+def render_sample(adapter: ModelAdapter, sample: Sample, members: dict[str, bytes],
+                  max_tokens: int | None = None, overlong: str = "trim") -> Rendered:
+    """Render one canonical sample; raises RenderError (a counted skip) when it cannot be used."""
+    messages = to_messages(sample)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RenderError("no_answer", f"sample {sample.key} has no assistant turn")
+    media = [p for t in sample.turns for p in t.parts if not isinstance(p, TextPart)]
+    images, videos = [], []
+    for part in media:
+        if part.member not in members:
+            raise RenderError("missing_member", f"sample {sample.key} lacks member {part.member}")
+        if isinstance(part, VideoPart):
+            videos.append(adapter.decode_video(members[part.member], part))
+        else:
+            try:
+                images.append(decode_image(members[part.member]))
+            except Exception as e:  # noqa: BLE001 - a bad image is a counted skip, never a crash
+                raise RenderError("bad_image", f"sample {sample.key} {part.member}: {e!r}") from None
+
+    segments, text = _segments(adapter, messages)
+    _assign_media(adapter, segments, text, images, videos, sample.key)
+    ids, labels, seg_media, ends = [], [], [], []
+    for seg in segments:
+        out = adapter.process(text[seg.start: seg.end], seg.images, seg.videos, first=seg.start == 0)
+        seg_ids = out["input_ids"][0].to(torch.int64)
+        ids.append(seg_ids)
+        labels.append(_answer_labels(adapter, seg_ids) if seg.answer else torch.full_like(seg_ids, IGNORE))
+        seg_media.append(adapter.media_of(out))
+        ends.append((sum(len(x) for x in ids), seg.answer))
+
+    keep = len(segments)
+    total = ends[-1][0]
+    trimmed = False
+    if max_tokens is not None and total > max_tokens:
+        # Cut after the last answer that still fits: a turn boundary, never inside a media block.
+        fits = [i + 1 for i, (end, answer) in enumerate(ends) if answer and end <= max_tokens]
+        if overlong == "drop" or not fits:
+            raise RenderError("too_long", f"sample {sample.key} has {total} tokens > max_tokens {max_tokens}")
+        keep, trimmed = fits[-1], True
+    input_ids = torch.cat(ids[:keep])
+    sample_media = adapter.collate_media(seg_media[:keep])
+    return Rendered(input_ids=input_ids, labels=torch.cat(labels[:keep]),
+                    position_ids=adapter.position_ids(input_ids, sample_media),
+                    media=sample_media, key=sample.key, trimmed=trimmed)
+
+
+def _segments(adapter: ModelAdapter, messages: list[dict]) -> tuple[list[_Segment], str]:
+    full = adapter.chat_text(messages, add_generation_prompt=False)
+    cuts: list[tuple[int, int]] = []
+    for a, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = adapter.chat_text(messages[:a], add_generation_prompt=True)
+        through = adapter.chat_text(messages[: a + 1], add_generation_prompt=False)
+        if not (full.startswith(through) and through.startswith(prompt)):
+            raise RenderError("template_not_prefix_consistent",
+                              f"the chat template renders turn {a} differently once later turns follow; "
+                              f"mmloom needs prefix-consistent templates to place labels")
+        cuts.append((len(prompt), len(through)))
+    segments, pos = [], 0
+    for start, end in cuts:
+        if start > pos:
+            segments.append(_Segment(pos, start, answer=False))
+        if end > start:
+            segments.append(_Segment(start, end, answer=True))
+        pos = max(pos, end)
+    return segments, full
+
+
+def _assign_media(adapter: ModelAdapter, segments: list[_Segment], text: str, images: list, videos: list,
+                  key: str) -> None:
+    queues = {"image": list(images), "video": list(videos)}
+    for seg in segments:
+        piece = text[seg.start: seg.end]
+        for kind, token in (("image", adapter.image_token), ("video", adapter.video_token)):
+            n = piece.count(token) if token else 0
+            if n > len(queues[kind]):
+                raise RenderError("media_mismatch",
+                                  f"sample {key}: the template placed more {kind} tokens than the sample has {kind}s")
+            target = seg.images if kind == "image" else seg.videos
+            target.extend(queues[kind][:n])
+            del queues[kind][:n]
+    for kind, left in queues.items():
+        if left:
+            raise RenderError("media_mismatch",
+                              f"sample {key}: {len(left)} {kind}(s) not placed by the chat template "
+                              f"(does this model support {kind}s?)")
+
+
+def _answer_labels(adapter: ModelAdapter, seg_ids: torch.Tensor) -> torch.Tensor:
+    labels = seg_ids.clone()
+    eot = [i for i, t in enumerate(seg_ids.tolist()) if t in adapter.end_of_turn_ids]
+    if eot:
+        labels[eot[-1] + 1:] = IGNORE         # e.g. the "\n" after <|im_end|>
+    return labels

@@ -1,0 +1,154 @@
+"""Model adapters: what mmloom knows about a model family, in one small object.
+
+The generic adapter works for any `AutoModelForImageTextToText` checkpoint whose processor has
+a chat template: processor media outputs are concatenated along their first dimension, positions
+are 1-D and restart per sample. A family overrides only what differs (3-D rope indices, media
+tensors with a batch dimension, end-of-turn tokens, video decoding).
+
+    adapter = get_adapter("/ckpt/qwen2-vl-2b")        # family from the checkpoint's model_type
+    out = adapter.process(text, images, videos, first=True)
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+
+class ModelAdapter:
+    family: ClassVar[str] = "generic"
+    model_types: ClassVar[tuple[str, ...]] = ()        # transformers model_type values this adapter serves
+    media_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "pixel_values_videos")
+    media_cat_dim: ClassVar[dict[str, int]] = {}       # processor outputs not concatenated on dim 0
+    end_of_turn_tokens: ClassVar[tuple[str, ...]] = ()  # besides the tokenizer's eos token
+    rope_dims: ClassVar[int] = 1                        # 3 for Qwen-VL style multimodal rope
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Dataloader workers get the path and load their own processor.
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
+
+    # --- loading -------------------------------------------------------------------------
+
+    @cached_property
+    def processor(self) -> Any:
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(self.path, local_files_only=True)
+        if getattr(proc, "chat_template", None) is None:
+            raise ValueError(f"{self.path}: the processor has no chat template; mmloom renders conversations "
+                             f"with it. Add chat_template.jinja to the checkpoint.")
+        return proc
+
+    @cached_property
+    def config(self) -> Any:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path, local_files_only=True)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @cached_property
+    def image_token(self) -> str | None:
+        return getattr(self.processor, "image_token", None)
+
+    @cached_property
+    def video_token(self) -> str | None:
+        return getattr(self.processor, "video_token", None)
+
+    @cached_property
+    def end_of_turn_ids(self) -> set[int]:
+        tok = self.tokenizer
+        ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        for t in self.end_of_turn_tokens:
+            ids.add(tok.convert_tokens_to_ids(t))
+        return ids
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    # --- rendering -----------------------------------------------------------------------
+
+    def chat_text(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def process(self, text: str, images: list, videos: list, first: bool) -> Any:
+        """Tokenize one segment with its media, as the processor does at inference."""
+        bos = self.tokenizer.bos_token
+        # Like processor.apply_chat_template: special tokens only at the very start, and not
+        # when the template already wrote the BOS token itself.
+        special = first and not (bos is not None and text.startswith(bos))
+        kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": special}
+        if images:
+            kwargs["images"] = images
+        if videos:
+            kwargs["videos"] = videos
+        return self.processor(**kwargs)
+
+    def media_of(self, out: Any) -> dict[str, torch.Tensor]:
+        return {k: out[k] for k in self.media_keys if k in out and out[k] is not None}
+
+    def collate_media(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Concatenate media tensors of segments (or of packed samples), in order."""
+        keys = {k for p in parts for k in p}
+        return {k: torch.cat([p[k] for p in parts if k in p], dim=self.media_cat_dim.get(k, 0))
+                for k in sorted(keys)}
+
+    def position_ids(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.arange(input_ids.shape[0], dtype=torch.int64)
+
+    def decode_video(self, data: bytes, part: Any) -> Any:
+        from trainer.data.render import RenderError
+
+        raise RenderError("video_unsupported", f"{self.family}: video input is not supported yet")
+
+    # --- a packed micro-batch -> model inputs -------------------------------------------------
+
+    def model_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
+                     media: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inputs for model(**inputs) from a packed sequence ([L] ids, positions [L] or [3, L])."""
+        return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None],
+                **media}
+
+
+_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+FAMILY_MODULES = ("trainer.models.llava", "trainer.models.qwen2_vl", "trainer.models.idefics3")
+
+
+def register(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    _ADAPTERS[cls.family] = cls
+    return cls
+
+
+def get_adapter(path: str | Path, family: str | None = None) -> ModelAdapter:
+    """The adapter for a checkpoint: by name, else by the checkpoint's model_type, else generic."""
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)    # each registers its adapter
+
+    if family is not None:
+        if family not in _ADAPTERS and family != "generic":
+            raise ValueError(f"model.family={family!r} is unknown; known: generic, {', '.join(sorted(_ADAPTERS))}")
+        return _ADAPTERS.get(family, ModelAdapter)(path)
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} not found: model.path must be a local Hugging Face checkpoint directory")
+    model_type = json.loads(config.read_text()).get("model_type")
+    for cls in _ADAPTERS.values():
+        if model_type in cls.model_types:
+            return cls(path)
+    return ModelAdapter(path)

@@ -1,0 +1,15 @@
+"""Idefics3 / SmolVLM: image tiles carry a batch dimension ([1, tiles, 3, H, W]); packed samples
+concatenate along the tile dimension, and turns end with <end_of_utterance>."""
+
+from __future__ import annotations
+
+from trainer.models.adapter import ModelAdapter, register
+
+
+@register
+class Idefics3Adapter(ModelAdapter):
+    family = "idefics3"
+    model_types = ("idefics3",)
+    media_keys = ("pixel_values", "pixel_attention_mask")
+    media_cat_dim = {"pixel_values": 1, "pixel_attention_mask": 1}
+    end_of_turn_tokens = ("<end_of_utterance>",)
