@@ -1,0 +1,98 @@
+"""Length-bucketed packing: rendered samples -> sequences of at most `max_tokens` tokens.
+
+The packer holds a pool of rendered samples. Once the pool is full it builds one pack: the
+longest sample first, then, scanning the rest from longest to shortest, every sample that still
+fits (best-fit decreasing for one bin). Long samples leave early and short ones fill the gaps,
+which keeps the token slots nearly full without ever cutting a sample.
+
+A packed micro-batch concatenates the samples: positions restart at 0 for each sample, the first
+label of each sample is ignored (it would be predicted from the previous sample), and media
+tensors are concatenated in order. With no attention mask, transformers builds the
+block-diagonal causal mask from the restarting positions, so no token attends across samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from trainer.data.render import IGNORE, Rendered
+
+if TYPE_CHECKING:
+    from trainer.models.adapter import ModelAdapter
+
+
+class Packer:
+    def __init__(self, max_tokens: int, buffer: int) -> None:
+        self.max_tokens, self.buffer = max_tokens, buffer
+        self.pool: list[Rendered] = []
+
+    def add(self, sample: Rendered) -> Iterator[list[Rendered]]:
+        assert sample.length <= self.max_tokens, "render_sample trims or drops over-long samples"
+        self.pool.append(sample)
+        while len(self.pool) >= self.buffer:
+            yield self.take()
+
+    def flush(self) -> Iterator[list[Rendered]]:
+        while self.pool:
+            yield self.take()
+
+    def take(self) -> list[Rendered]:
+        order = sorted(range(len(self.pool)), key=lambda i: (-self.pool[i].length, i))
+        chosen, room = [], self.max_tokens
+        for i in order:
+            if self.pool[i].length <= room:
+                chosen.append(i)
+                room -= self.pool[i].length
+                if room == 0:
+                    break
+        taken = set(chosen)
+        pack = [self.pool[i] for i in chosen]
+        self.pool = [s for i, s in enumerate(self.pool) if i not in taken]
+        return pack
+
+
+@dataclass
+class Pack:
+    """One packed micro-batch: model inputs plus what the loop and the metrics need to know."""
+
+    inputs: dict[str, torch.Tensor]
+    tokens: int                          # real tokens (no padding in a pack)
+    targets: int                         # tokens with a label
+    sources: list[int]                   # source index of each sample
+    keys: list[tuple[int, str, int]]     # (source, key, occurrence) of each sample
+    lengths: list[int]
+    skips: dict[str, int] = field(default_factory=dict)   # {"reason:source": n} since the previous pack
+    trimmed: int = 0
+
+    @property
+    def empty(self) -> bool:
+        """A pack with no samples: a rank that ran dry, or one carrying only skip counts."""
+        return not self.sources
+
+
+def collate(adapter: ModelAdapter, samples: list[Rendered]) -> Pack:
+    labels = []
+    for s in samples:
+        lab = s.labels.clone()
+        lab[0] = IGNORE
+        labels.append(lab)
+    input_ids = torch.cat([s.input_ids for s in samples])
+    position_ids = torch.cat([s.position_ids for s in samples], dim=-1)
+    media = adapter.collate_media([s.media for s in samples if s.media])
+    label = torch.cat(labels)
+    return Pack(inputs=adapter.model_inputs(input_ids, label, position_ids, media),
+                tokens=int(input_ids.shape[0]), targets=int((label != IGNORE).sum()),
+                sources=[s.source for s in samples], keys=[(s.source, s.key, s.occurrence) for s in samples],
+                lengths=[s.length for s in samples], trimmed=sum(s.trimmed for s in samples))
+
+
+def empty_pack(adapter: ModelAdapter, skips: dict[str, int] | None = None) -> Pack:
+    """A zero-weight micro-batch: one padding token, no label. Ranks that ran dry step with it."""
+    ids = torch.tensor([adapter.pad_id], dtype=torch.int64)
+    pos = torch.zeros((adapter.rope_dims, 1) if adapter.rope_dims > 1 else (1,), dtype=torch.int64)
+    return Pack(inputs=adapter.model_inputs(ids, torch.tensor([IGNORE]), pos, {}), tokens=0, targets=0,
+                sources=[], keys=[], lengths=[], skips=dict(skips or {}))

@@ -1,0 +1,260 @@
+"""The streaming pipeline: epoch plan -> shard reads -> shuffle -> render -> pack, resumable.
+
+Each (rank, dataloader worker) takes one contiguous, equal (+-1) slice of the epoch plan, reads
+it sequentially, shuffles raw samples in a buffer, renders them with the model's processor and
+packs them. Its whole position is a small state (plan cursor, the occurrence ids held in the
+shuffle buffer and in the packer, the RNG state, skips not yet reported), saved by torchdata's
+StatefulDataLoader with every micro-batch; on restore the held samples are read again and the
+stream continues exactly where it was.
+
+    loader = build_loader(cfg.data, adapter, seed=cfg.train.seed, rank=rank, world=world)
+    for epoch in range(cfg.train.epochs):
+        loader.dataset.set_epoch(epoch)
+        for pack in EpochBatches(loader, adapter, group): ...   # same count on every rank
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from data_tools.manifest import EpochPlan, Manifest, load_manifest, plan_epoch
+from data_tools.sample import Sample
+from trainer.config import DataConfig
+from trainer.data.packing import Pack, Packer, collate, empty_pack
+from trainer.data.reader import RawSample, Skip, read_occurrences
+from trainer.data.render import RenderError, render_sample
+from trainer.models.adapter import ModelAdapter
+
+logger = logging.getLogger(__name__)
+
+
+def plan_seed(manifest: Manifest, seed: int) -> int:
+    """The plan's seed: the run's seed together with the one stored by shard.py."""
+    return (manifest.seed << 32) + seed
+
+
+class PackedStream(IterableDataset):
+    """Packed micro-batches of one rank for one epoch (`set_epoch`), split over its workers."""
+
+    def __init__(self, cfg: DataConfig, adapter: ModelAdapter, seed: int, rank: int = 0, world: int = 1) -> None:
+        super().__init__()
+        self.cfg, self.adapter, self.rank, self.world = cfg, adapter, rank, world
+        self.root = Path(cfg.shards)
+        self.manifest = load_manifest(self.root)
+        self.seed = plan_seed(self.manifest, seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+
+    def part(self) -> tuple[int, int]:
+        """(this worker's slice index, number of slices) over all ranks and workers."""
+        info = get_worker_info()
+        workers = max(1, self.cfg.workers)
+        worker = info.id if info is not None else 0
+        return self.rank * workers + worker, self.world * workers
+
+    def rank_occurrences(self, epoch: int) -> int:
+        """Occurrences planned for this rank this epoch (all its workers)."""
+        plan = plan_epoch(self.manifest, self.seed, epoch)
+        workers = max(1, self.cfg.workers)
+        return sum(len(plan.slice(self.rank * workers + w, self.world * workers)) for w in range(workers))
+
+    def __iter__(self) -> Iterator[Pack]:
+        return _StreamIter(self)
+
+
+class _StreamIter:
+    """One worker's pass over its slice; stateful so StatefulDataLoader can save and restore it."""
+
+    def __init__(self, ds: PackedStream) -> None:
+        self.ds = ds
+        self.epoch = ds.epoch
+        self.part, self.parts = ds.part()
+        self.plan: EpochPlan = plan_epoch(ds.manifest, ds.seed, self.epoch)
+        self.span = self.plan.slice(self.part, self.parts)
+        self.cursor = self.span.start
+        self.rng = np.random.default_rng([ds.seed & 0xFFFFFFFF, ds.seed >> 32, self.epoch, self.part, 0x5B0F])
+        self.shuffle: list[RawSample] = []
+        self.packer = Packer(ds.cfg.packing.max_tokens, ds.cfg.packing.buffer)
+        self.skips: Counter[str] = Counter()
+        self._restore: dict[str, Any] | None = None
+        self._gen: Iterator[Pack] | None = None
+
+    # --- state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "part": self.part, "parts": self.parts, "cursor": self.cursor,
+                "shuffle": [r.occurrence for r in self.shuffle],
+                "pool": [s.occurrence for s in self.packer.pool],
+                "rng": self.rng.bit_generator.state, "skips": dict(self.skips)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["part"], state["parts"]) != (self.part, self.parts):
+            raise ValueError(f"data state is for slice {state['part']}/{state['parts']} but this worker is "
+                             f"{self.part}/{self.parts}: resume with the same number of ranks and data.workers")
+        self._restore = state
+
+    # --- the stream ------------------------------------------------------------------------
+
+    def __iter__(self) -> _StreamIter:
+        return self
+
+    def __next__(self) -> Pack:
+        if self._gen is None:
+            self._gen = self._run()
+        return next(self._gen)
+
+    def _run(self) -> Iterator[Pack]:
+        if self._restore is not None:
+            self._resume(self._restore)
+        reader = read_occurrences(self.ds.root, self.plan, list(range(self.cursor, self.span.stop)))
+        for item in reader:
+            self.cursor = item.occurrence + 1
+            if isinstance(item, Skip):
+                self._skip(item.reason, item.source, item.detail)
+                continue
+            self.shuffle.append(item)
+            if len(self.shuffle) >= self.ds.cfg.shuffle_buffer:
+                yield from self._pack(self._draw())
+        while self.shuffle:
+            yield from self._pack(self._draw())
+        for samples in self.packer.flush():
+            yield self._emit(samples)
+        if self.skips:
+            yield empty_pack(self.ds.adapter, self._take_skips())
+
+    def _resume(self, state: dict[str, Any]) -> None:
+        self.cursor = state["cursor"]
+        self.rng.bit_generator.state = state["rng"]
+        self.skips = Counter(state["skips"])
+        held = sorted(set(state["shuffle"]) | set(state["pool"]))
+        raw = {r.occurrence: r for r in read_occurrences(self.ds.root, self.plan, held)}
+        self.shuffle = [raw[o] for o in state["shuffle"] if isinstance(raw.get(o), RawSample)]
+        for occ in state["pool"]:
+            item = raw.get(occ)
+            if isinstance(item, RawSample) and (rendered := self._render(item)) is not None:
+                self.packer.pool.append(rendered)
+        for o in held:
+            if isinstance(raw.get(o), Skip):
+                self._skip(raw[o].reason, raw[o].source, raw[o].detail)   # the shard broke since
+        self._restore = None
+
+    def _draw(self) -> RawSample:
+        i = int(self.rng.integers(len(self.shuffle)))
+        self.shuffle[i], self.shuffle[-1] = self.shuffle[-1], self.shuffle[i]
+        return self.shuffle.pop()
+
+    def _render(self, raw: RawSample) -> Any:
+        try:
+            if "json" not in raw.members:
+                raise RenderError("corrupt_sample", f"{raw.shard} key {raw.key} has no .json member")
+            try:
+                sample = Sample.from_json(raw.members["json"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise RenderError("corrupt_sample", f"{raw.shard} key {raw.key}: {e}") from None
+            rendered = render_sample(self.ds.adapter, sample, raw.members, self.ds.cfg.packing.max_tokens,
+                                     self.ds.cfg.packing.overlong)
+        except RenderError as e:
+            self._skip(e.reason, raw.source, f"{raw.shard} key {raw.key}: {e.detail}")
+            return None
+        rendered.source, rendered.occurrence = raw.source, raw.occurrence
+        return rendered
+
+    def _pack(self, raw: RawSample) -> Iterator[Pack]:
+        rendered = self._render(raw)
+        if rendered is not None:
+            for samples in self.packer.add(rendered):
+                yield self._emit(samples)
+
+    def _emit(self, samples: list) -> Pack:
+        pack = collate(self.ds.adapter, samples)
+        pack.skips = self._take_skips()
+        return pack
+
+    def _skip(self, reason: str, source: int, detail: str) -> None:
+        logger.warning("skipped (%s): %s", reason, detail)
+        self.skips[f"{reason}:{source}"] += 1
+
+    def _take_skips(self) -> dict[str, int]:
+        skips, self.skips = dict(self.skips), Counter()
+        return skips
+
+
+def build_loader(cfg: DataConfig, adapter: ModelAdapter, seed: int, rank: int = 0, world: int = 1) -> StatefulDataLoader:
+    """A StatefulDataLoader yielding this rank's packs (batch_size=None: packing made the batch)."""
+    dataset = PackedStream(cfg, adapter, seed, rank, world)
+    return StatefulDataLoader(dataset, batch_size=None, num_workers=cfg.workers,
+                              multiprocessing_context="spawn" if cfg.workers else None,
+                              prefetch_factor=2 if cfg.workers else None)
+
+
+class SkipLimitExceeded(RuntimeError):
+    pass
+
+
+class EpochBatches:
+    """Iterate one epoch of packs with the same number of micro-batches on every rank.
+
+    Each step the ranks agree (one all-reduce of two numbers) whether anyone still has data and
+    whether anyone exceeded the skip limit; a rank that ran dry yields zero-weight empty packs
+    until all are done, so no rank leaves a collective early. Skip counts reported by the workers
+    are accumulated in `skips` as {"reason:source index": n}; samples per source in `per_source`.
+    """
+
+    def __init__(self, loader: StatefulDataLoader, adapter: ModelAdapter, max_skip_fraction: float,
+                 group: Any = None) -> None:
+        self.loader, self.adapter, self.group = loader, adapter, group
+        self.max_skip_fraction = max_skip_fraction
+        ds: PackedStream = loader.dataset  # type: ignore[assignment]
+        self.planned = ds.rank_occurrences(ds.epoch)
+        self.skips: Counter[str] = Counter()
+        self.per_source: Counter[int] = Counter()
+        self.steps = 0
+
+    def __iter__(self) -> Iterator[Pack]:
+        it = iter(self.loader)
+        exhausted = False
+        while True:
+            pack = None
+            while not exhausted and pack is None:
+                try:
+                    p = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                self.skips.update(p.skips)
+                pack = None if p.empty else p
+            over = sum(self.skips.values()) > self.max_skip_fraction * max(self.planned, 1)
+            flags = torch.tensor([pack is not None, over], dtype=torch.int64)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            if flags[1]:
+                raise SkipLimitExceeded(
+                    f"more than data.max_skip_fraction={self.max_skip_fraction} of the epoch's samples were "
+                    f"skipped on some rank (this rank: {dict(self.skips)} of {self.planned}); see the warnings "
+                    f"above, fix the data, or raise data.max_skip_fraction")
+            if not flags[0]:
+                return
+            self.steps += 1
+            if pack is None:
+                yield empty_pack(self.adapter)
+            else:
+                self.per_source.update(pack.sources)
+                yield pack

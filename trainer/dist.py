@@ -1,0 +1,41 @@
+"""Process-group set-up from torchrun's environment: NCCL on GPUs, gloo on CPU.
+
+    rank, world = init_distributed()     # (0, 1) without torchrun
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
+    """Join the torchrun process group when there is one; returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def setup_logging(rank: int) -> None:
+    """One format for every rank, the rank in every line; rank 0 at INFO, the others at WARNING."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's `obj`, on every rank (just [obj] without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
