@@ -1,0 +1,78 @@
+"""The packer: budget never exceeded, every sample exactly once, deterministic, well filled."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import torch
+
+from trainer.data.packing import Packer, collate
+from trainer.data.render import IGNORE, Rendered
+from trainer.models.adapter import ModelAdapter
+
+
+def fake(n: int, key: str, rope: int = 1) -> Rendered:
+    ids = torch.arange(1, n + 1)
+    labels = ids.clone()
+    labels[: n // 2] = IGNORE
+    pos = torch.arange(n) if rope == 1 else torch.arange(n).expand(rope, -1).clone()
+    return Rendered(input_ids=ids, labels=labels, position_ids=pos, key=key, source=n % 3, occurrence=int(key))
+
+
+def pack_all(lengths: list[int], max_tokens: int, buffer: int) -> list[list[Rendered]]:
+    packer = Packer(max_tokens, buffer)
+    packs = []
+    for i, n in enumerate(lengths):
+        packs.extend(packer.add(fake(n, str(i))))
+    packs.extend(packer.flush())
+    return packs
+
+
+def llava_like_lengths(n: int, seed: int = 0) -> list[int]:
+    """Roughly LLaVA-665K: most samples one image (576 tokens) plus a short or long conversation,
+    some text-only, a tail of long multi-turn ones."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        text = int(rng.lognormvariate(4.3, 0.9))           # median ~75 tokens, heavy tail
+        if r < 0.12:
+            out.append(min(4000, 20 + text * 3))            # text-only conversations
+        else:
+            out.append(min(4000, 576 + 40 + text))
+    return out
+
+
+def test_budget_multiset_and_determinism() -> None:
+    lengths = llava_like_lengths(3000)
+    packs = pack_all(lengths, 4096, 64)
+    assert all(sum(s.length for s in p) <= 4096 for p in packs)
+    assert Counter(s.key for p in packs for s in p) == Counter(str(i) for i in range(len(lengths)))
+    again = pack_all(lengths, 4096, 64)
+    assert [[s.key for s in p] for p in packs] == [[s.key for s in p] for p in again]
+
+
+def test_efficiency_on_a_llava_like_mix() -> None:
+    # The issue's bar is >= 0.97 at 8192; at 4096 about six ~650-token samples fill a pack and
+    # the leftover is often smaller than any remaining sample.
+    lengths = llava_like_lengths(4000)
+    for max_tokens, bar in ((4096, 0.95), (8192, 0.99)):
+        packs = pack_all(lengths, max_tokens, 128)
+        eff = sum(lengths) / (len(packs) * max_tokens)
+        assert eff >= bar, (max_tokens, eff)
+
+
+def test_exact_fit_and_a_sample_of_the_full_budget() -> None:
+    packs = pack_all([10, 6, 4, 10], 10, 4)
+    assert sorted(sorted(s.length for s in p) for p in packs) == [[4, 6], [10], [10]]
+
+
+def test_collate_restarts_positions_and_ignores_first_labels() -> None:
+    adapter = ModelAdapter("unused")
+    pack = collate(adapter, [fake(4, "1"), fake(3, "2")])
+    assert pack.inputs["input_ids"].tolist() == [[1, 2, 3, 4, 1, 2, 3]]
+    assert pack.inputs["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    assert pack.inputs["labels"].tolist() == [[IGNORE, IGNORE, 3, 4, IGNORE, 2, 3]]
+    assert (pack.tokens, pack.targets, pack.lengths) == (7, 4, [4, 3])
+    assert pack.keys == [(1, "1", 1), (0, "2", 2)]
