@@ -22,3 +22,19 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _quiet_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     # Two cores: keep native thread pools from oversubscribing when tests spawn workers.
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    """tiny("llava") -> directory of a tiny random-weight checkpoint of that family, built once."""
+    from trainer.models.tiny import build_tiny
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+
+    return get

@@ -1,0 +1,134 @@
+"""Rendering through the processor: prompts are token-for-token what inference sees, labels cover
+exactly the answers and their end-of-turn token, for llava, qwen2_vl and idefics3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools.sample import ImagePart, Sample, TextPart, Turn
+from tests.media import SKIMAGE, SKLEARN
+from trainer.data.render import IGNORE, RenderError, decode_image, render_sample, to_messages
+from trainer.models.adapter import get_adapter
+
+FAMILIES = ["llava", "qwen2_vl", "idefics3"]
+PHOTOS = {"img0.jpg": (SKLEARN / "china.jpg").read_bytes(), "img1.png": (SKIMAGE / "coffee.png").read_bytes()}
+
+
+def image(member: str) -> ImagePart:
+    return ImagePart(member=member, width=0, height=0, format="", bytes=0)
+
+
+def text(t: str) -> TextPart:
+    return TextPart(text=t)
+
+
+SAMPLES = {
+    "single": Sample(key="000000001", source="s", index=1, turns=[
+        Turn(role="user", parts=[image("img0.jpg"), text("What is this?")]),
+        Turn(role="assistant", parts=[text("A temple roof.")])]),
+    "multi_turn_multi_image_system": Sample(key="000000002", source="s", index=2, system="Answer briefly.", turns=[
+        Turn(role="user", parts=[image("img0.jpg"), text("Where?")]),
+        Turn(role="assistant", parts=[text("China.")]),
+        Turn(role="user", parts=[text("And this one?"), image("img1.png")]),
+        Turn(role="assistant", parts=[text("A cup of coffee on a saucer.")])]),
+    "text_only": Sample(key="000000003", source="s", index=3, turns=[
+        Turn(role="user", parts=[text("你好")]), Turn(role="assistant", parts=[text("你好！")]),
+        Turn(role="user", parts=[text("2+2?")]), Turn(role="assistant", parts=[text("4")])]),
+}
+
+
+def images_of(sample: Sample) -> list:
+    return [decode_image(PHOTOS[p.member]) for p in sample.media]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_prompts_match_inference_and_labels_cover_answers(tiny, family: str, name: str) -> None:
+    adapter = get_adapter(tiny(family))
+    sample = SAMPLES[name]
+    r = render_sample(adapter, sample, PHOTOS)
+    messages = to_messages(sample)
+    images = images_of(sample)
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    spans = []
+    for a in answers:
+        n_images = sum(c["type"] == "image" for m in messages[:a] for c in m["content"])
+        kwargs = {"processor_kwargs": {"images": images[:n_images]}} if n_images else {}
+        ref = adapter.processor.apply_chat_template(messages[:a], add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, return_tensors="pt", **kwargs)
+        prompt = ref["input_ids"][0]
+        assert torch.equal(r.input_ids[: len(prompt)], prompt), f"turn {a}: prompt differs from inference"
+        spans.append(len(prompt))
+    # Labels: exactly the answer tokens after each prompt, through the end-of-turn token.
+    labelled = (r.labels != IGNORE).nonzero().flatten().tolist()
+    expected = []
+    for a, start in zip(answers, spans):
+        answer_text = messages[a]["content"][0]["text"]
+        eot = next(i for i in range(start, r.length) if int(r.input_ids[i]) in adapter.end_of_turn_ids)
+        expected += list(range(start, eot + 1))
+        decoded = adapter.tokenizer.decode(r.input_ids[start:eot])
+        assert decoded.strip() == answer_text
+    assert labelled == expected
+    assert torch.equal(r.labels[labelled], r.input_ids[labelled])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_media_tensors_match_the_processor(tiny, family: str) -> None:
+    adapter = get_adapter(tiny(family))
+    sample = SAMPLES["multi_turn_multi_image_system"]
+    r = render_sample(adapter, sample, PHOTOS)
+    ref = adapter.processor.apply_chat_template(to_messages(sample), tokenize=True, return_dict=True,
+                                                return_tensors="pt",
+                                                processor_kwargs={"images": images_of(sample)})
+    assert torch.equal(r.input_ids, ref["input_ids"][0])
+    for key, value in r.media.items():
+        assert torch.equal(value, ref[key]), key
+    image_token = adapter.tokenizer.convert_tokens_to_ids(adapter.image_token)
+    assert int((r.input_ids == image_token).sum()) == int((ref["input_ids"] == image_token).sum()) > 0
+
+
+def test_qwen_positions_are_the_models_3d_rope(tiny) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    adapter = get_adapter(tiny("qwen2_vl"))
+    sample = SAMPLES["single"]
+    r = render_sample(adapter, sample, PHOTOS)
+    model = AutoModelForImageTextToText.from_pretrained(tiny("qwen2_vl"))
+    kinds = torch.zeros_like(r.input_ids)[None]
+    kinds[0, r.input_ids == model.config.image_token_id] = 1
+    ref, _ = model.model.get_rope_index(r.input_ids[None], kinds, image_grid_thw=r.media["image_grid_thw"])
+    assert torch.equal(r.position_ids[1:], ref[:, 0])
+    assert torch.equal(r.position_ids[0], torch.arange(r.length))
+    assert r.position_ids[1:].max() < r.length - 1          # 3-D rope compresses the image block
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_overlong_samples_are_trimmed_at_a_turn_boundary_or_dropped(tiny, family: str) -> None:
+    adapter = get_adapter(tiny(family))
+    sample = SAMPLES["multi_turn_multi_image_system"]
+    full = render_sample(adapter, sample, PHOTOS)
+    first_answer_end = int((full.labels != IGNORE).nonzero()[0]) + 1
+    first = render_sample(adapter, Sample(key="x", source="s", index=0, system=sample.system,
+                                          turns=sample.turns[:2]), PHOTOS)
+    trimmed = render_sample(adapter, sample, PHOTOS, max_tokens=full.length - 1)
+    assert trimmed.trimmed and torch.equal(trimmed.input_ids, first.input_ids)
+    assert trimmed.length >= first_answer_end
+    for key, value in first.media.items():                  # the second image went with its turn
+        assert torch.equal(trimmed.media[key], value)
+    with pytest.raises(RenderError, match="too_long"):
+        render_sample(adapter, sample, PHOTOS, max_tokens=full.length - 1, overlong="drop")
+    with pytest.raises(RenderError, match="too_long"):
+        render_sample(adapter, sample, PHOTOS, max_tokens=first.length - 1)
+
+
+def test_bad_members_are_counted_skips(tiny) -> None:
+    adapter = get_adapter(tiny("llava"))
+    with pytest.raises(RenderError) as e:
+        render_sample(adapter, SAMPLES["single"], {"img0.jpg": b"not a jpeg"})
+    assert e.value.reason == "bad_image"
+    with pytest.raises(RenderError) as e:
+        render_sample(adapter, SAMPLES["single"], {})
+    assert e.value.reason == "missing_member"
