@@ -1,0 +1,1 @@
+"""Model families: adapters, and tiny random-weight checkpoints for tests (tiny.py)."""
