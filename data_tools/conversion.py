@@ -26,8 +26,9 @@ from data_tools.sources import RecordReader
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 16             # records per task sent to a worker
-_WINDOW_PER_WORKER = 4  # chunks in flight per worker: keeps workers busy, memory bounded
+_CHUNK = 8                   # records per task sent to a worker
+_WINDOW_PER_WORKER = 4      # chunks in flight per worker at most: keeps workers busy
+_IN_FLIGHT_BYTES = 256 << 20  # ...and converted bytes waiting in the parent, about at most
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def convert_record(index: int, line: int, record: Any, source: str, json_dir: Pa
     try:
         draft = parse_record(record, media_root=opts.media_root or json_dir)
         sample, members = _materialize(draft, out, source, opts)
+        sample_json = _encode(sample)
     except Rejected as e:
         out.code, out.reason = e.code, e.reason
         return out
@@ -73,10 +75,19 @@ def convert_record(index: int, line: int, record: Any, source: str, json_dir: Pa
         out.code = "converter_error"
         out.reason = f"the converter failed on this record ({e!r}); please report it with the record"
         return out
-    out.members = [("json", sample.to_json()), *members]
+    out.members = [("json", sample_json), *members]
     out.text_chars = sum(len(p.text) for t in sample.turns for p in t.parts if isinstance(p, TextPart))
     out.text_chars += len(sample.system or "")
     return out
+
+
+def _encode(sample: Sample) -> bytes:
+    try:
+        return sample.to_json()
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start: e.end] if isinstance(e.object, str) else "?"
+        raise Rejected("bad_text", f"the text holds {bad!r}, an unpaired UTF-16 surrogate (a cut emoji?), "
+                                   f"which is not valid Unicode; fix the text") from None
 
 
 def _materialize(draft: Draft, out: Converted, source: str,
@@ -128,8 +139,15 @@ def convert_source(file: Path, source: str, opts: ConvertOptions, workers: int) 
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         pending: deque[Future[list[Converted]]] = deque()
         exhausted = False
+        seen_bytes, seen_chunks = 0, 0
         while True:
-            while not exhausted and len(pending) < workers * _WINDOW_PER_WORKER:
+            # Results wait in this process until written, so the window shrinks when chunks are
+            # big (videos): memory stays near _IN_FLIGHT_BYTES whatever the media sizes are.
+            per_chunk = seen_bytes / seen_chunks if seen_chunks else 0
+            window = workers * _WINDOW_PER_WORKER
+            if per_chunk:
+                window = max(workers, min(window, int(_IN_FLIGHT_BYTES // per_chunk)))
+            while not exhausted and len(pending) < window:
                 chunk = [r for _, r in zip(range(_CHUNK), records)]
                 if not chunk:
                     exhausted = True
@@ -137,7 +155,10 @@ def convert_source(file: Path, source: str, opts: ConvertOptions, workers: int) 
                 pending.append(pool.submit(_convert_chunk, chunk, source, file.parent, opts))
             if not pending:
                 return
-            yield from pending.popleft().result()
+            results = pending.popleft().result()
+            seen_bytes += sum(r.media_bytes for r in results)
+            seen_chunks += 1
+            yield from results
 
 
 def fingerprint_source(file: Path, source: str, opts: ConvertOptions, settings: dict[str, Any]) -> tuple[int, str]:

@@ -159,6 +159,8 @@ def _typed_part(part: Any, where: str, root: Path, pools: dict[str, list[MediaRe
             value = part.get(key) if value is None else value
         if isinstance(value, dict):
             value = value.get("url")
+        if isinstance(value, list):
+            raise Rejected("bad_media_field", f"{where} names a list of files; give one {media_kind} per part")
         if value is None:
             if not pools[media_kind]:
                 raise Rejected(
@@ -245,7 +247,18 @@ def _lift_system(draft: Draft) -> Draft:
     return draft
 
 
+_ANY_PLACEHOLDER = re.compile("|".join(re.escape(t) for t in (*IMAGE_PLACEHOLDERS, *VIDEO_PLACEHOLDERS)))
+
+
 def _check_turns(draft: Draft) -> None:
+    # A placeholder left in the text (typed parts, MiniCPM-V keys) would make the model's processor
+    # count one more image than the sample has, and fail in training: reject it here.
+    for role, parts in draft.turns:
+        for p in parts:
+            if isinstance(p, str) and (m := _ANY_PLACEHOLDER.search(p)):
+                raise Rejected("media_count_mismatch",
+                               f"the {role} text holds the placeholder {m.group()} but no media fills it; "
+                               f"remove it or give the media as a part")
     if not draft.turns:
         raise Rejected("empty_conversation", "the conversation has no turns besides the system prompt")
     answers = [(i, parts) for i, (role, parts) in enumerate(draft.turns) if role == "assistant"]

@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.sample:
-        sample = find_sample(args.shards, manifest, args.sample, args.source)
+        try:
+            sample = find_sample(args.shards, manifest, args.sample, args.source)
+        except (OSError, tarfile.TarError) as e:
+            print(f"error: {e}; run with --verify to check every shard", file=sys.stderr)
+            return 1
         if sample is None:
             print(f"error: no sample with id or key {args.sample!r}", file=sys.stderr)
             return 1

@@ -64,10 +64,15 @@ def read_media(ref: MediaRef) -> bytes:
                            f"--media-root if paths are relative to another folder") from None
         except IsADirectoryError:
             raise Rejected("unreadable_media", f"{ref.kind} {ref.origin!r} is a directory ({ref.path})") from None
+        except PermissionError:
+            raise Rejected("unreadable_media",
+                           f"{ref.kind} {ref.origin!r} cannot be read (permission denied: {ref.path}); "
+                           f"check its permissions") from None
         except OSError as e:
             raise Rejected("unreadable_media",
-                           f"{ref.kind} {ref.origin!r} cannot be read ({e.strerror}: {ref.path}); "
-                           f"check its permissions") from None
+                           f"{ref.kind} {ref.origin!r} cannot be read ({e.strerror}: {ref.path})") from None
+        except ValueError as e:   # a NUL byte or an unpaired surrogate in the path
+            raise Rejected("bad_media_field", f"{ref.kind} path {ref.origin!r} is not a valid path ({e})") from None
     if not data:
         raise Rejected("empty_media", f"{ref.kind} {ref.origin!r} is an empty (0-byte) file; replace it")
     return data
@@ -92,7 +97,8 @@ def probe_image(data: bytes, origin: str, max_pixels: int = DEFAULT_MAX_PIXELS) 
                        f"of {max_pixels} (decompression-bomb guard); resize it or raise --max-image-pixels")
     fmt = (img.format or "unknown").lower()
     try:
-        orientation = img.getexif().get(0x0112)
+        # Pillow reads a PNG's eXIf chunk only by loading every pixel; most PNGs have none.
+        orientation = img.getexif().get(0x0112) if fmt != "png" or b"eXIf" in data else None
         _check_complete(img, fmt, data)
     except Exception as e:  # noqa: BLE001 - likewise for malformed pixel data
         raise Rejected("truncated_image",
@@ -113,7 +119,9 @@ def _check_complete(img: Image.Image, fmt: str, data: bytes) -> None:
         # Every chunk's CRC up to IEND, without inflating the pixels; verify() wants a fresh image.
         Image.open(io.BytesIO(data)).verify()
     else:
-        img.load()
+        for frame in range(getattr(img, "n_frames", 1)):   # every frame of a GIF or TIFF
+            img.seek(frame)
+            img.load()
 
 
 def probe_video(data: bytes, origin: str) -> VideoInfo:
@@ -200,8 +208,9 @@ def media_stat(ref: MediaRef) -> str:
         return f"inline:{len(ref.data or b'')}"
     try:
         st = os.stat(ref.path)
-    except OSError:
-        return f"{ref.path}:missing"
-    return f"{ref.path}:{st.st_size}:{st.st_mtime_ns}"
+    except (OSError, ValueError):
+        return f"{ref.path!r}:missing"
+    # ctime and inode too: a file swapped in with its old mtime (cp -p, rsync -a) still changes them.
+    return f"{ref.path!r}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 

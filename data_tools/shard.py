@@ -22,6 +22,7 @@ if __name__ == "__main__":
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
+import fcntl  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
@@ -30,6 +31,7 @@ import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import IO  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
@@ -106,13 +108,14 @@ def run(args: argparse.Namespace) -> int:
         scans[spec.name] = fingerprint_source(spec.file, spec.name, opts, {**settings, "path": spec.path})
 
     old = _load_previous(out)
-    ours = {s.name for s in old.sources} if old else set()
     for spec in specs:
-        if (out / spec.name).exists() and spec.name not in ours:
+        if (out / spec.name).exists() and not _owned(out / spec.name, spec.name):
             raise DataError(f"{out / spec.name} exists and was not written by shard.py; "
                             f"choose another --out or move it away")
     out.mkdir(parents=True, exist_ok=True)
-    _remove_partials(out)
+    lock = _lock(out)
+    known = {spec.name for spec in specs} | ({s.name for s in old.sources} if old else set())
+    _remove_partials(out, known)
 
     entries: list[SourceEntry] = []
     converted_names: list[str] = []
@@ -131,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
                 entries.append(_convert(spec, fingerprint, opts, args, out, bar))
                 converted_names.append(spec.name)
     except BaseException:
-        _remove_partials(out)
+        _remove_partials(out, known)
         raise
 
     # Swap the new sources in only now that all of them are complete.
@@ -151,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     _join_rejected(out, entries)
     write_atomic(out / MANIFEST, manifest.to_json())
     print_summary(manifest, time.perf_counter() - start, converted_names, out)
+    lock.close()
     return 0
 
 
@@ -219,9 +223,26 @@ def _join_rejected(out: Path, entries: list[SourceEntry]) -> None:
     os.replace(tmp, out / REJECTED)
 
 
-def _remove_partials(out: Path) -> None:
-    for tmp in out.glob("*" + _PARTIAL):
-        shutil.rmtree(tmp, ignore_errors=True)
+def _remove_partials(out: Path, names: set[str]) -> None:
+    for name in names:
+        shutil.rmtree(out / (name + _PARTIAL), ignore_errors=True)
+
+
+def _owned(path: Path, name: str) -> bool:
+    """True for a source directory as shard.py writes it: its shards and rejected.jsonl only."""
+    pattern = re.compile(rf"{re.escape(name)}-\d{{6}}\.tar|{re.escape(REJECTED)}")
+    return path.is_dir() and all(pattern.fullmatch(p.name) for p in path.iterdir())
+
+
+def _lock(out: Path) -> IO[str]:
+    """Hold an exclusive lock on the output directory for the whole run."""
+    f = open(out / ".shard.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise DataError(f"another shard.py is writing to {out}; wait for it or choose another --out") from None
+    return f
 
 
 def print_summary(manifest: Manifest, seconds: float, converted: list[str], out: Path) -> None:

@@ -18,7 +18,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, DecimalException, InvalidOperation
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -47,7 +47,11 @@ def parse_data_txt(data_txt: str | Path) -> list[SourceSpec]:
     specs: list[SourceSpec] = []
     seen: dict[Path, int] = {}
     names: set[str] = set()
-    for lineno, raw in enumerate(data_txt.read_text(encoding="utf-8-sig").splitlines(), 1):
+    try:
+        text = data_txt.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{data_txt}: byte {e.start} is not valid UTF-8; save the file as UTF-8") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
         line = re.sub(r"(^|\s)#.*$", "", raw).strip()
         if not line:
             continue
@@ -57,13 +61,16 @@ def parse_data_txt(data_txt: str | Path) -> list[SourceSpec]:
             raise DataError(f"{where}: expected `<json path> <samples per epoch in thousands>`, got {raw!r}")
         path, number = fields
         try:
+            if "_" in number:
+                raise InvalidOperation
             thousands = Decimal(number)
-        except InvalidOperation:
+            epoch = int((thousands * 1000).to_integral_value(rounding=ROUND_HALF_UP))
+        except (DecimalException, OverflowError, ValueError):   # nan, inf, 1e9999999999, 1_000
             raise DataError(
-                f"{where}: {number!r} is not a number; write the samples per epoch in thousands, "
+                f"{where}: {number!r} is not a finite number; write the samples per epoch in thousands, "
                 f"e.g. `{path} 0.5` for 500"
             ) from None
-        if not thousands.is_finite() or thousands < 0:
+        if thousands < 0:
             raise DataError(f"{where}: samples per epoch must be a finite number >= 0, got {number!r}")
         file = Path(path) if Path(path).is_absolute() else data_txt.parent / path
         file = Path(file.resolve())
@@ -75,7 +82,6 @@ def parse_data_txt(data_txt: str | Path) -> list[SourceSpec]:
         if not file.is_file():
             raise DataError(f"{where}: {path} does not exist (resolved to {file})")
         seen[file] = lineno
-        epoch = int((thousands * 1000).to_integral_value(rounding=ROUND_HALF_UP))
         name = _unique_name(_safe_name(file.stem), names)
         specs.append(SourceSpec(path=path, file=file, epoch_samples=epoch, line=lineno, name=name))
     if not specs:
@@ -136,6 +142,8 @@ class RecordReader:
                     f"{self.file}:{lineno}:{e.colno}: invalid JSON: {e.msg} "
                     f"(a JSONL file holds one JSON object per line)"
                 ) from None
+            except (ValueError, RecursionError) as e:   # a 5000-digit number, nesting 100k deep
+                raise DataError(f"{self.file}:{lineno}: unreadable JSON value: {e}") from None
             yield index, lineno, record
             index += 1
 
@@ -177,10 +185,10 @@ class _TextStream:
         self._counted = 0
         self._col_before = 0        # characters after the last dropped newline
 
-    def _read(self) -> bool:
+    def _read(self, size: int = 0) -> bool:
         if self._eof:
             return False
-        chunk = self._f.read(_CHUNK)
+        chunk = self._f.read(size or _CHUNK)
         self._hash.update(chunk)
         try:
             self._buf += self._decoder.decode(chunk, final=not chunk)
@@ -242,12 +250,15 @@ class _TextStream:
             try:
                 value, end = decoder.raw_decode(self._buf, self._pos)
             except json.JSONDecodeError as e:
-                # Usually the window ends inside this record: read more and try again.
+                # Usually the window ends inside this record: read more and try again, doubling
+                # the read so a record of many megabytes is not re-parsed once per chunk.
                 if self._eof or len(self._buf) - self._pos > _MAX_RECORD_CHARS:
                     self.fail(e.msg, e.pos)
                 self._compact()
-                self._read()
+                self._read(max(_CHUNK, len(self._buf) - self._pos))
                 continue
+            except (ValueError, RecursionError) as e:
+                self.fail(f"unreadable value ({e})")
             if end == len(self._buf) and not self._eof:
                 # A number or literal cut at the window's end decodes "successfully"; make sure.
                 self._read()

@@ -49,6 +49,11 @@ def tar_size(members: list[tuple[str, bytes]]) -> int:
     return sum(_BLOCK + -(-len(data) // _BLOCK) * _BLOCK for _, data in members)
 
 
+def file_size(payload: int) -> int:
+    """Size of a tar file holding `payload` bytes of members: end blocks, padded to a record."""
+    return -(-(payload + 2 * _BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 class ShardWriter:
     """Writes samples into `<out_dir>/<prefix>-NNNNNN.tar`, rolling over by size and count.
 
@@ -72,7 +77,7 @@ class ShardWriter:
             assert _SAFE_MEMBER.match(name) and "." not in key, name
         size = tar_size(members)
         if self._file is not None and (
-            self._samples >= self.max_samples or self._bytes + size > self.max_bytes
+            self._samples >= self.max_samples or file_size(self._bytes + size) > self.max_bytes
         ):
             self._finish()
         if self._file is None:

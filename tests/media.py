@@ -123,6 +123,11 @@ def make_media(root: Path) -> dict[str, Path]:
     progressive = m["progressive.jpg"].read_bytes()
     m["truncated_progressive.jpg"] = root / "truncated_progressive.jpg"
     m["truncated_progressive.jpg"].write_bytes(progressive[: len(progressive) - 40])
+    gif = io.BytesIO()
+    frames = [Image.open(SKLEARN / "china.jpg").convert("P").resize((64, 48)).rotate(a) for a in range(0, 90, 10)]
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    m["truncated.gif"] = root / "truncated.gif"            # the first frames intact, the last ones cut
+    m["truncated.gif"].write_bytes(gif.getvalue()[: len(gif.getvalue()) * 3 // 4])
     m["truncated.png"] = root / "truncated.png"
     m["truncated.png"].write_bytes(png.getvalue()[: len(png.getvalue()) * 2 // 3])
 

@@ -378,3 +378,27 @@ def test_bundled_demo_data_converts(tmp_path: Path) -> None:
         "video_qa": (2, 0, 2), "text_only": (4, 0, 0)}
     [line] = (tmp_path / "shards" / "rejected.jsonl").read_text().splitlines()
     assert json.loads(line)["id"] == "missing-1"
+
+
+def test_a_media_file_swapped_with_its_old_mtime_is_noticed(tmp_path: Path, media: dict[str, Path]) -> None:
+    shutil.copy(media["flower.jpg"], tmp_path / "a.jpg")
+    dump(tmp_path / "a.json", [{"image": "a.jpg", "conversations": TURNS}])
+    (tmp_path / "data.txt").write_text("a.json 1\n")
+    shard(tmp_path / "data.txt", tmp_path / "out")
+    before = (tmp_path / "a.jpg").stat()
+    shutil.copy(media["PHOTO.JPG"], tmp_path / "b.jpg")          # same size? no matter: same mtime
+    os.replace(tmp_path / "b.jpg", tmp_path / "a.jpg")
+    os.utime(tmp_path / "a.jpg", ns=(before.st_atime_ns, before.st_mtime_ns))
+    again = shard(tmp_path / "data.txt", tmp_path / "out")
+    assert "(reused)" not in again.stdout
+
+
+def test_an_unreadable_manifest_does_not_block_a_rerun(tmp_path: Path) -> None:
+    dump(tmp_path / "a.json", [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
+    (tmp_path / "data.txt").write_text("a.json 1\n")
+    out = tmp_path / "out"
+    shard(tmp_path / "data.txt", out)
+    (out / "manifest.json").write_text("{truncated")
+    proc = shard(tmp_path / "data.txt", out)
+    assert json.loads((out / "manifest.json").read_text())["sources"][0]["samples"] == 1
+    assert "(reused)" not in proc.stdout

@@ -47,3 +47,13 @@ def test_an_unexpected_failure_rejects_the_record_not_the_run(monkeypatch) -> No
     out = convert_record(0, 1, {"id": "x"}, "src", Path("."), ConvertOptions())
     assert (out.code, out.members, out.id) == ("converter_error", None, "x")
     assert "KeyError('surprise')" in out.reason
+
+
+@pytest.mark.parametrize("record, code", [
+    ({"conversations": [{"from": "human", "value": "q\udc80"}, {"from": "gpt", "value": "a"}]}, "bad_text"),
+    ({"image": "a\u0000b.jpg", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+     "bad_media_field"),
+])
+def test_text_and_paths_that_are_not_valid_unicode_or_paths(tmp_path: Path, record: dict, code: str) -> None:
+    out = convert_record(0, 1, record, "src", tmp_path, ConvertOptions())
+    assert out.code == code, out.reason

@@ -37,6 +37,7 @@ REJECTED_IMAGES = {
     "truncated.png": "truncated_image",
     "bomb.png": "image_too_large",
     "bikes.mp4": "not_an_image",
+    "truncated.gif": "truncated_image",
 }
 
 ACCEPTED_VIDEOS = {
@@ -103,6 +104,7 @@ def test_read_media_reasons(media: dict[str, Path], tmp_path: Path) -> None:
     assert code(tmp_path / "nope.jpg") == "missing_media"
     assert code(media["empty.jpg"]) == "empty_media"
     assert code(tmp_path) == "unreadable_media"
+    assert code(media["flower.jpg"] / "inside-a-file.jpg") == "unreadable_media"     # ENOTDIR
     locked = tmp_path / "locked.jpg"
     locked.write_bytes(media["flower.jpg"].read_bytes())
     locked.chmod(0)

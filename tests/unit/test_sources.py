@@ -41,9 +41,11 @@ def test_data_txt_counts_comments_and_paths(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("line, message", [
     ("a.json", "expected `<json path> <samples per epoch in thousands>`"),
-    ("a.json ten", "'ten' is not a number"),
+    ("a.json ten", "'ten' is not a finite number"),
     ("a.json -1", "must be a finite number >= 0"),
-    ("a.json nan", "must be a finite number >= 0"),
+    ("a.json nan", "'nan' is not a finite number"),
+    ("a.json 1e9999999999", "is not a finite number"),
+    ("a.json 1_000", "'1_000' is not a finite number"),
     ("missing.json 1", "missing.json does not exist"),
 ])
 def test_data_txt_fatal_lines(tmp_path: Path, line: str, message: str) -> None:
@@ -120,6 +122,27 @@ def test_json_array_errors(tmp_path: Path, text: str, where: str) -> None:
 def test_jsonl_error_names_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"x.jsonl:3:2: invalid JSON: Expecting property name .* one JSON object per line"):
         list(RecordReader(write(tmp_path / "x.jsonl", '{"a": 1}\n{"b": 2}\n{oops}\n')))
+
+
+def test_unreadable_values_are_fatal_with_their_line(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"x.jsonl:2: unreadable JSON value"):
+        list(RecordReader(write(tmp_path / "x.jsonl", '{"a": 1}\n{"n": ' + "9" * 5000 + "}\n")))
+    with pytest.raises(DataError, match=r"y.json:1:\d+: invalid JSON: unreadable value"):
+        list(RecordReader(write(tmp_path / "y.json", "[" + "[" * 100_000 + "]" * 100_000 + "]")))
+    with pytest.raises(DataError, match="is not valid UTF-8"):
+        parse_data_txt(tmp_path / "latin1.txt") if (tmp_path / "latin1.txt").write_bytes("é 1".encode("latin-1")) else None
+
+
+def test_a_huge_record_is_read_in_linear_time(tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    monkeypatch.setattr(sources, "_CHUNK", 1 << 16)
+    blob = "x" * (30 << 20)                             # a 30 MB inline data: URI, say
+    path = write(tmp_path / "big.json", json.dumps([{"a": blob}, {"b": 1}]))
+    start = time.perf_counter()
+    records = [r for _, _, r in RecordReader(path)]
+    assert records[1] == {"b": 1} and len(records[0]["a"]) == len(blob)
+    assert time.perf_counter() - start < 5             # re-parsing per 64 KiB chunk would take minutes
 
 
 def test_invalid_utf8_is_fatal(tmp_path: Path) -> None:
