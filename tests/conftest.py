@@ -38,3 +38,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def stream_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A shard directory for pipeline tests (see tests/pipeline_data.py): 58 occurrences an epoch."""
+    from tests.pipeline_data import build_shards
+
+    return build_shards(tmp_path_factory.mktemp("stream"))

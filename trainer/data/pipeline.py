@@ -55,13 +55,8 @@ class PackedStream(IterableDataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """The loop owns the epoch; a restored stream state applies only to the epoch it is from."""
         self.epoch = epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = state["epoch"]
 
     def part(self) -> tuple[int, int]:
         """(this worker's slice index, number of slices) over all ranks and workers."""
@@ -106,6 +101,10 @@ class _StreamIter:
                 "rng": self.rng.bit_generator.state, "skips": dict(self.skips)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["epoch"] != self.epoch:
+            # Saved in an earlier epoch (its end): this epoch starts from its beginning.
+            logger.info("data state is from epoch %d; epoch %d starts fresh", state["epoch"], self.epoch)
+            return
         if (state["part"], state["parts"]) != (self.part, self.parts):
             raise ValueError(f"data state is for slice {state['part']}/{state['parts']} but this worker is "
                              f"{self.part}/{self.parts}: resume with the same number of ranks and data.workers")
