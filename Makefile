@@ -20,10 +20,14 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The demo: shard the bundled data, build a tiny LLaVA-1.5 (real token geometry, random weights),
+# preview one sample, then stream an epoch through mixing, rendering and packing on 2 CPU ranks.
 demo: setup
 	$(BIN)/python data_tools/shard.py data_tools/demo/data.txt --out $(DEMO)/shards --workers 2
 	$(BIN)/python data_tools/inspect.py $(DEMO)/shards --verify
-	$(BIN)/python data_tools/inspect.py $(DEMO)/shards --sample compare-1
+	test -f runs/tiny-llava/config.json || HF_HUB_OFFLINE=1 $(BIN)/python -m trainer.models.tiny --family llava --out runs/tiny-llava
+	HF_HUB_OFFLINE=1 $(BIN)/python -m trainer.preview --model runs/tiny-llava --sample data_tools/demo/llava_images.json --index 2
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node 2 -m trainer.train --config configs/tiny-llava.yaml --dry-run
 
 test: setup
 	$(BIN)/python -m pytest tests

@@ -39,3 +39,10 @@ def gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (gloo aborts the process if its threads outlive Python)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

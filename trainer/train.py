@@ -80,17 +80,21 @@ def dry_run(cfg: Config, epoch: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_args(argv)
-    from trainer.dist import init_distributed, setup_logging
+    from trainer.dist import init_distributed, setup_logging, shutdown
 
     rank, _ = init_distributed()
     setup_logging(rank)
-    if not args.dry_run:
-        print("error: training arrives with the trainer issue; use --dry-run to check the data", file=sys.stderr)
-        return 2
-    result = dry_run(cfg, args.epoch)
-    if rank == 0:
-        print(json.dumps(result, sort_keys=True), flush=True)
-    return 0
+    try:
+        if not args.dry_run:
+            print("error: training arrives with the trainer issue; use --dry-run to check the data",
+                  file=sys.stderr)
+            return 2
+        result = dry_run(cfg, args.epoch)
+        if rank == 0:
+            print(json.dumps(result, sort_keys=True), flush=True)
+        return 0
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from trainer.config import load_config
 from trainer.data.pipeline import EpochBatches, build_loader
-from trainer.dist import init_distributed
+from trainer.dist import init_distributed, shutdown
 from trainer.models.adapter import get_adapter
 
 
@@ -28,6 +28,7 @@ def main() -> None:
         seen.extend(pack.keys)
     (out / f"rank{rank}.json").write_text(json.dumps({"keys": seen, "steps": batches.steps, "empty": empty,
                                                       "world": world}))
+    shutdown()
 
 
 if __name__ == "__main__":
