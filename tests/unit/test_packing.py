@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 
 import torch
 
+from benchmarks.packing import llava_like_lengths, padded_efficiency
 from trainer.data.packing import Packer, collate
 from trainer.data.render import IGNORE, Rendered
 from trainer.models.adapter import ModelAdapter
@@ -29,21 +29,6 @@ def pack_all(lengths: list[int], max_tokens: int, buffer: int) -> list[list[Rend
     return packs
 
 
-def llava_like_lengths(n: int, seed: int = 0) -> list[int]:
-    """Roughly LLaVA-665K: most samples one image (576 tokens) plus a short or long conversation,
-    some text-only, a tail of long multi-turn ones."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        r = rng.random()
-        text = int(rng.lognormvariate(4.3, 0.9))           # median ~75 tokens, heavy tail
-        if r < 0.12:
-            out.append(min(4000, 20 + text * 3))            # text-only conversations
-        else:
-            out.append(min(4000, 576 + 40 + text))
-    return out
-
-
 def test_budget_multiset_and_determinism() -> None:
     lengths = llava_like_lengths(3000)
     packs = pack_all(lengths, 4096, 64)
@@ -61,6 +46,7 @@ def test_efficiency_on_a_llava_like_mix() -> None:
         packs = pack_all(lengths, max_tokens, 128)
         eff = sum(lengths) / (len(packs) * max_tokens)
         assert eff >= bar, (max_tokens, eff)
+    assert padded_efficiency(lengths, 8, grouped=False) < 0.8        # what packing saves
 
 
 def test_exact_fit_and_a_sample_of_the_full_budget() -> None:
