@@ -44,6 +44,7 @@ class PackingConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     shards: str = ""                    # a directory written by data_tools/shard.py
+    eval_shards: str | None = None      # another one, for the eval loss (train.eval_every)
     workers: int = 2                    # dataloader worker processes per rank (0 = in the main process)
     shuffle_buffer: int = 1000          # raw samples held for sample-level shuffling
     max_skip_fraction: float = 0.01     # abort when more than this share of an epoch's samples is skipped
@@ -63,19 +64,122 @@ class DataConfig:
 @dataclass(kw_only=True)
 class TrainConfig:
     seed: int = 0                       # with the manifest seed, decides every epoch's mix and order
-    epochs: int = 1
+    epochs: int = 1                     # used when steps is 0
+    steps: int = 0                      # optimizer steps in all; 0 = as many as `epochs` take
+    grad_accum: int = 1                 # micro-batches (packs) per optimizer step on each rank
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 compute on GPU, fp32 on CPU
+    activation_checkpointing: Literal["none", "full", "selective"] = "full"
+    compile: bool = False               # torch.compile each layer (GPU only)
+    nonfinite: Literal["skip", "abort"] = "skip"     # a NaN/inf loss on any rank: skip the step everywhere, or stop
+    log_every: int = 1
+    eval_every: int = 0                 # steps between eval-loss passes over data.eval_shards; 0 = never
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.steps < 0:
+            raise ValueError(f"train.steps must be >= 0 (0 = run train.epochs), got {self.steps}")
+        if self.grad_accum < 1:
+            raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.log_every < 1 or self.eval_every < 0:
+            raise ValueError("train.log_every must be >= 1 and train.eval_every >= 0")
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: list[str] | None = None    # module name patterns; None = the family's default
+    vision: bool = False                # LoRA on the vision tower too
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1:
+            raise ValueError(f"finetune.lora.r and finetune.lora.alpha must be >= 1, got {self.r}, {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"finetune.lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(kw_only=True)
+class QuantConfig:
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    method: Literal["full", "lora", "qlora"] = "full"
+    # stage 1 (LLaVA pre-training): projector only; stage 2: projector + language model (full or
+    # LoRA), vision frozen. A stage sets the three freeze flags; without one they apply as given.
+    stage: Literal[1, 2] | None = None
+    freeze_vision: bool = True
+    freeze_projector: bool = False
+    freeze_llm: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    qlora: QuantConfig = field(default_factory=QuantConfig)
+
+    def __post_init__(self) -> None:
+        if self.stage == 1:
+            if self.method != "full":
+                raise ValueError("finetune.stage=1 trains the projector only: use finetune.method=full")
+            self.freeze_vision, self.freeze_projector, self.freeze_llm = True, False, True
+        elif self.stage == 2:
+            self.freeze_vision, self.freeze_projector, self.freeze_llm = True, False, False
+        if self.method == "full" and self.freeze_vision and self.freeze_projector and self.freeze_llm:
+            raise ValueError("finetune.freeze_* freeze everything: nothing would train")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 2e-5                    # language model (and lm_head)
+    vision_lr: float | None = None      # None = lr
+    projector_lr: float | None = None   # None = lr
+    weight_decay: float = 0.0           # never on norms and biases
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0           # the schedule ends at lr * min_lr_ratio
+    max_grad_norm: float = 1.0          # 0 = no clipping
+
+    def __post_init__(self) -> None:
+        for key in ("lr", "vision_lr", "projector_lr"):
+            value = getattr(self, key)
+            if value is not None and value < 0:
+                raise ValueError(f"optim.{key} must be >= 0, got {value}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.max_grad_norm < 0:
+            raise ValueError("optim.warmup_steps >= 0, optim.min_lr_ratio in [0, 1], optim.max_grad_norm >= 0")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 500                    # optimizer steps between checkpoints; 0 = only at the end
+    keep: int = 2                       # newest checkpoints kept
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep < 1:
+            raise ValueError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got {self.every}, {self.keep}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    dir: str = "runs/run"               # checkpoints/, tb/, hf/ and config.yaml go here
+    export: bool = True                 # save_pretrained into run.dir/hf at the end
+    merge_lora: bool = False            # with LoRA: also write a merged full model to run.dir/hf/merged
 
 
 @dataclass(kw_only=True)
 class Config:
     model: ModelConfig
     data: DataConfig
+    run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    name: str = "run"                   # run directory name under runs/
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
@@ -88,7 +192,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  
         tree = loaded or {}
         # Relative paths in a config file are relative to that file, so configs travel with their
         # data; relative paths given as overrides are relative to the current directory.
-        for section, key in (("model", "path"), ("data", "shards")):
+        for section, key in (("model", "path"), ("data", "shards"), ("data", "eval_shards")):
             value = tree.get(section, {}).get(key) if isinstance(tree.get(section), dict) else None
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 tree[section][key] = str(Path(path).resolve().parent / value)
@@ -146,12 +250,21 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             except ValueError as e:
                 errors.append(str(e))
         raise ValueError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is Literal:
         if value not in args:
             raise ValueError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)             # YAML 1.1 reads 1e-3 (no dot) as a string
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ValueError(f"{key} must be {tp.__name__}, got {value!r}")
     return value

@@ -1,7 +1,10 @@
-"""The training entry point (torchrun). Today: the data pre-flight check.
+"""The training entry point (torchrun).
 
+    torchrun --nproc-per-node 8 -m trainer.train --config configs/X.yaml [key=value ...]
     python -m trainer.train --config configs/tiny-llava.yaml --dry-run
     torchrun --nproc-per-node 2 -m trainer.train --config configs/tiny-llava.yaml --dry-run data.workers=2
+
+Relaunching the same command resumes from the newest complete checkpoint in run.dir.
 
 --dry-run streams one full epoch through mixing, rendering and packing without building the
 model, and prints as its last line one JSON object with totals over all ranks: samples, samples
@@ -86,9 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(rank)
     try:
         if not args.dry_run:
-            print("error: training arrives with the trainer issue; use --dry-run to check the data",
-                  file=sys.stderr)
-            return 2
+            from trainer.loop import train
+
+            result = train(cfg)
+            if rank == 0:
+                print(json.dumps({k: v for k, v in result.items() if k != "losses"}, sort_keys=True), flush=True)
+            return 0
         result = dry_run(cfg, args.epoch)
         if rank == 0:
             print(json.dumps(result, sort_keys=True), flush=True)

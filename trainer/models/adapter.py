@@ -26,7 +26,13 @@ class ModelAdapter:
     media_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "pixel_values_videos")
     media_cat_dim: ClassVar[dict[str, int]] = {}       # processor outputs not concatenated on dim 0
     end_of_turn_tokens: ClassVar[tuple[str, ...]] = ()  # besides the tokenizer's eos token
-    rope_dims: ClassVar[int] = 1                        # 3 for Qwen-VL style multimodal rope
+    rope_dims: ClassVar[int] = 1                        # 4 for Qwen-VL style multimodal rope (text + 3)
+    # Parameter-name fragments of each module group, checked in this order (projector first: in
+    # Qwen2-VL the merger sits inside the vision tower). Anything else is the language model.
+    group_patterns: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = (
+        ("projector", ("multi_modal_projector.", "connector.", "visual.merger.", "mm_projector.", "merger.")),
+        ("vision", ("vision_tower.", "visual.", "vision_model.", "vision_encoder.", "image_encoder.")),
+    )
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -117,6 +123,38 @@ class ModelAdapter:
 
         raise RenderError("video_unsupported", f"{self.family}: video input is not supported yet")
 
+    # --- the model ---------------------------------------------------------------------------
+
+    def param_group(self, name: str) -> str:
+        """'vision', 'projector' or 'llm' (lm_head and embeddings included) for a parameter name."""
+        for group, fragments in self.group_patterns:
+            if any(f in name for f in fragments):
+                return group
+        return "llm"
+
+    def has_vision_inputs(self, inputs: dict[str, torch.Tensor]) -> bool:
+        return "pixel_values" in inputs or "pixel_values_videos" in inputs
+
+    @cached_property
+    def dummy_media(self) -> dict[str, torch.Tensor]:
+        """The image processor's output for one small grey image."""
+        from PIL import Image
+
+        out = self.processor.image_processor(images=[Image.new("RGB", (64, 64), (128, 128, 128))], return_tensors="pt")
+        return {k: v for k, v in out.items() if k in self.media_keys}
+
+    def dummy_vision(self, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+        """Run the vision tower (and projector) on the dummy image; the sum of what comes out."""
+        out = model.get_image_features(**{k: v.to(device) for k, v in self.dummy_media.items()})
+        return _tensor_sum(out)
+
+    def attn_implementation(self) -> str:
+        return "sdpa"
+
+    def quant_skip_modules(self) -> list[str]:
+        """Modules QLoRA leaves unquantized: the vision side and the output head."""
+        return ["lm_head", *(f.rstrip(".") for _, fragments in self.group_patterns for f in fragments)]
+
     # --- a packed micro-batch -> model inputs -------------------------------------------------
 
     def model_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
@@ -124,6 +162,14 @@ class ModelAdapter:
         """Inputs for model(**inputs) from a packed sequence ([L] ids, positions [L] or [3, L])."""
         return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None],
                 **media}
+
+
+def _tensor_sum(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.float().sum()
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
+    parts = [_tensor_sum(v) for v in values if v is not None]
+    return torch.stack(parts).sum() if parts else torch.zeros(())
 
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}

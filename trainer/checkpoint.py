@@ -1,0 +1,97 @@
+"""Checkpoints: `run.dir/checkpoints/step-<N>/`, written with torch.distributed.checkpoint.
+
+Model and optimizer are saved sharded (DCP); what differs per rank (its data pipeline state,
+RNG states) goes into `rank<r>.pt` beside them, with the step, epoch and counters. A checkpoint
+is written under `.step-<N>.tmp` and renamed once every rank has finished, so a directory named
+`step-<N>` is always complete; resuming picks the newest one automatically.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+logger = logging.getLogger(__name__)
+
+_STEP = re.compile(r"step-(\d+)")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    root = Path(run_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP.fullmatch(p.name)) and p.is_dir()]
+    return max(found)[1] if found else None
+
+
+def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+         extra: dict[str, Any], keep: int) -> Path:
+    """Write step-<step> (collective: every rank calls it)."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save({**extra, "rng": rng_state()}, tmp / f"rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        old = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP.fullmatch(p.name)))
+        for _, p in old[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+        logger.info("saved checkpoint %s", final)
+    _barrier()
+    return final
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and RNG from `path`; returns this rank's extra state."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rank_file = path / f"rank{rank}.pt"
+    if not rank_file.exists():
+        raise FileNotFoundError(f"{rank_file} missing: resume with the same number of ranks the checkpoint has")
+    extra = torch.load(rank_file, weights_only=False)
+    set_rng_state(extra.pop("rng"))
+    logger.info("resumed from %s (step %d)", path, extra["step"])
+    return extra

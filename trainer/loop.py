@@ -1,0 +1,217 @@
+"""The training loop: load or resume, then step, log, checkpoint; export at the end.
+
+One optimizer step takes `train.grad_accum` packed micro-batches on every rank. Before any
+backward the ranks add up the step's target tokens, and each micro-batch's summed token loss is
+divided by that global count, so the update is the same whatever the split over ranks and
+micro-batches (FSDP sums, not averages, the gradients). A non-finite loss or gradient norm on any
+rank makes every rank skip the step (or stop, `train.nonfinite=abort`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from trainer import checkpoint
+from trainer.config import Config, dump_config
+from trainer.data.packing import Pack
+from trainer.data.pipeline import EpochBatches, build_loader
+from trainer.data.render import IGNORE
+from trainer.metrics import Metrics
+from trainer.model import build_model
+from trainer.models.adapter import ModelAdapter, get_adapter
+from trainer.optim import build_optimizer, set_lr
+
+logger = logging.getLogger(__name__)
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, device: torch.device) -> torch.Tensor:
+    """Summed cross-entropy over the pack's target tokens (fp32), the vision tower always run."""
+    inputs = {k: v.to(device) for k, v in pack.inputs.items()}
+    labels = inputs.pop("labels")
+    logits = model(**inputs, use_cache=False).logits[0]
+    loss = F.cross_entropy(logits[:-1].float(), labels[0, 1:], ignore_index=IGNORE, reduction="sum")
+    if not adapter.has_vision_inputs(inputs):
+        # Every rank runs the vision tower every micro-batch, so FSDP's collectives stay in step
+        # when one rank's pack is text-only (or empty): a dummy image, weighted zero.
+        loss = loss + 0.0 * adapter.dummy_vision(model, device)
+    return loss
+
+
+class Trainer:
+    def __init__(self, cfg: Config, rank: int, world: int) -> None:
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.run_dir = Path(cfg.run.dir)
+        self.adapter = get_adapter(cfg.model.path, cfg.model.family)
+        built = build_model(self.adapter, cfg, rank, world)
+        self.model, self.device, self.fsdp = built.model, built.device, built.mesh is not None
+        self.optimizer = build_optimizer(self.model, self.adapter, cfg.optim, fused=self.device.type == "cuda")
+        self.loader = build_loader(cfg.data, self.adapter, cfg.train.seed, rank, world)
+        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches_in_epoch": 0,
+                                      "samples": 0, "tokens": 0, "skipped_steps": 0}
+        self.metrics = Metrics(self.run_dir / "tb", enabled=rank == 0)
+        self.total_steps = cfg.train.steps
+
+    # --- set-up ----------------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        path = checkpoint.latest(self.run_dir)
+        if path is None:
+            return False
+        extra = checkpoint.load(path, self.model, self.optimizer)
+        self.state = extra["state"]
+        self.loader.dataset.set_epoch(self.state["epoch"])
+        self.loader.load_state_dict(extra["data"])
+        self.total_steps = extra["total_steps"]
+        return True
+
+    def save(self) -> None:
+        checkpoint.save(self.run_dir, self.state["step"], self.model, self.optimizer,
+                        {"state": dict(self.state), "data": self.loader.state_dict(), "total_steps": self.total_steps},
+                        keep=self.cfg.checkpoint.keep)
+
+    def estimate_steps(self) -> int:
+        """Steps for train.epochs when train.steps is 0: packs of a first look at the data."""
+        probe = build_loader(self.cfg.data.__class__(**{**vars(self.cfg.data), "workers": 0}), self.adapter,
+                             self.cfg.train.seed, self.rank, self.world)
+        samples = packs = 0
+        for pack in probe:
+            if not pack.empty:
+                samples, packs = samples + len(pack.sources), packs + 1
+            if packs >= 8:
+                break
+        planned = probe.dataset.rank_occurrences(0)
+        per_rank = math.ceil(planned / max(samples / max(packs, 1), 1e-9)) if samples else 1
+        steps = torch.tensor([math.ceil(per_rank / self.cfg.train.grad_accum) * self.cfg.train.epochs])
+        if dist.is_initialized():
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        return max(1, int(steps))
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        resumed = self.resume()
+        if not self.total_steps:
+            self.total_steps = self.estimate_steps() if cfg.optim.schedule != "constant" else 0
+        bar = tqdm(total=self.total_steps or None, initial=self.state["step"], disable=self.rank != 0,
+                   desc="train", unit="step", dynamic_ncols=True)
+        losses: list[float] = []
+        done = False
+        while not done:
+            self.loader.dataset.set_epoch(self.state["epoch"])
+            batches = EpochBatches(self.loader, self.adapter, cfg.data.max_skip_fraction)
+            it = iter(batches)
+            while True:
+                wait = time.perf_counter()
+                packs = [p for _, p in zip(range(cfg.train.grad_accum), it)]
+                wait = time.perf_counter() - wait
+                if not packs:
+                    break
+                loss = self.step(packs, wait)
+                if loss is not None:
+                    losses.append(loss)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update(1)
+                if cfg.checkpoint.every and self.state["step"] % cfg.checkpoint.every == 0:
+                    self.save()
+                if self.total_steps and cfg.train.steps and self.state["step"] >= self.total_steps:
+                    done = True
+                    break
+            if not done:
+                self.state["epoch"] += 1
+                done = not cfg.train.steps and self.state["epoch"] >= cfg.train.epochs
+        bar.close()
+        if not (cfg.checkpoint.every and self.state["step"] % cfg.checkpoint.every == 0):
+            self.save()
+        if cfg.run.export:
+            from trainer.export import export
+
+            export(self.model, self.adapter, cfg, self.run_dir / "hf", merge=cfg.run.merge_lora)
+        self.metrics.close()
+        return {"steps": self.state["step"], "epochs": self.state["epoch"], "resumed": resumed,
+                "final_loss": losses[-1] if losses else None, "losses": losses,
+                "skipped_steps": self.state["skipped_steps"]}
+
+    def step(self, packs: list[Pack], wait: float) -> float | None:
+        """One optimizer step over these micro-batches; returns the mean loss per target token."""
+        cfg, start = self.cfg, time.perf_counter()
+        targets, = all_sum([sum(p.targets for p in packs)], self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, pack in enumerate(packs):
+            if self.fsdp:
+                # Reduce-scatter once per step, after the last micro-batch's backward.
+                self.model.set_requires_gradient_sync(i == len(packs) - 1)
+            loss = micro_batch_loss(self.model, self.adapter, pack, self.device)
+            (loss / max(targets, 1.0)).backward()
+            loss_sum += loss.detach().double()
+        total_loss, bad = all_sum([loss_sum.item() if math.isfinite(loss_sum.item()) else 0.0,
+                                   float(not math.isfinite(loss_sum.item()))], self.device)
+        grad_norm = None
+        if not bad:
+            grad_norm = float(self._clip())          # the global norm: the same on every rank
+            bad = float(not math.isfinite(grad_norm))
+        step = self.state["step"]
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state["skipped_steps"] += 1
+            if cfg.train.nonfinite == "abort":
+                raise FloatingPointError(f"non-finite loss or gradient at step {step} on some rank; "
+                                         f"lower optim.lr or set train.nonfinite=skip")
+            logger.warning("step %d: non-finite loss or gradient on some rank, skipped everywhere", step)
+            return None
+        set_lr(self.optimizer, step, max(self.total_steps, 1), cfg.optim)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["step"] += 1
+        tokens, samples = all_sum([sum(p.tokens for p in packs), sum(len(p.sources) for p in packs)], self.device)
+        self.state["tokens"] += int(tokens)
+        self.state["samples"] += int(samples)
+        mean_loss = total_loss / max(targets, 1.0)
+        if self.state["step"] % cfg.train.log_every == 0:
+            elapsed = time.perf_counter() - start + wait
+            values = {"train/loss": mean_loss, "train/grad_norm": grad_norm or 0.0,
+                      "perf/tokens_per_s": tokens / elapsed, "perf/samples_per_s": samples / elapsed,
+                      "data/wait_fraction": wait / elapsed,
+                      "data/packing_efficiency": tokens / (len(packs) * self.world * cfg.data.packing.max_tokens)}
+            for group in self.optimizer.param_groups:
+                values[f"train/lr/{group['name']}"] = group["lr"]
+            if torch.cuda.is_available():
+                values["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            self.metrics.log(self.state["step"], values)
+        return mean_loss
+
+    def _clip(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.optim.max_grad_norm or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    from trainer.dist import init_distributed
+
+    rank, world = init_distributed()
+    result = Trainer(cfg, rank, world).fit()
+    if rank == 0:
+        logger.info("done: %s", json.dumps({k: v for k, v in result.items() if k != "losses"}))
+    return result

@@ -1,0 +1,47 @@
+"""LoRA and QLoRA through peft: which modules get adapters, and wrapping the model.
+
+Targets default to every linear layer of the language model's blocks (and of the vision tower's
+with `finetune.lora.vision`); `finetune.lora.targets` narrows them to module names ending in one
+of the given names (e.g. [q_proj, v_proj]).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from trainer.config import FinetuneConfig
+from trainer.models.adapter import ModelAdapter
+from trainer.parallel import BLOCK_LISTS
+
+
+def lora_targets(adapter: ModelAdapter, model: nn.Module, ft: FinetuneConfig) -> list[str]:
+    """Full names of the linear layers that get LoRA adapters."""
+    groups = {"llm"} | ({"vision"} if ft.lora.vision else set())
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) and type(module).__name__ not in ("Linear4bit", "Linear8bitLt"):
+            continue
+        if adapter.param_group(name + ".weight") not in groups:
+            continue
+        if not any(f".{lst}." in f".{name}." for lst in BLOCK_LISTS):
+            continue                            # embeddings, heads, mergers: not inside blocks
+        if ft.lora.targets and not any(name == t or name.endswith("." + t) for t in ft.lora.targets):
+            continue
+        names.append(name)
+    if not names:
+        raise ValueError(f"finetune.lora.targets={ft.lora.targets} matches no linear layer inside the "
+                         f"{' and '.join(sorted(groups))} blocks")
+    return names
+
+
+def lora_config(adapter: ModelAdapter, model: nn.Module, ft: FinetuneConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=ft.lora.r, lora_alpha=ft.lora.alpha, lora_dropout=ft.lora.dropout,
+                      target_modules=lora_targets(adapter, model, ft), bias="none")
+
+
+def apply_lora(model: nn.Module, config) -> nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(model, config)

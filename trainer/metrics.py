@@ -1,0 +1,31 @@
+"""All metrics go through here to tensorboard (rank 0 writes), tags grouped by prefix:
+train/loss, train/lr/<group>, train/grad_norm, perf/tokens_per_s, perf/samples_per_s, perf/mfu,
+data/packing_efficiency, data/wait_fraction, data/skipped/<reason>, mem/peak_gib, eval/loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class Metrics:
+    def __init__(self, log_dir: str | Path, enabled: bool) -> None:
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # Same directory across restarts: a resumed run continues the same curves.
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,57 @@
+"""Everything that shards or checkpoints modules: FSDP2 units, mixed precision, activation
+checkpointing, torch.compile. The only file that calls `fully_shard` or the checkpoint wrappers.
+
+Units are the transformer blocks: every element of a ModuleList named `layers` or `blocks` (the
+language model's decoder layers and the vision tower's encoder blocks), then the root.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+logger = logging.getLogger(__name__)
+
+BLOCK_LISTS = ("layers", "blocks")
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
+    """(parent ModuleList, its name, index) of every transformer block, in module order."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LISTS:
+            found.extend((module, name, i) for i in range(len(module)))
+    return found
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Recompute each block's activations in backward ("full"), or every other block ("selective")."""
+    if mode == "none":
+        return
+    for n, (parent, _, i) in enumerate(transformer_blocks(model)):
+        if mode == "full" or n % 2 == 0:
+            parent[i] = checkpoint_wrapper(parent[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                                           preserve_rng_state=True)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block separately (whole-model compile breaks on multimodal merging)."""
+    for parent, _, i in transformer_blocks(model):
+        parent[i] = torch.compile(parent[i], fullgraph=False)
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, ignored: set[nn.Parameter] = frozenset()) -> None:
+    """fully_shard every block, then the root. Gradients reduce in fp32 whatever the compute dtype."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    blocks = transformer_blocks(model)
+    for n, (parent, _, i) in enumerate(blocks):
+        # The last block's parameters are needed right away in backward: no point resharding them.
+        fully_shard(parent[i], mesh=mesh, mp_policy=mp, reshard_after_forward=n < len(blocks) - 1,
+                    ignored_params=ignored & set(parent[i].parameters()) or None)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=set(ignored) or None)
+    logger.info("FSDP2: %d blocks + root on a mesh of %d", len(blocks), mesh.size())
