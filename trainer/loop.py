@@ -42,16 +42,11 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, device: torch.device) -> torch.Tensor:
-    """Summed cross-entropy over the pack's target tokens (fp32), the vision tower always run."""
+    """Summed cross-entropy over the pack's target tokens (fp32)."""
     inputs = {k: v.to(device) for k, v in pack.inputs.items()}
     labels = inputs.pop("labels")
     logits = model(**inputs, use_cache=False).logits[0]
-    loss = F.cross_entropy(logits[:-1].float(), labels[0, 1:], ignore_index=IGNORE, reduction="sum")
-    if not adapter.has_vision_inputs(inputs):
-        # Every rank runs the vision tower every micro-batch, so FSDP's collectives stay in step
-        # when one rank's pack is text-only (or empty): a dummy image, weighted zero.
-        loss = loss + 0.0 * adapter.dummy_vision(model, device)
-    return loss
+    return F.cross_entropy(logits[:-1].float(), labels[0, 1:], ignore_index=IGNORE, reduction="sum")
 
 
 class Trainer:

@@ -129,6 +129,7 @@ def _sum_gradients(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)   # plain SUM: gloo has no pre-multiplied sum
 
 
 def _non_persistent_buffers(model: nn.Module) -> list[str]:

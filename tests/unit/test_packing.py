@@ -9,7 +9,7 @@ import torch
 from benchmarks.packing import llava_like_lengths, padded_efficiency
 from trainer.data.packing import Packer, collate
 from trainer.data.render import IGNORE, Rendered
-from trainer.models.adapter import ModelAdapter
+from trainer.models.adapter import get_adapter
 
 
 def fake(n: int, key: str, rope: int = 1) -> Rendered:
@@ -54,11 +54,26 @@ def test_exact_fit_and_a_sample_of_the_full_budget() -> None:
     assert sorted(sorted(s.length for s in p) for p in packs) == [[4, 6], [10], [10]]
 
 
-def test_collate_restarts_positions_and_ignores_first_labels() -> None:
-    adapter = ModelAdapter("unused")
+def test_collate_restarts_positions_and_ignores_first_labels(tiny) -> None:
+    adapter = get_adapter(tiny("llava"))
     pack = collate(adapter, [fake(4, "1"), fake(3, "2")])
-    assert pack.inputs["input_ids"].tolist() == [[1, 2, 3, 4, 1, 2, 3]]
-    assert pack.inputs["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
-    assert pack.inputs["labels"].tolist() == [[IGNORE, IGNORE, 3, 4, IGNORE, 2, 3]]
+    ids, pos, labels = (pack.inputs[k][0] for k in ("input_ids", "position_ids", "labels"))
+    assert ids[:7].tolist() == [1, 2, 3, 4, 1, 2, 3]
+    assert pos[:7].tolist() == [0, 1, 2, 3, 0, 1, 2]
+    assert labels[:7].tolist() == [IGNORE, IGNORE, 3, 4, IGNORE, 2, 3]
     assert (pack.tokens, pack.targets, pack.lengths) == (7, 4, [4, 3])
     assert pack.keys == [(1, "1", 1), (0, "2", 2)]
+    # A text-only pack carries one grey image at the end, a block of its own with no labels, so
+    # the vision tower runs on every rank every micro-batch.
+    image_token = adapter.tokenizer.convert_tokens_to_ids(adapter.image_token)
+    assert (ids[7:] == image_token).sum() == 576 and pos[7] == 0 and (labels[7:] == IGNORE).all()
+    assert pack.inputs["pixel_values"].shape == (1, 3, 336, 336)
+
+
+def test_empty_pack_is_the_dummy_alone(tiny) -> None:
+    from trainer.data.packing import empty_pack
+
+    adapter = get_adapter(tiny("qwen2_vl"))
+    pack = empty_pack(adapter, {"bad_image:0": 1})
+    assert pack.empty and pack.tokens == pack.targets == 0 and pack.skips == {"bad_image:0": 1}
+    assert pack.inputs["position_ids"].shape[0] == 4 and "image_grid_thw" in pack.inputs

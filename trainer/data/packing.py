@@ -80,19 +80,28 @@ def collate(adapter: ModelAdapter, samples: list[Rendered]) -> Pack:
         lab = s.labels.clone()
         lab[0] = IGNORE
         labels.append(lab)
-    input_ids = torch.cat([s.input_ids for s in samples])
-    position_ids = torch.cat([s.position_ids for s in samples], dim=-1)
+    ids = [s.input_ids for s in samples]
+    positions = [s.position_ids for s in samples]
     media = adapter.collate_media([s.media for s in samples if s.media])
-    label = torch.cat(labels)
-    return Pack(inputs=adapter.model_inputs(input_ids, label, position_ids, media),
-                tokens=int(input_ids.shape[0]), targets=int((label != IGNORE).sum()),
+    tokens = sum(len(x) for x in ids)
+    if not adapter.has_vision_inputs(media):
+        # Every micro-batch runs the vision tower, so that under FSDP every rank issues the same
+        # collectives in the same order even when its pack is text-only: one small grey image goes
+        # at the end as a sample of its own (positions restart, no labels, nothing attends to it).
+        dummy_ids, dummy_media, dummy_pos = adapter.dummy_image
+        ids.append(dummy_ids)
+        positions.append(dummy_pos)
+        labels.append(torch.full_like(dummy_ids, IGNORE))
+        media = adapter.collate_media([dummy_media])
+    input_ids, label = torch.cat(ids), torch.cat(labels)
+    return Pack(inputs=adapter.model_inputs(input_ids, label, torch.cat(positions, dim=-1), media),
+                tokens=tokens, targets=int((label != IGNORE).sum()),
                 sources=[s.source for s in samples], keys=[(s.source, s.key, s.occurrence) for s in samples],
                 lengths=[s.length for s in samples], trimmed=sum(s.trimmed for s in samples))
 
 
 def empty_pack(adapter: ModelAdapter, skips: dict[str, int] | None = None) -> Pack:
-    """A zero-weight micro-batch: one padding token, no label. Ranks that ran dry step with it."""
-    ids = torch.tensor([adapter.pad_id], dtype=torch.int64)
-    pos = torch.zeros((adapter.rope_dims, 1) if adapter.rope_dims > 1 else (1,), dtype=torch.int64)
-    return Pack(inputs=adapter.model_inputs(ids, torch.tensor([IGNORE]), pos, {}), tokens=0, targets=0,
-                sources=[], keys=[], lengths=[], skips=dict(skips or {}))
+    """A zero-weight micro-batch (just the dummy image, no label): ranks that ran dry step with it."""
+    pack = collate(adapter, [])
+    pack.skips = dict(skips or {})
+    return pack

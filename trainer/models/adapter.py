@@ -132,21 +132,21 @@ class ModelAdapter:
                 return group
         return "llm"
 
-    def has_vision_inputs(self, inputs: dict[str, torch.Tensor]) -> bool:
-        return "pixel_values" in inputs or "pixel_values_videos" in inputs
+    def has_vision_inputs(self, media: dict[str, torch.Tensor]) -> bool:
+        return "pixel_values" in media or "pixel_values_videos" in media
+
+    dummy_kwargs: ClassVar[dict[str, Any]] = {}
 
     @cached_property
-    def dummy_media(self) -> dict[str, torch.Tensor]:
-        """The image processor's output for one small grey image."""
+    def dummy_image(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """(input_ids, media, position_ids) of one small grey image, as the processor renders it."""
         from PIL import Image
 
-        out = self.processor.image_processor(images=[Image.new("RGB", (64, 64), (128, 128, 128))], return_tensors="pt")
-        return {k: v for k, v in out.items() if k in self.media_keys}
-
-    def dummy_vision(self, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
-        """Run the vision tower (and projector) on the dummy image; the sum of what comes out."""
-        out = model.get_image_features(**{k: v.to(device) for k, v in self.dummy_media.items()})
-        return _tensor_sum(out)
+        out = self.processor(text=[self.image_token], images=[Image.new("RGB", (64, 64), (128, 128, 128))],
+                             return_tensors="pt", add_special_tokens=False, **self.dummy_kwargs)
+        ids = out["input_ids"][0].to(torch.int64)
+        media = self.media_of(out)
+        return ids, media, self.position_ids(ids, media)
 
     def attn_implementation(self) -> str:
         return "sdpa"
@@ -162,14 +162,6 @@ class ModelAdapter:
         """Inputs for model(**inputs) from a packed sequence ([L] ids, positions [L] or [3, L])."""
         return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None],
                 **media}
-
-
-def _tensor_sum(x: Any) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.float().sum()
-    values = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else []
-    parts = [_tensor_sum(v) for v in values if v is not None]
-    return torch.stack(parts).sum() if parts else torch.zeros(())
 
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}

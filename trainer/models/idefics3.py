@@ -3,10 +3,6 @@ concatenate along the tile dimension, and turns end with <end_of_utterance>."""
 
 from __future__ import annotations
 
-from functools import cached_property
-
-import torch
-
 from trainer.models.adapter import ModelAdapter, register
 
 
@@ -18,7 +14,5 @@ class Idefics3Adapter(ModelAdapter):
     media_cat_dim = {"pixel_values": 1, "pixel_attention_mask": 1}
     end_of_turn_tokens = ("<end_of_utterance>",)
 
-    @cached_property
-    def dummy_media(self) -> dict[str, torch.Tensor]:
-        # One tile is enough to run the vision tower; a small image is split into 17 otherwise.
-        return {k: v[:, :1] for k, v in super().dummy_media.items()}
+    # One tile is enough to run the vision tower; a small image is split into 17 otherwise.
+    dummy_kwargs = {"images_kwargs": {"do_image_splitting": False}}
