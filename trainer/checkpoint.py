@@ -93,5 +93,5 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
         raise FileNotFoundError(f"{rank_file} missing: resume with the same number of ranks the checkpoint has")
     extra = torch.load(rank_file, weights_only=False)
     set_rng_state(extra.pop("rng"))
-    logger.info("resumed from %s (step %d)", path, extra["step"])
+    logger.info("resumed from %s", path)
     return extra

@@ -62,6 +62,8 @@ class Trainer:
                                       "samples": 0, "tokens": 0, "skipped_steps": 0}
         self.metrics = Metrics(self.run_dir / "tb", enabled=rank == 0)
         self.total_steps = cfg.train.steps
+        self.batches: EpochBatches | None = None
+        self.resumed_exhausted = False
 
     # --- set-up ----------------------------------------------------------------------------
 
@@ -73,12 +75,14 @@ class Trainer:
         self.state = extra["state"]
         self.loader.dataset.set_epoch(self.state["epoch"])
         self.loader.load_state_dict(extra["data"])
+        self.resumed_exhausted = extra["data_exhausted"]
         self.total_steps = extra["total_steps"]
         return True
 
     def save(self) -> None:
         checkpoint.save(self.run_dir, self.state["step"], self.model, self.optimizer,
-                        {"state": dict(self.state), "data": self.loader.state_dict(), "total_steps": self.total_steps},
+                        {"state": dict(self.state), "data": self.loader.state_dict(), "total_steps": self.total_steps,
+                         "data_exhausted": bool(self.batches and self.batches.exhausted)},
                         keep=self.cfg.checkpoint.keep)
 
     def estimate_steps(self) -> int:
@@ -114,8 +118,10 @@ class Trainer:
         done = False
         while not done:
             self.loader.dataset.set_epoch(self.state["epoch"])
-            batches = EpochBatches(self.loader, self.adapter, cfg.data.max_skip_fraction)
-            it = iter(batches)
+            self.batches = EpochBatches(self.loader, self.adapter, cfg.data.max_skip_fraction,
+                                        exhausted=self.resumed_exhausted)
+            self.resumed_exhausted = False
+            it = iter(self.batches)
             while True:
                 wait = time.perf_counter()
                 packs = [p for _, p in zip(range(cfg.train.grad_accum), it)]

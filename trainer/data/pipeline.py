@@ -218,8 +218,11 @@ class EpochBatches:
     """
 
     def __init__(self, loader: StatefulDataLoader, adapter: ModelAdapter, max_skip_fraction: float,
-                 group: Any = None) -> None:
+                 group: Any = None, exhausted: bool = False) -> None:
         self.loader, self.adapter, self.group = loader, adapter, group
+        # True once this rank's loader has ended this epoch. A checkpoint stores it: resuming a
+        # rank that had run dry must not iterate its (finished) loader again.
+        self.exhausted = exhausted
         self.max_skip_fraction = max_skip_fraction
         ds: PackedStream = loader.dataset  # type: ignore[assignment]
         self.planned = ds.rank_occurrences(ds.epoch)
@@ -228,15 +231,14 @@ class EpochBatches:
         self.steps = 0
 
     def __iter__(self) -> Iterator[Pack]:
-        it = iter(self.loader)
-        exhausted = False
+        it = iter(self.loader) if not self.exhausted else iter(())
         while True:
             pack = None
-            while not exhausted and pack is None:
+            while not self.exhausted and pack is None:
                 try:
                     p = next(it)
                 except StopIteration:
-                    exhausted = True
+                    self.exhausted = True
                     break
                 self.skips.update(p.skips)
                 pack = None if p.empty else p
