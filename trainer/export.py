@@ -46,14 +46,11 @@ def _write(state: dict[str, torch.Tensor], adapter: ModelAdapter, cfg: Config, o
         from trainer.lora import apply_lora, lora_config
 
         peft_model = apply_lora(base, lora_config(adapter, base, cfg.finetune))
-        lora = {k: v for k, v in state.items() if "lora_" in k or adapter.param_group(k) == "projector"}
-        missing, unexpected = peft_model.load_state_dict(lora, strict=False)
+        trained = {k: v for k, v in state.items() if "lora_" in k or "modules_to_save." in k}
+        missing, unexpected = peft_model.load_state_dict(trained, strict=False)
         if unexpected:
             raise RuntimeError(f"export: unexpected keys {unexpected[:5]}")
         peft_model.save_pretrained(out)
-        if cfg.finetune.method == "lora" and not cfg.finetune.freeze_projector:
-            # A trained projector is not a LoRA weight: keep it beside the adapter.
-            torch.save({k: v for k, v in lora.items() if "lora_" not in k}, out / "projector.pt")
         if merge:
             merged = peft_model.merge_and_unload()
             merged.save_pretrained(out / "merged")

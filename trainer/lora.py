@@ -34,11 +34,25 @@ def lora_targets(adapter: ModelAdapter, model: nn.Module, ft: FinetuneConfig) ->
     return names
 
 
+def projector_modules(adapter: ModelAdapter, model: nn.Module) -> list[str]:
+    """Names of the outermost modules that make up the projector."""
+    names = []
+    for name, module in model.named_modules():
+        params = [n for n, _ in module.named_parameters(prefix=name)]
+        if params and all(adapter.param_group(n) == "projector" for n in params):
+            if not any(name.startswith(parent + ".") for parent in names):
+                names.append(name)
+    return names
+
+
 def lora_config(adapter: ModelAdapter, model: nn.Module, ft: FinetuneConfig):
     from peft import LoraConfig
 
+    # A trained projector is saved with the adapter (peft's modules_to_save), so the adapter
+    # alone reproduces the finetuned model.
+    keep = projector_modules(adapter, model) if not ft.freeze_projector else None
     return LoraConfig(r=ft.lora.r, lora_alpha=ft.lora.alpha, lora_dropout=ft.lora.dropout,
-                      target_modules=lora_targets(adapter, model, ft), bias="none")
+                      target_modules=lora_targets(adapter, model, ft), modules_to_save=keep, bias="none")
 
 
 def apply_lora(model: nn.Module, config) -> nn.Module:

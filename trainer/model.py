@@ -69,10 +69,9 @@ def freeze(model: nn.Module, adapter: ModelAdapter, cfg: Config) -> dict[str, in
         if ft.method == "full":
             train = not frozen[group]
         else:
-            # Adapters train unless their whole group is frozen; base weights never do, except
-            # an unquantized projector (LLaVA stage 2 trains it fully alongside the LoRA).
-            train = ("lora_" in name and not frozen[group]) or (group == "projector" and not frozen["projector"]
-                                                                and ft.method == "lora")
+            # Adapters train unless their whole group is frozen; base weights never do. A trained
+            # projector is peft's modules_to_save copy (LLaVA stage 2 trains it fully with LoRA).
+            train = ("lora_" in name or "modules_to_save." in name) and not frozen[group]
         p.requires_grad_(train)
         counts[group] += p.numel() if train else 0
     if not any(counts.values()):
