@@ -152,8 +152,18 @@ class ModelAdapter:
         return "sdpa"
 
     def quant_skip_modules(self) -> list[str]:
-        """Modules QLoRA leaves unquantized: the vision side and the output head."""
-        return ["lm_head", *(f.rstrip(".") for _, fragments in self.group_patterns for f in fragments)]
+        """Full names of the modules QLoRA leaves unquantized: vision tower, projector, lm_head."""
+        from transformers import AutoModelForImageTextToText
+
+        with torch.device("meta"):
+            skeleton = AutoModelForImageTextToText.from_config(self.config)
+        names: list[str] = ["lm_head"]
+        for name, module in skeleton.named_modules():
+            params = [n for n, _ in module.named_parameters(prefix=name)]
+            if (params and all(self.param_group(n) != "llm" for n in params)
+                    and not any(name.startswith(parent + ".") for parent in names)):
+                names.append(name)
+        return names
 
     # --- a packed micro-batch -> model inputs -------------------------------------------------
 
