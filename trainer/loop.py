@@ -153,9 +153,9 @@ class Trainer:
                 "final_loss": losses[-1] if losses else None, "losses": losses,
                 "skipped_steps": self.state["skipped_steps"]}
 
-    def step(self, packs: list[Pack], wait: float) -> float | None:
-        """One optimizer step over these micro-batches; returns the mean loss per target token."""
-        cfg, start = self.cfg, time.perf_counter()
+    def backward(self, packs: list[Pack]) -> tuple[float, float, float]:
+        """Gradients of the step's loss (summed over ranks); returns (summed token loss over all
+        ranks, global target tokens, 1.0 if some rank's loss was not finite)."""
         targets, = all_sum([sum(p.targets for p in packs)], self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, pack in enumerate(packs):
@@ -167,6 +167,12 @@ class Trainer:
             loss_sum += loss.detach().double()
         total_loss, bad = all_sum([loss_sum.item() if math.isfinite(loss_sum.item()) else 0.0,
                                    float(not math.isfinite(loss_sum.item()))], self.device)
+        return total_loss, targets, bad
+
+    def step(self, packs: list[Pack], wait: float) -> float | None:
+        """One optimizer step over these micro-batches; returns the mean loss per target token."""
+        cfg, start = self.cfg, time.perf_counter()
+        total_loss, targets, bad = self.backward(packs)
         grad_norm = None
         if not bad:
             grad_norm = float(self._clip())          # the global norm: the same on every rank

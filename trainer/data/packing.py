@@ -67,6 +67,7 @@ class Pack:
     lengths: list[int]
     skips: dict[str, int] = field(default_factory=dict)   # {"reason:source": n} since the previous pack
     trimmed: int = 0
+    dummy: bool = False                  # a grey image block was appended (no real media in the pack)
 
     @property
     def empty(self) -> bool:
@@ -84,7 +85,8 @@ def collate(adapter: ModelAdapter, samples: list[Rendered]) -> Pack:
     positions = [s.position_ids for s in samples]
     media = adapter.collate_media([s.media for s in samples if s.media])
     tokens = sum(len(x) for x in ids)
-    if not adapter.has_vision_inputs(media):
+    dummy = not adapter.has_vision_inputs(media)
+    if dummy:
         # Every micro-batch runs the vision tower, so that under FSDP every rank issues the same
         # collectives in the same order even when its pack is text-only: one small grey image goes
         # at the end as a sample of its own (positions restart, no labels, nothing attends to it).
@@ -97,7 +99,7 @@ def collate(adapter: ModelAdapter, samples: list[Rendered]) -> Pack:
     return Pack(inputs=adapter.model_inputs(input_ids, label, torch.cat(positions, dim=-1), media),
                 tokens=tokens, targets=int((label != IGNORE).sum()),
                 sources=[s.source for s in samples], keys=[(s.source, s.key, s.occurrence) for s in samples],
-                lengths=[s.length for s in samples], trimmed=sum(s.trimmed for s in samples))
+                lengths=[s.length for s in samples], trimmed=sum(s.trimmed for s in samples), dummy=dummy)
 
 
 def empty_pack(adapter: ModelAdapter, skips: dict[str, int] | None = None) -> Pack:
