@@ -267,8 +267,11 @@ def build_tokenizer(spec: TokenizerSpec):
 # Families
 # ------------------------------------------------------------------------------------------------
 
+# initializer_range: with the usual 0.02 a random 64-wide output head cannot produce a logit much
+# above 1 (norm ~8 times rows of norm ~0.16), so a model whose head is frozen (LoRA, QLoRA) could
+# never fit anything; 0.2 gives logits the range a trained head has.
 TEXT_WIDTH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16)
+                  num_key_value_heads=2, head_dim=16, initializer_range=0.2)
 
 
 def _padded_vocab(tokenizer) -> int:
