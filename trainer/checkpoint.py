@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,10 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     rank = dist.get_rank() if dist.is_initialized() else 0
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    # A fresh optimizer lists state for every trainable parameter; a saved one only for those that
+    # ever had a gradient (LLaVA never uses its vision tower's last layer). The rest keep the fresh
+    # zero state, which AdamW never touches while they get no gradient.
+    dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rank_file = path / f"rank{rank}.pt"
     if not rank_file.exists():

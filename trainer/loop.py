@@ -123,6 +123,9 @@ class Trainer:
             self.resumed_exhausted = False
             it = iter(self.batches)
             while True:
+                if cfg.train.steps and self.state["step"] >= self.total_steps:
+                    done = True                 # also when resuming a run that had finished its steps
+                    break
                 wait = time.perf_counter()
                 packs = [p for _, p in zip(range(cfg.train.grad_accum), it)]
                 wait = time.perf_counter() - wait
@@ -135,9 +138,6 @@ class Trainer:
                 bar.update(1)
                 if cfg.checkpoint.every and self.state["step"] % cfg.checkpoint.every == 0:
                     self.save()
-                if self.total_steps and cfg.train.steps and self.state["step"] >= self.total_steps:
-                    done = True
-                    break
             if not done:
                 self.state["epoch"] += 1
                 done = not cfg.train.steps and self.state["epoch"] >= cfg.train.epochs

@@ -1,0 +1,160 @@
+"""The real `python -m trainer.train` (and torchrun) on a tiny llava: full, LoRA and QLoRA overfit a
+fixed set with frozen groups untouched to the bit; an export reloads with plain transformers /
+peft to the same logits; kill -9 mid-run and relaunching the same command ends bitwise equal to
+an uninterrupted run; bad config fails fast, naming the key."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def overfit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.pipeline_data import build_overfit_shards
+
+    return build_overfit_shards(tmp_path_factory.mktemp("overfit"))
+
+
+def command(tiny, shards: Path, run_dir: Path, *extra: str, ranks: int = 1) -> list[str]:
+    args = ["-m", "trainer.train", f"model.path={tiny('llava')}", f"data.shards={shards}", f"run.dir={run_dir}",
+            "data.workers=0", "data.packing.max_tokens=2048", "optim.schedule=constant", "optim.lr=1e-2",
+            "finetune.lora.dropout=0.0", *extra]
+    if ranks > 1:
+        args = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", "29523", *args]
+    return [sys.executable, *args]
+
+
+def train(cmd: list[str]) -> dict:
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def logits(model, inputs: dict) -> torch.Tensor:
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    with torch.no_grad():
+        return model(**inputs, use_cache=False).logits
+
+
+def a_pack(tiny, shards: Path):
+    from trainer.config import load_config
+    from trainer.data.pipeline import build_loader
+    from trainer.models.adapter import get_adapter
+
+    cfg = load_config(None, [f"model.path={tiny('llava')}", f"data.shards={shards}", "data.workers=0",
+                             "data.packing.max_tokens=2048"])
+    return next(iter(build_loader(cfg.data, get_adapter(cfg.model.path), 0))).inputs
+
+
+def test_full_finetuning_overfits_and_exports(tiny, overfit_shards: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = train(command(tiny, overfit_shards, tmp_path / "run", "train.steps=30", "checkpoint.every=0"))
+    assert out["steps"] == 30 and out["final_loss"] < 0.05
+    hf = tmp_path / "run" / "hf"
+    exported = load_file(hf / "model.safetensors")
+    original = load_file(Path(tiny("llava")) / "model.safetensors")
+    vision = [k for k in original if "vision_tower" in k]
+    assert vision and all(torch.equal(exported[k], original[k]) for k in vision)     # frozen: to the bit
+    projector = next(k for k in original if k.endswith("multi_modal_projector.linear_1.weight"))
+    assert not torch.equal(exported[projector], original[projector])
+    assert (tmp_path / "run" / "config.yaml").is_file() and list((tmp_path / "run" / "tb").iterdir())
+    # The export is a plain transformers checkpoint: it generates the memorised answer.
+    model = AutoModelForImageTextToText.from_pretrained(hf).eval()
+    processor = AutoProcessor.from_pretrained(hf)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "2+2?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert processor.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip() == "Four."
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_and_qlora_overfit_and_reload(tiny, overfit_shards: Path, tmp_path: Path, method: str) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    out = train(command(tiny, overfit_shards, tmp_path / "run", "train.steps=40", "checkpoint.every=0",
+                        f"finetune.method={method}", "run.merge_lora=true"))
+    assert out["final_loss"] < 0.1
+    hf = tmp_path / "run" / "hf"
+    adapter = load_file(hf / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in adapter) and any("multi_modal_projector" in k for k in adapter)
+    if method == "lora":
+        inputs = a_pack(tiny, overfit_shards)
+        base = AutoModelForImageTextToText.from_pretrained(tiny("llava")).eval()
+        with_adapter = PeftModel.from_pretrained(base, hf).eval()
+        merged = AutoModelForImageTextToText.from_pretrained(hf / "merged").eval()
+        a, b = logits(with_adapter, inputs), logits(merged, inputs)
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), float((a - b).abs().max())
+
+
+def test_kill_and_relaunch_is_bitwise_equal(tiny, overfit_shards: Path, tmp_path: Path) -> None:
+    extra = ["train.steps=8", "checkpoint.every=1", "checkpoint.keep=3", "finetune.freeze_vision=false"]
+    train(command(tiny, overfit_shards, tmp_path / "straight", *extra, ranks=2))
+    cmd = command(tiny, overfit_shards, tmp_path / "killed", *extra, ranks=2)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    target = tmp_path / "killed" / "checkpoints" / "step-4"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)                  # the launcher and both ranks, mid-step
+    proc.wait()
+    assert target.exists() and not (tmp_path / "killed" / "hf").exists()
+    resumed = train(cmd)                                 # the same command: resumes by itself
+    assert resumed["resumed"] and resumed["steps"] == 8
+    a = load_file(tmp_path / "straight" / "hf" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "hf" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_from_a_checkpoint_gives_the_training_logits(tiny, overfit_shards: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    from trainer import checkpoint
+    from trainer.config import load_config
+    from trainer.model import build_model
+    from trainer.models.adapter import get_adapter
+    from trainer.optim import build_optimizer
+
+    run = tmp_path / "run"
+    train(command(tiny, overfit_shards, run, "train.steps=3", "checkpoint.every=3", "run.export=false"))
+    proc = subprocess.run([sys.executable, "-m", "trainer.export", str(run)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = load_config(run / "config.yaml")
+    adapter = get_adapter(cfg.model.path)
+    built = build_model(adapter, cfg, rank=0, world=1)
+    checkpoint.load(checkpoint.latest(run), built.model, build_optimizer(built.model, adapter, cfg.optim, False))
+    built.model.eval()
+    inputs = a_pack(tiny, overfit_shards)
+    exported = AutoModelForImageTextToText.from_pretrained(run / "hf").eval()
+    assert torch.equal(logits(built.model, inputs), logits(exported, inputs))
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.lrr=1", "unknown config key optim.lrr"),
+    ("train.grad_accum=0", "train.grad_accum must be >= 1"),
+    ("finetune.method=dora", "finetune.method must be one of"),
+    ("checkpoint.every=-1", "checkpoint.every must be >= 0"),
+])
+def test_bad_config_fails_before_any_heavy_work(tiny, tmp_path: Path, override: str, words: str) -> None:
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "trainer.train", f"model.path={tiny('llava')}",
+                           f"data.shards={tmp_path}", override], cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 2 and words in proc.stderr
+    assert time.time() - start < 30
