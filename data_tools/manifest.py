@@ -92,6 +92,10 @@ class Manifest:
             obj.pop("totals", None)
             sources = [SourceEntry(**{**s, "shards": [ShardEntry(**sh) for sh in s["shards"]]})
                        for s in obj.pop("sources")]
+            for s in sources:
+                if s.samples != sum(sh.samples for sh in s.shards):
+                    raise ValueError(f"source {s.path} says {s.samples} samples but its shards hold "
+                                     f"{sum(sh.samples for sh in s.shards)}")
             return cls(**obj, sources=sources)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{where} is not an mmloom manifest ({e}); re-run data_tools/shard.py") from None

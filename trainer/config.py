@@ -31,7 +31,7 @@ class ModelConfig:
 @dataclass(kw_only=True)
 class PackingConfig:
     max_tokens: int = 8192              # tokens per packed sequence, media tokens included
-    buffer: int = 128                   # rendered samples held while choosing packs
+    buffer: int = 64                    # rendered samples held while choosing packs (their pixels too)
     overlong: Literal["trim", "drop"] = "trim"   # a sample over max_tokens: cut at a turn boundary, or drop it
 
     def __post_init__(self) -> None:
@@ -75,6 +75,8 @@ class TrainConfig:
     eval_every: int = 0                 # steps between eval-loss passes over data.eval_shards; 0 = never
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"train.seed must be in [0, 2**32), got {self.seed}")
         if self.epochs < 1:
             raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
         if self.steps < 0:

@@ -18,8 +18,9 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or dist.is_initialized():
         return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    # With GPUs, CPU tensors (the data pipeline's step agreement, counters) still go over gloo.
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
@@ -41,8 +42,10 @@ def gather_objects(obj: object) -> list[object]:
     return out
 
 
-def shutdown() -> None:
-    """Leave the process group cleanly (gloo aborts the process if its threads outlive Python)."""
+def shutdown(ok: bool = True) -> None:
+    """Leave the process group: after a barrier when all went well, at once after an error (the
+    other ranks may never reach the barrier)."""
     if dist.is_initialized():
-        dist.barrier()
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()

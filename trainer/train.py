@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rank, _ = init_distributed()
     setup_logging(rank)
+    ok = False
     try:
         if not args.dry_run:
             from trainer.loop import train
@@ -95,13 +96,14 @@ def main(argv: list[str] | None = None) -> int:
             result = train(cfg)
             if rank == 0:
                 print(json.dumps({k: v for k, v in result.items() if k != "losses"}, sort_keys=True), flush=True)
-            return 0
-        result = dry_run(cfg, args.epoch)
-        if rank == 0:
-            print(json.dumps(result, sort_keys=True), flush=True)
+        else:
+            result = dry_run(cfg, args.epoch)
+            if rank == 0:
+                print(json.dumps(result, sort_keys=True), flush=True)
+        ok = True
         return 0
     finally:
-        shutdown()
+        shutdown(ok)
 
 
 if __name__ == "__main__":

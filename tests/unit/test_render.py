@@ -132,3 +132,30 @@ def test_bad_members_are_counted_skips(tiny) -> None:
     with pytest.raises(RenderError) as e:
         render_sample(adapter, SAMPLES["single"], {})
     assert e.value.reason == "missing_member"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_media_inside_an_answer_is_never_a_label(tiny, family: str) -> None:
+    adapter = get_adapter(tiny(family))
+    sample = Sample(key="9", source="s", index=9, turns=[
+        Turn(role="user", parts=[text("Show me.")]),
+        Turn(role="assistant", parts=[text("Here:"), image("img0.jpg"), text("a roof.")])])
+    r = render_sample(adapter, sample, PHOTOS)
+    labelled = r.input_ids[r.labels != IGNORE].tolist()
+    assert labelled and not set(labelled) & adapter.media_token_ids
+    image_token = adapter.tokenizer.convert_tokens_to_ids(adapter.image_token)
+    assert (r.input_ids == image_token).sum() > 0
+
+
+def test_an_answer_without_end_of_turn_gets_eos(tiny) -> None:
+    # llava-hf's published template closes answers with a space, no </s>: mmloom appends EOS.
+    adapter = get_adapter(tiny("llava"))
+    adapter.processor.chat_template = adapter.processor.chat_template.replace("+ '</s>'", "+ ' '")
+    sample = SAMPLES["text_only"]
+    r = render_sample(adapter, sample, PHOTOS)
+    eos = adapter.tokenizer.eos_token_id
+    labelled = r.input_ids[r.labels != IGNORE].tolist()
+    assert labelled.count(eos) == 2 and labelled[-1] == eos
+    first_prompt = adapter.processor.apply_chat_template(to_messages(sample)[:1], add_generation_prompt=True,
+                                                         tokenize=True, return_dict=True, return_tensors="pt")
+    assert torch.equal(r.input_ids[: first_prompt["input_ids"].shape[1]], first_prompt["input_ids"][0])

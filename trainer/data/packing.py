@@ -26,12 +26,15 @@ if TYPE_CHECKING:
 
 
 class Packer:
-    def __init__(self, max_tokens: int, buffer: int) -> None:
-        self.max_tokens, self.buffer = max_tokens, buffer
+    """`reserve`: tokens a pack without media needs for the grey image collate appends to it."""
+
+    def __init__(self, max_tokens: int, buffer: int, reserve: int = 0) -> None:
+        self.max_tokens, self.buffer, self.reserve = max_tokens, buffer, reserve
         self.pool: list[Rendered] = []
 
     def add(self, sample: Rendered) -> Iterator[list[Rendered]]:
-        assert sample.length <= self.max_tokens, "render_sample trims or drops over-long samples"
+        assert sample.length <= self.max_tokens - (0 if sample.media else self.reserve), \
+            "render_sample trims or drops over-long samples"
         self.pool.append(sample)
         while len(self.pool) >= self.buffer:
             yield self.take()
@@ -42,12 +45,14 @@ class Packer:
 
     def take(self) -> list[Rendered]:
         order = sorted(range(len(self.pool)), key=lambda i: (-self.pool[i].length, i))
-        chosen, room = [], self.max_tokens
+        chosen, used, has_media = [], 0, False
         for i in order:
-            if self.pool[i].length <= room:
+            sample = self.pool[i]
+            media = has_media or bool(sample.media)
+            if used + sample.length <= self.max_tokens - (0 if media else self.reserve):
                 chosen.append(i)
-                room -= self.pool[i].length
-                if room == 0:
+                used, has_media = used + sample.length, media
+                if used == self.max_tokens:
                     break
         taken = set(chosen)
         pack = [self.pool[i] for i in chosen]
@@ -68,6 +73,11 @@ class Pack:
     skips: dict[str, int] = field(default_factory=dict)   # {"reason:source": n} since the previous pack
     trimmed: int = 0
     dummy: bool = False                  # a grey image block was appended (no real media in the pack)
+
+    @property
+    def length(self) -> int:
+        """Tokens in the sequence the model sees, the grey image block included."""
+        return int(self.inputs["input_ids"].shape[-1])
 
     @property
     def empty(self) -> bool:

@@ -67,9 +67,10 @@ class PackedStream(IterableDataset):
 
     def rank_occurrences(self, epoch: int) -> int:
         """Occurrences planned for this rank this epoch (all its workers)."""
-        plan = plan_epoch(self.manifest, self.seed, epoch)
+        n = sum(s.epoch_samples for s in self.manifest.sources)     # the plan's length, exactly
         workers = max(1, self.cfg.workers)
-        return sum(len(plan.slice(self.rank * workers + w, self.world * workers)) for w in range(workers))
+        parts = self.world * workers
+        return sum((p + 1) * n // parts - p * n // parts for p in range(self.rank * workers, (self.rank + 1) * workers))
 
     def __iter__(self) -> Iterator[Pack]:
         return _StreamIter(self)
@@ -87,7 +88,8 @@ class _StreamIter:
         self.cursor = self.span.start
         self.rng = np.random.default_rng([ds.seed & 0xFFFFFFFF, ds.seed >> 32, self.epoch, self.part, 0x5B0F])
         self.shuffle: list[RawSample] = []
-        self.packer = Packer(ds.cfg.packing.max_tokens, ds.cfg.packing.buffer)
+        self.reserve = len(ds.adapter.dummy_image[0])
+        self.packer = Packer(ds.cfg.packing.max_tokens, ds.cfg.packing.buffer, reserve=self.reserve)
         self.skips: Counter[str] = Counter()
         self._restore: dict[str, Any] | None = None
         self._gen: Iterator[Pack] | None = None
@@ -123,7 +125,7 @@ class _StreamIter:
     def _run(self) -> Iterator[Pack]:
         if self._restore is not None:
             self._resume(self._restore)
-        reader = read_occurrences(self.ds.root, self.plan, list(range(self.cursor, self.span.stop)))
+        reader = read_occurrences(self.ds.root, self.plan, range(self.cursor, self.span.stop))
         for item in reader:
             self.cursor = item.occurrence + 1
             if isinstance(item, Skip):
@@ -168,10 +170,15 @@ class _StreamIter:
                 sample = Sample.from_json(raw.members["json"])
             except (ValueError, KeyError, TypeError) as e:
                 raise RenderError("corrupt_sample", f"{raw.shard} key {raw.key}: {e}") from None
-            rendered = render_sample(self.ds.adapter, sample, raw.members, self.ds.cfg.packing.max_tokens,
-                                     self.ds.cfg.packing.overlong)
+            # A sample without media must leave room for the grey image its pack will carry.
+            limit = self.ds.cfg.packing.max_tokens - (0 if sample.media else self.reserve)
+            rendered = render_sample(self.ds.adapter, sample, raw.members, limit, self.ds.cfg.packing.overlong)
         except RenderError as e:
             self._skip(e.reason, raw.source, f"{raw.shard} key {raw.key}: {e.detail}")
+            return None
+        except Exception as e:  # noqa: BLE001 - the processor or template failing on one sample
+            logger.exception("rendering %s key %s failed", raw.shard, raw.key)
+            self._skip("render_error", raw.source, f"{raw.shard} key {raw.key}: {e!r}")
             return None
         rendered.source, rendered.occurrence = raw.source, raw.occurrence
         return rendered
@@ -184,6 +191,7 @@ class _StreamIter:
 
     def _emit(self, samples: list) -> Pack:
         pack = collate(self.ds.adapter, samples)
+        assert pack.length <= self.ds.cfg.packing.max_tokens, (pack.length, pack.lengths)
         pack.skips = self._take_skips()
         return pack
 
@@ -233,19 +241,25 @@ class EpochBatches:
     def __iter__(self) -> Iterator[Pack]:
         it = iter(self.loader) if not self.exhausted else iter(())
         while True:
-            pack = None
-            while not self.exhausted and pack is None:
+            pack, error = None, None
+            while not self.exhausted and pack is None and error is None:
                 try:
                     p = next(it)
                 except StopIteration:
                     self.exhausted = True
                     break
+                except Exception as e:  # noqa: BLE001 - a worker died: every rank must hear of it
+                    error = e
+                    break
                 self.skips.update(p.skips)
                 pack = None if p.empty else p
             over = sum(self.skips.values()) > self.max_skip_fraction * max(self.planned, 1)
-            flags = torch.tensor([pack is not None, over], dtype=torch.int64)
+            flags = torch.tensor([pack is not None, over, error is not None], dtype=torch.int64)
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            if flags[2]:
+                raise RuntimeError("the data pipeline failed on "
+                                   + ("this rank" if error is not None else "another rank")) from error
             if flags[1]:
                 raise SkipLimitExceeded(
                     f"more than data.max_skip_fraction={self.max_skip_fraction} of the epoch's samples were "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,7 +78,7 @@ def iter_shard(url: str, wanted: list[int]) -> Iterator[tuple[int, str, dict[str
         raise ShardBroken(ordinal, EOFError(f"the shard has {ordinal + 1} samples, the manifest more"))
 
 
-def read_occurrences(root: str | Path, plan: EpochPlan, occurrences: list[int]) -> Iterator[RawSample | Skip]:
+def read_occurrences(root: str | Path, plan: EpochPlan, occurrences: Sequence[int]) -> Iterator[RawSample | Skip]:
     """Read these occurrences (indices into `plan`, in plan order) and yield each as a RawSample,
     or a Skip saying why it could not be read. Consecutive occurrences of one shard share a pass."""
     k = 0

@@ -116,6 +116,10 @@ def render_sample(adapter: ModelAdapter, sample: Sample, members: dict[str, byte
     for seg in segments:
         out = adapter.process(text[seg.start: seg.end], seg.images, seg.videos, first=seg.start == 0)
         seg_ids = out["input_ids"][0].to(torch.int64)
+        if seg.answer and not any(t in adapter.end_of_turn_ids for t in seg_ids.tolist()):
+            # Templates that close answers with no end-of-turn token (llava-hf's) would never teach
+            # the model to stop: end the answer with EOS, as the original training format does.
+            seg_ids = torch.cat([seg_ids, torch.tensor([adapter.tokenizer.eos_token_id])])
         ids.append(seg_ids)
         labels.append(_answer_labels(adapter, seg_ids) if seg.answer else torch.full_like(seg_ids, IGNORE))
         seg_media.append(adapter.media_of(out))
@@ -185,4 +189,6 @@ def _answer_labels(adapter: ModelAdapter, seg_ids: torch.Tensor) -> torch.Tensor
     eot = [i for i, t in enumerate(seg_ids.tolist()) if t in adapter.end_of_turn_ids]
     if eot:
         labels[eot[-1] + 1:] = IGNORE         # e.g. the "\n" after <|im_end|>
+    media = torch.tensor(sorted(adapter.media_token_ids), dtype=seg_ids.dtype)
+    labels[torch.isin(seg_ids, media)] = IGNORE   # an image inside an answer is input, not output
     return labels

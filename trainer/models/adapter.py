@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +27,7 @@ class ModelAdapter:
     media_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "pixel_values_videos")
     media_cat_dim: ClassVar[dict[str, int]] = {}       # processor outputs not concatenated on dim 0
     end_of_turn_tokens: ClassVar[tuple[str, ...]] = ()  # besides the tokenizer's eos token
+    media_token_pattern: ClassVar[str] = ""             # added tokens that wrap media, besides the processor's
     rope_dims: ClassVar[int] = 1                        # 4 for Qwen-VL style multimodal rope (text + 3)
     # Parameter-name fragments of each module group, checked in this order (projector first: in
     # Qwen2-VL the merger sits inside the vision tower). Anything else is the language model.
@@ -81,6 +83,17 @@ class ModelAdapter:
         for t in self.end_of_turn_tokens:
             ids.add(tok.convert_tokens_to_ids(t))
         return ids
+
+    @cached_property
+    def media_token_ids(self) -> set[int]:
+        """Tokens that stand for media or wrap them (<image>, <|vision_start|>, <row_1_col_1>, ...):
+        never trained on, even when an image sits inside an answer."""
+        tok, proc = self.tokenizer, self.processor
+        names = {v for k, v in vars(proc).items() if k.endswith("_token") and isinstance(v, str)}
+        if self.media_token_pattern:
+            names |= {t for t in tok.get_added_vocab() if re.fullmatch(self.media_token_pattern, t)}
+        ids = {tok.convert_tokens_to_ids(t) for t in names if t in tok.get_added_vocab()}
+        return ids - self.end_of_turn_ids - {tok.bos_token_id, tok.pad_token_id}
 
     @property
     def pad_id(self) -> int:

@@ -13,6 +13,7 @@ class Idefics3Adapter(ModelAdapter):
     media_keys = ("pixel_values", "pixel_attention_mask")
     media_cat_dim = {"pixel_values": 1, "pixel_attention_mask": 1}
     end_of_turn_tokens = ("<end_of_utterance>",)
+    media_token_pattern = r"<row_\d+_col_\d+>|<global-img>"
 
     # One tile is enough to run the vision tower; a small image is split into 17 otherwise.
     dummy_kwargs = {"images_kwargs": {"do_image_splitting": False}}

@@ -23,6 +23,7 @@ class Qwen2VLAdapter(ModelAdapter):
     model_types = ("qwen2_vl",)
     media_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
     end_of_turn_tokens = ("<|im_end|>",)
+    media_token_pattern = r"<\|vision_(start|end)\|>"
     rope_dims = 4
 
     @cached_property
