@@ -159,3 +159,46 @@ def test_an_answer_without_end_of_turn_gets_eos(tiny) -> None:
     first_prompt = adapter.processor.apply_chat_template(to_messages(sample)[:1], add_generation_prompt=True,
                                                          tokenize=True, return_dict=True, return_tensors="pt")
     assert torch.equal(r.input_ids[: first_prompt["input_ids"].shape[1]], first_prompt["input_ids"][0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_whole_conversation_path_gives_the_same_result(tiny, family: str, monkeypatch) -> None:
+    # Tokenizers that mark word starts at the start of every call (SentencePiece) cannot be split
+    # per turn; they take the slower whole-conversation path, which must agree exactly.
+    import trainer.data.render as render
+
+    adapter = get_adapter(tiny(family))
+    for name, sample in SAMPLES.items():
+        fast = render_sample(adapter, sample, PHOTOS)
+        monkeypatch.setattr(render, "_splits_cleanly", lambda *a: False)
+        whole = render_sample(adapter, sample, PHOTOS)
+        monkeypatch.undo()
+        assert torch.equal(fast.input_ids, whole.input_ids) and torch.equal(fast.labels, whole.labels), name
+        assert torch.equal(fast.position_ids, whole.position_ids)
+        assert fast.media.keys() == whole.media.keys()
+        assert all(torch.equal(fast.media[k], whole.media[k]) for k in fast.media)
+
+
+def test_a_sentencepiece_style_tokenizer_still_matches_inference(tiny) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    # Llama-2 / Mistral style: a word-start marker prepended at the start of every call.
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp.train_from_iterator(["USER: Hello ASSISTANT: Hi there. USER: Bye ASSISTANT: Bye. 2+2? 4 你好！"] * 20,
+                           trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "<s>", "</s>", "<image>", "<pad>"]))
+    adapter = get_adapter(tiny("llava"))
+    adapter.processor.tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    vars(adapter).pop("end_of_turn_ids", None)
+    vars(adapter).pop("media_token_ids", None)
+    sample = SAMPLES["text_only"]
+    r = render_sample(adapter, sample, PHOTOS)
+    messages = to_messages(sample)
+    for a in (1, 3):
+        prompt = adapter.processor.apply_chat_template(messages[:a], add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True, return_tensors="pt")["input_ids"][0]
+        assert torch.equal(r.input_ids[: len(prompt)], prompt), a
+    assert (r.labels != IGNORE).sum() > 0

@@ -12,6 +12,7 @@ including their end-of-turn token (a trailing newline after it is not trained on
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -112,6 +113,8 @@ def render_sample(adapter: ModelAdapter, sample: Sample, members: dict[str, byte
 
     segments, text = _segments(adapter, messages)
     _assign_media(adapter, segments, text, images, videos, sample.key)
+    if not _splits_cleanly(adapter, text, segments):
+        return _render_whole(adapter, sample, members, text, segments, images, videos, max_tokens, overlong)
     ids, labels, seg_media, ends = [], [], [], []
     for seg in segments:
         out = adapter.process(text[seg.start: seg.end], seg.images, seg.videos, first=seg.start == 0)
@@ -139,6 +142,63 @@ def render_sample(adapter: ModelAdapter, sample: Sample, members: dict[str, byte
     return Rendered(input_ids=input_ids, labels=torch.cat(labels[:keep]),
                     position_ids=adapter.position_ids(input_ids, sample_media),
                     media=sample_media, key=sample.key, trimmed=trimmed)
+
+
+def _splits_cleanly(adapter: ModelAdapter, text: str, segments: list[_Segment]) -> bool:
+    """True when tokenizing the segments one by one gives the tokens of the whole text (media
+    placeholders are single special tokens, so text alone decides). SentencePiece-style tokenizers
+    add a word-start marker at the start of every call and fail this for later turns."""
+    tok, bos = adapter.tokenizer, adapter.tokenizer.bos_token
+
+    def encode(piece: str, first: bool) -> list[int]:
+        return tok(piece, add_special_tokens=first and not (bos is not None and piece.startswith(bos)))["input_ids"]
+
+    parts = [t for seg in segments for t in encode(text[seg.start: seg.end], seg.start == 0)]
+    return parts == encode(text, True)
+
+
+def _render_whole(adapter: ModelAdapter, sample: Sample, members: dict[str, bytes], text: str,
+                  segments: list[_Segment], images: list, videos: list, max_tokens: int | None,
+                  overlong: str) -> Rendered:
+    """The exact, slower path: the whole conversation tokenized at once (as inference does), with
+    label spans found by tokenizing the text up to each turn boundary."""
+    def upto(end: int) -> torch.Tensor:
+        n_img = sum(len(s.images) for s in segments if s.end <= end)
+        n_vid = sum(len(s.videos) for s in segments if s.end <= end)
+        return adapter.process(text[:end], images[:n_img], videos[:n_vid], first=True)["input_ids"][0]
+
+    full = adapter.process(text, images, videos, first=True)
+    ids = full["input_ids"][0].to(torch.int64)
+    pieces, labels, pos, answer_ends = [], [], 0, []
+    for seg in segments:
+        if not seg.answer:
+            continue
+        start, end = len(upto(seg.start)), len(upto(seg.end))
+        if not torch.equal(ids[:end], upto(seg.end).to(torch.int64)):
+            raise RenderError("tokenization_not_prefix",
+                              f"sample {sample.key}: the tokens of the conversation so far are not a prefix "
+                              f"of the whole conversation's")
+        answer = ids[start:end]
+        if not any(t in adapter.end_of_turn_ids for t in answer.tolist()):
+            answer = torch.cat([answer, torch.tensor([adapter.tokenizer.eos_token_id])])
+        pieces += [ids[pos:start], answer]
+        labels += [torch.full((start - pos,), IGNORE, dtype=torch.int64), _answer_labels(adapter, answer)]
+        pos = end
+        answer_ends.append(sum(len(p) for p in pieces))
+    input_ids = torch.cat(pieces + [ids[pos:]])
+    label = torch.cat(labels + [torch.full((len(ids) - pos,), IGNORE, dtype=torch.int64)])
+    if max_tokens is not None and len(input_ids) > max_tokens:
+        fits = [i for i, end in enumerate(answer_ends) if end <= max_tokens]
+        if overlong == "drop" or not fits:
+            raise RenderError("too_long", f"sample {sample.key} has {len(input_ids)} tokens > max_tokens {max_tokens}")
+        answers = [i for i, t in enumerate(sample.turns) if t.role == "assistant"]
+        shorter = dataclasses.replace(sample, turns=sample.turns[: answers[fits[-1]] + 1])
+        rendered = render_sample(adapter, shorter, members)
+        rendered.trimmed = True
+        return rendered
+    media = adapter.media_of(full)
+    return Rendered(input_ids=input_ids, labels=label, position_ids=adapter.position_ids(input_ids, media),
+                    media=media, key=sample.key)
 
 
 def _segments(adapter: ModelAdapter, messages: list[dict]) -> tuple[list[_Segment], str]:
