@@ -21,13 +21,20 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 # The demo: shard the bundled data, build a tiny LLaVA-1.5 (real token geometry, random weights),
-# preview one sample, then stream an epoch through mixing, rendering and packing on 2 CPU ranks.
-demo: setup
+# preview one sample, dry-run an epoch, train on 2 CPU ranks (FSDP2) with the loss falling,
+# export, and generate from the export with plain transformers.
+RUN    = HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+demo: setup runs/tiny-llava/config.json
 	$(BIN)/python data_tools/shard.py data_tools/demo/data.txt --out $(DEMO)/shards --workers 2
 	$(BIN)/python data_tools/inspect.py $(DEMO)/shards --verify
-	test -f runs/tiny-llava/config.json || HF_HUB_OFFLINE=1 $(BIN)/python -m trainer.models.tiny --family llava --out runs/tiny-llava
-	HF_HUB_OFFLINE=1 $(BIN)/python -m trainer.preview --model runs/tiny-llava --sample data_tools/demo/llava_images.json --index 2
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/torchrun --nproc-per-node 2 -m trainer.train --config configs/tiny-llava.yaml --dry-run
+	$(RUN) $(BIN)/python -m trainer.preview --model runs/tiny-llava --sample data_tools/demo/llava_images.json --index 2
+	$(RUN) $(BIN)/torchrun --nproc-per-node 2 -m trainer.train --config configs/tiny-llava.yaml --dry-run
+	rm -rf $(DEMO)/run
+	$(RUN) $(BIN)/torchrun --nproc-per-node 2 -m trainer.train --config configs/tiny-llava.yaml
+	$(RUN) $(BIN)/python -m trainer.generate $(DEMO)/run/hf --prompt "What animal is this?" --image data_tools/demo/media/chelsea.jpg
+
+runs/tiny-llava/config.json: trainer/models/tiny.py
+	$(RUN) $(BIN)/python -m trainer.models.tiny --family llava --out runs/tiny-llava
 
 test: setup
 	$(BIN)/python -m pytest tests

@@ -9,6 +9,7 @@ rank makes every rank skip the step (or stop, `train.nonfinite=abort`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -58,12 +59,17 @@ class Trainer:
         self.model, self.device, self.fsdp = built.model, built.device, built.mesh is not None
         self.optimizer = build_optimizer(self.model, self.adapter, cfg.optim, fused=self.device.type == "cuda")
         self.loader = build_loader(cfg.data, self.adapter, cfg.train.seed, rank, world)
+        self.eval_loader = None
+        if cfg.data.eval_shards:
+            eval_cfg = dataclasses.replace(cfg.data, shards=cfg.data.eval_shards)
+            self.eval_loader = build_loader(eval_cfg, self.adapter, cfg.train.seed, rank, world)
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches_in_epoch": 0,
                                       "samples": 0, "tokens": 0, "skipped_steps": 0}
         self.metrics = Metrics(self.run_dir / "tb", enabled=rank == 0)
         self.total_steps = cfg.train.steps
         self.batches: EpochBatches | None = None
         self.resumed_exhausted = False
+        self.eval_loss: float | None = None
 
     # --- set-up ----------------------------------------------------------------------------
 
@@ -136,6 +142,11 @@ class Trainer:
                     losses.append(loss)
                     bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update(1)
+                if self.eval_loader is not None and cfg.train.eval_every and \
+                        self.state["step"] % cfg.train.eval_every == 0:
+                    self.eval_loss = self.evaluate()
+                    self.metrics.log(self.state["step"], {"eval/loss": self.eval_loss})
+                    logger.info("step %d: eval loss %.4f", self.state["step"], self.eval_loss)
                 if cfg.checkpoint.every and self.state["step"] % cfg.checkpoint.every == 0:
                     self.save()
             if not done:
@@ -150,7 +161,7 @@ class Trainer:
             export(self.model, self.adapter, cfg, self.run_dir / "hf", merge=cfg.run.merge_lora)
         self.metrics.close()
         return {"steps": self.state["step"], "epochs": self.state["epoch"], "resumed": resumed,
-                "final_loss": losses[-1] if losses else None, "losses": losses,
+                "final_loss": losses[-1] if losses else None, "losses": losses, "eval_loss": self.eval_loss,
                 "skipped_steps": self.state["skipped_steps"]}
 
     def backward(self, packs: list[Pack]) -> tuple[float, float, float]:
@@ -202,10 +213,26 @@ class Trainer:
                       "data/packing_efficiency": tokens / (len(packs) * self.world * cfg.data.packing.max_tokens)}
             for group in self.optimizer.param_groups:
                 values[f"train/lr/{group['name']}"] = group["lr"]
+            if self.batches is not None:
+                values["data/skipped"] = sum(self.batches.skips.values())
             if torch.cuda.is_available():
                 values["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             self.metrics.log(self.state["step"], values)
         return mean_loss
+
+    def evaluate(self) -> float:
+        """Mean loss per target token over one pass of the eval shards (all ranks)."""
+        assert self.eval_loader is not None
+        self.model.eval()
+        self.eval_loader.dataset.set_epoch(0)
+        total = targets = 0.0
+        with torch.no_grad():
+            for pack in EpochBatches(self.eval_loader, self.adapter, self.cfg.data.max_skip_fraction):
+                total += float(micro_batch_loss(self.model, self.adapter, pack, self.device))
+                targets += pack.targets
+        self.model.train()
+        total, targets = all_sum([total, targets], self.device)
+        return total / max(targets, 1.0)
 
     def _clip(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]

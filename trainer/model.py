@@ -97,6 +97,7 @@ def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Bu
         model = apply_lora(model, lora_config(adapter, model, cfg.finetune))
     counts = freeze(model, adapter, cfg)
     logger.info("trainable parameters: %s", {k: f"{v:,}" for k, v in counts.items()})
+    model.train()                             # from_pretrained returns eval mode: no dropout
     if hasattr(model, "config"):
         model.config.use_cache = False
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)

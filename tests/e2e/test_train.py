@@ -62,8 +62,10 @@ def a_pack(tiny, shards: Path):
 def test_full_finetuning_overfits_and_exports(tiny, overfit_shards: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    out = train(command(tiny, overfit_shards, tmp_path / "run", "train.steps=30", "checkpoint.every=0"))
+    out = train(command(tiny, overfit_shards, tmp_path / "run", "train.steps=30", "checkpoint.every=0",
+                        f"data.eval_shards={overfit_shards}", "train.eval_every=15"))
     assert out["steps"] == 30 and out["final_loss"] < 0.05
+    assert out["eval_loss"] is not None and out["eval_loss"] < 0.05       # eval on the memorised set
     hf = tmp_path / "run" / "hf"
     exported = load_file(hf / "model.safetensors")
     original = load_file(Path(tiny("llava")) / "model.safetensors")
