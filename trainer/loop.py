@@ -42,12 +42,23 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, device: torch.device) -> torch.Tensor:
-    """Summed cross-entropy over the pack's target tokens (fp32)."""
+def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, device: torch.device,
+                     per_source: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed cross-entropy over the pack's target tokens (fp32). With `per_source` ([sources, 2]),
+    adds each source's summed loss and target count into it."""
     inputs = {k: v.to(device) for k, v in pack.inputs.items()}
-    labels = inputs.pop("labels")
+    labels = inputs.pop("labels")[0, 1:]
     logits = model(**inputs, use_cache=False).logits[0]
-    return F.cross_entropy(logits[:-1].float(), labels[0, 1:], ignore_index=IGNORE, reduction="sum")
+    token_loss = F.cross_entropy(logits[:-1].float(), labels, ignore_index=IGNORE, reduction="none")
+    if per_source is not None and pack.sources:
+        # Position t predicts token t+1, which belongs to the sample whose span holds t+1.
+        owner = torch.repeat_interleave(torch.tensor(pack.sources, device=device),
+                                        torch.tensor(pack.lengths, device=device))[1:]
+        n = len(owner)
+        target = (labels[:n] != IGNORE).to(per_source.dtype)
+        per_source[:, 0].index_add_(0, owner, token_loss[:n].detach().to(per_source.dtype))
+        per_source[:, 1].index_add_(0, owner, target)
+    return token_loss.sum()
 
 
 class Trainer:
@@ -169,11 +180,13 @@ class Trainer:
         ranks, global target tokens, 1.0 if some rank's loss was not finite)."""
         targets, = all_sum([sum(p.targets for p in packs)], self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.source_loss = torch.zeros((len(self.loader.dataset.manifest.sources), 2), dtype=torch.float64,
+                                       device=self.device)
         for i, pack in enumerate(packs):
             if self.fsdp:
                 # Reduce-scatter once per step, after the last micro-batch's backward.
                 self.model.set_requires_gradient_sync(i == len(packs) - 1)
-            loss = micro_batch_loss(self.model, self.adapter, pack, self.device)
+            loss = micro_batch_loss(self.model, self.adapter, pack, self.device, self.source_loss)
             (loss / max(targets, 1.0)).backward()
             loss_sum += loss.detach().double()
         total_loss, bad = all_sum([loss_sum.item() if math.isfinite(loss_sum.item()) else 0.0,
@@ -215,6 +228,11 @@ class Trainer:
                 values[f"train/lr/{group['name']}"] = group["lr"]
             if self.batches is not None:
                 values["data/skipped"] = sum(self.batches.skips.values())
+            if dist.is_initialized():
+                dist.all_reduce(self.source_loss)
+            for source, (loss_sum_s, n) in zip(self.loader.dataset.manifest.sources, self.source_loss.tolist()):
+                if n:
+                    values[f"train/loss_by_source/{source.name}"] = loss_sum_s / n
             if torch.cuda.is_available():
                 values["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             self.metrics.log(self.state["step"], values)

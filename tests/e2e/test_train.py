@@ -73,7 +73,16 @@ def test_full_finetuning_overfits_and_exports(tiny, overfit_shards: Path, tmp_pa
     assert vision and all(torch.equal(exported[k], original[k]) for k in vision)     # frozen: to the bit
     projector = next(k for k in original if k.endswith("multi_modal_projector.linear_1.weight"))
     assert not torch.equal(exported[projector], original[projector])
-    assert (tmp_path / "run" / "config.yaml").is_file() and list((tmp_path / "run" / "tb").iterdir())
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr/llm", "train/lr/projector", "train/grad_norm", "perf/tokens_per_s",
+            "data/packing_efficiency", "eval/loss", "train/loss_by_source/overfit"} <= tags
+    curve = [e.value for e in events.Scalars("train/loss")]
+    assert len(curve) == 30 and curve[-1] < curve[0] / 10
     # The export is a plain transformers checkpoint: it generates the memorised answer.
     model = AutoModelForImageTextToText.from_pretrained(hf).eval()
     processor = AutoProcessor.from_pretrained(hf)
