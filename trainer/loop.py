@@ -80,6 +80,7 @@ class Trainer:
         self.total_steps = cfg.train.steps
         self.batches: EpochBatches | None = None
         self.resumed_exhausted = False
+        self.resumed_skips: dict[str, int] = {}
         self.eval_loss: float | None = None
 
     # --- set-up ----------------------------------------------------------------------------
@@ -93,13 +94,16 @@ class Trainer:
         self.loader.dataset.set_epoch(self.state["epoch"])
         self.loader.load_state_dict(extra["data"])
         self.resumed_exhausted = extra["data_exhausted"]
+        self.resumed_skips = extra.get("data_skips", {})
         self.total_steps = extra["total_steps"]
         return True
 
     def save(self) -> None:
         checkpoint.save(self.run_dir, self.state["step"], self.model, self.optimizer,
                         {"state": dict(self.state), "data": self.loader.state_dict(), "total_steps": self.total_steps,
-                         "data_exhausted": bool(self.batches and self.batches.exhausted)},
+                         "data_exhausted": bool(self.batches and self.batches.exhausted),
+                         # The epoch's skip counts, so the skip limit holds across requeues.
+                         "data_skips": dict(self.batches.skips) if self.batches else {}},
                         keep=self.cfg.checkpoint.keep)
 
     def estimate_steps(self) -> int:
@@ -137,7 +141,8 @@ class Trainer:
             self.loader.dataset.set_epoch(self.state["epoch"])
             self.batches = EpochBatches(self.loader, self.adapter, cfg.data.max_skip_fraction,
                                         exhausted=self.resumed_exhausted)
-            self.resumed_exhausted = False
+            self.batches.skips.update(self.resumed_skips)
+            self.resumed_exhausted, self.resumed_skips = False, {}
             it = iter(self.batches)
             while True:
                 if cfg.train.steps and self.state["step"] >= self.total_steps:
