@@ -68,6 +68,9 @@ class Trainer:
         self.adapter = get_adapter(cfg.model.path, cfg.model.family)
         built = build_model(self.adapter, cfg, rank, world)
         self.model, self.device, self.fsdp = built.model, built.device, built.mesh is not None
+        # FSDP's mixed-precision policy casts for bf16 compute; a single unsharded GPU uses autocast.
+        self.autocast = not self.fsdp and built.compute_dtype != torch.float32
+        self.compute_dtype = built.compute_dtype
         self.optimizer = build_optimizer(self.model, self.adapter, cfg.optim, fused=self.device.type == "cuda")
         self.loader = build_loader(cfg.data, self.adapter, cfg.train.seed, rank, world)
         self.eval_loader = None
@@ -191,7 +194,8 @@ class Trainer:
             if self.fsdp:
                 # Reduce-scatter once per step, after the last micro-batch's backward.
                 self.model.set_requires_gradient_sync(i == len(packs) - 1)
-            loss = micro_batch_loss(self.model, self.adapter, pack, self.device, self.source_loss)
+            with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.autocast):
+                loss = micro_batch_loss(self.model, self.adapter, pack, self.device, self.source_loss)
             (loss / max(targets, 1.0)).backward()
             loss_sum += loss.detach().double()
         total_loss, bad = all_sum([loss_sum.item() if math.isfinite(loss_sum.item()) else 0.0,

@@ -162,6 +162,12 @@ class ModelAdapter:
         return ids, media, self.position_ids(ids, media)
 
     def attn_implementation(self) -> str:
+        """flash_attention_2 on GPU when flash-attn is installed (packed sequences use its varlen
+        kernels through the restarting position ids), else PyTorch SDPA."""
+        import importlib.util
+
+        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
         return "sdpa"
 
     def quant_skip_modules(self) -> list[str]:
