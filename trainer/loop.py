@@ -13,6 +13,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,6 +88,7 @@ class Trainer:
         self.resumed_exhausted = False
         self.resumed_skips: dict[str, int] = {}
         self.eval_loss: float | None = None
+        self.stop_requested = False             # set by SIGUSR2: preemption or the time limit is near
 
     # --- set-up ----------------------------------------------------------------------------
 
@@ -139,7 +143,9 @@ class Trainer:
         bar = tqdm(total=self.total_steps or None, initial=self.state["step"], disable=self.rank != 0,
                    desc="train", unit="step", dynamic_ncols=True)
         losses: list[float] = []
-        done = False
+        done = preempted = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR2, self._on_preempt)
         while not done:
             self.loader.dataset.set_epoch(self.state["epoch"])
             self.batches = EpochBatches(self.loader, self.adapter, cfg.data.max_skip_fraction,
@@ -168,20 +174,43 @@ class Trainer:
                     logger.info("step %d: eval loss %.4f", self.state["step"], self.eval_loss)
                 if cfg.checkpoint.every and self.state["step"] % cfg.checkpoint.every == 0:
                     self.save()
+                if self._agree_to_stop():
+                    done = preempted = True
+                    break
             if not done:
                 self.state["epoch"] += 1
                 done = not cfg.train.steps and self.state["epoch"] >= cfg.train.epochs
         bar.close()
         if not (cfg.checkpoint.every and self.state["step"] % cfg.checkpoint.every == 0):
             self.save()
-        if cfg.run.export:
+        if preempted:
+            self._request_requeue()
+        elif cfg.run.export:
             from trainer.export import export
 
             export(self.model, self.adapter, cfg, self.run_dir / "hf", merge=cfg.run.merge_lora)
         self.metrics.close()
         return {"steps": self.state["step"], "epochs": self.state["epoch"], "resumed": resumed,
                 "final_loss": losses[-1] if losses else None, "losses": losses, "eval_loss": self.eval_loss,
-                "skipped_steps": self.state["skipped_steps"]}
+                "skipped_steps": self.state["skipped_steps"], "preempted": preempted}
+
+    # --- preemption ---------------------------------------------------------------------------
+
+    def _on_preempt(self, signum: int, frame: Any) -> None:
+        # Only a flag: the ranks agree at the next step boundary, then checkpoint together.
+        self.stop_requested = True
+
+    def _agree_to_stop(self) -> bool:
+        stop, = all_sum([float(self.stop_requested)], self.device)
+        if stop:
+            logger.warning("step %d: preemption signal received, checkpointing and exiting", self.state["step"])
+        return bool(stop)
+
+    def _request_requeue(self) -> None:
+        """Tell the launcher to requeue the job: slurm/train.sbatch and launch.py read this file."""
+        marker = os.environ.get("MMLOOM_REQUEUE_FILE")
+        if marker and self.rank == 0:
+            Path(marker).write_text(f"{self.state['step']}\n")
 
     def backward(self, packs: list[Pack]) -> tuple[float, float, float]:
         """Gradients of the step's loss (summed over ranks); returns (summed token loss over all

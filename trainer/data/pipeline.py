@@ -16,6 +16,7 @@ stream continues exactly where it was.
 from __future__ import annotations
 
 import logging
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,12 +205,18 @@ class _StreamIter:
         return skips
 
 
+def _ignore_preemption(worker_id: int) -> None:
+    # SIGUSR2 is for the training process (checkpoint, then exit); a worker must not die of it.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def build_loader(cfg: DataConfig, adapter: ModelAdapter, seed: int, rank: int = 0, world: int = 1) -> StatefulDataLoader:
     """A StatefulDataLoader yielding this rank's packs (batch_size=None: packing made the batch)."""
     dataset = PackedStream(cfg, adapter, seed, rank, world)
     return StatefulDataLoader(dataset, batch_size=None, num_workers=cfg.workers,
                               multiprocessing_context="spawn" if cfg.workers else None,
-                              prefetch_factor=2 if cfg.workers else None)
+                              prefetch_factor=2 if cfg.workers else None,
+                              worker_init_fn=_ignore_preemption if cfg.workers else None)
 
 
 class SkipLimitExceeded(RuntimeError):
