@@ -86,3 +86,33 @@ def test_preemption_drill_resumes_to_the_same_weights(slurm, tiny, stream_shards
     a = load_file(straight / "run" / "hf" / "model.safetensors")
     b = load_file(drill / "run" / "hf" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_launch_py_submits_with_submitit_and_waits(slurm, tiny, stream_shards: Path, tmp_path: Path) -> None:
+    args = [sys.executable, str(REPO / "launch.py"), "--config", str(REPO / "configs" / "tiny-llava.yaml"),
+            f"model.path={tiny('llava')}", f"data.shards={stream_shards}", f"run.dir={tmp_path / 'run'}",
+            "data.workers=0", "train.steps=4", "checkpoint.every=0"]
+    dry = subprocess.run([*args[:2], "--nodes", "2", "--dry-run", *args[2:]], env=slurm, capture_output=True,
+                         text=True, timeout=120)
+    assert dry.returncode == 0 and "'nodes': 2" in dry.stdout and "torch.distributed.run" in dry.stdout
+    bad = subprocess.run([*args, "train.grad_accum=0"], env=slurm, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "train.grad_accum must be >= 1" in bad.stderr
+    proc = subprocess.run([*args[:2], "--nodes", "2", "--wait", "--time", "20", *args[2:]], env=slurm,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job = proc.stdout.split()[0]
+    assert f"job {job} completed" in proc.stdout
+    assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
+    logs = "".join(p.read_text() for p in (tmp_path / "run" / "submitit").glob("*_log.out"))
+    assert "node 0/2" in logs and "node 1/2" in logs
+
+
+def test_launch_py_local_runs_torchrun_here(tiny, stream_shards: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "--local", "--nproc-per-node", "2",
+                           "--config", str(REPO / "configs" / "tiny-llava.yaml"), f"model.path={tiny('llava')}",
+                           f"data.shards={stream_shards}", f"run.dir={tmp_path / 'run'}", "data.workers=0",
+                           "train.steps=2", "checkpoint.every=0"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"steps": 2' in proc.stdout and (tmp_path / "run" / "hf" / "model.safetensors").is_file()
