@@ -128,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = Path(cfg.run.dir).resolve() / "submitit"
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    # --kill-on-bad-exit: a node whose torchrun fails ends the whole job at once, instead of the
+    # other nodes waiting in a collective until its timeout.
     params = dict(nodes=args.nodes, tasks_per_node=1, timeout_min=parse_time(args.time), name="mmloom",
-                  slurm_signal_delay_s=120, slurm_additional_parameters={"requeue": True})
+                  slurm_signal_delay_s=120, slurm_additional_parameters={"requeue": True},
+                  slurm_srun_args=["--kill-on-bad-exit=1"])
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
     if args.cpus_per_node:
