@@ -116,3 +116,36 @@ def test_launch_py_local_runs_torchrun_here(tiny, stream_shards: Path, tmp_path:
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"steps": 2' in proc.stdout and (tmp_path / "run" / "hf" / "model.safetensors").is_file()
+
+
+def rank_process(rank: int) -> int | None:
+    """PID of the training process of this global rank (a torchrun worker on this machine)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"trainer.train" in cmdline and f"RANK={rank}".encode() in environ and b"torch.distributed.run" not in cmdline:
+            return int(proc.name)
+    return None
+
+
+def test_a_dead_rank_ends_the_job_quickly(slurm, tiny, stream_shards: Path, tmp_path: Path) -> None:
+    job = sbatch(slurm, tmp_path, tiny, stream_shards, tmp_path / "run", "train.steps=200", wait=False)
+    first = tmp_path / "run" / "checkpoints" / "step-2"
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    pid = rank_process(1)
+    assert first.exists() and pid, log(tmp_path)[-3000:]
+    os.kill(pid, 9)
+    killed = time.time()
+    while squeue_state(slurm, job)[0] and time.time() - killed < 300:
+        time.sleep(1)
+    assert time.time() - killed < 120, "the job outlived its dead rank"
+    text = log(tmp_path)
+    assert "rank      : 1 (local_rank: 0)" in text and "SIGKILL" in text, text[-3000:]
+    assert not (tmp_path / "run" / "hf").exists()
