@@ -127,9 +127,12 @@ def _convert_chunk(chunk: list[tuple[int, int, Any]], source: str, json_dir: Pat
     return [convert_record(i, line, rec, source, json_dir, opts) for i, line, rec in chunk]
 
 
-def convert_source(file: Path, source: str, opts: ConvertOptions, workers: int) -> Iterator[Converted]:
-    """Convert every record of `file`, yielding results in input order."""
+def convert_source(file: Path, source: str, opts: ConvertOptions, workers: int,
+                   select: range | None = None) -> Iterator[Converted]:
+    """Convert every record of `file` (or those whose index is in `select`), in input order."""
     records = iter(RecordReader(file))
+    if select is not None:
+        records = (r for r in records if r[0] in select)
     if workers <= 1:
         for i, line, rec in records:
             yield convert_record(i, line, rec, source, file.parent, opts)

@@ -25,13 +25,17 @@ import argparse  # noqa: E402
 import fcntl  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import pickle  # noqa: E402
 import re  # noqa: E402
+import shlex  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import IO  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from typing import IO, Any  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
@@ -77,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global seed stored in the manifest for epoch mixing")
     p.add_argument("--force", action="store_true", help="re-convert every source even if unchanged")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    slurm = p.add_argument_group("on SLURM: K array tasks convert a share of every source each, then a "
+                                 "merge job writes the shards (byte-identical to a single-machine run)")
+    slurm.add_argument("--slurm-tasks", type=int, metavar="K", help="submit K array tasks and a merge job")
+    slurm.add_argument("--slurm-args", default="", help='extra sbatch arguments, e.g. "--partition cpu --time 4:00:00"')
+    slurm.add_argument("--wait", action="store_true", help="with --slurm-tasks: block until the merge job ends")
+    slurm.add_argument("--task", metavar="I/K", help=argparse.SUPPRESS)    # run by the array tasks
+    slurm.add_argument("--merge", type=int, metavar="K", help=argparse.SUPPRESS)   # run by the merge job
     return p
 
 
@@ -87,26 +98,33 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --workers and --shard-samples must be >= 1", file=sys.stderr)
         return 2
     try:
+        if args.slurm_tasks:
+            return submit(args)
+        if args.task:
+            return run_task(args)
         return run(args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def run(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
+def _prepare(args: argparse.Namespace) -> tuple[list[SourceSpec], ConvertOptions, dict, dict]:
     specs = parse_data_txt(args.data_txt)
-    out: Path = args.out
     opts = ConvertOptions(media_root=args.media_root.resolve() if args.media_root else None,
                           max_image_pixels=args.max_image_pixels)
     settings = {"converter": __version__, "shard_size": args.shard_size, "shard_samples": args.shard_samples}
-
     # Pass 1 reads every JSON file before anything is written: a syntax error in the last file
     # stops the run now, not hours in, and the fingerprints tell which sources are unchanged.
     scans = {}
     for spec in tqdm(specs, desc="scanning", unit="file", disable=args.quiet or None):
         scans[spec.name] = fingerprint_source(spec.file, spec.name, opts, {**settings, "path": spec.path})
+    return specs, opts, settings, scans
 
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    out: Path = args.out
+    specs, opts, settings, scans = _prepare(args)
     old = _load_previous(out)
     for spec in specs:
         if (out / spec.name).exists() and not _owned(out / spec.name, spec.name):
@@ -154,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
     _join_rejected(out, entries)
     write_atomic(out / MANIFEST, manifest.to_json())
     print_summary(manifest, time.perf_counter() - start, converted_names, out)
+    if args.merge:
+        shutil.rmtree(out / ".tasks", ignore_errors=True)
     lock.close()
     return 0
 
@@ -165,15 +185,22 @@ def _convert(spec: SourceSpec, fingerprint: str, opts: ConvertOptions, args: arg
     writer = ShardWriter(tmp, spec.name, max_bytes=args.shard_size, max_samples=args.shard_samples)
     stats: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
+    results = _task_results(args.out, spec.name, args.merge) if args.merge else \
+        convert_source(spec.file, spec.name, opts, args.workers)
     # Each source keeps its own rejections beside its shards, so a reused source keeps them too.
     with open(tmp / REJECTED, "w", encoding="utf-8") as rejected:
-        for result in convert_source(spec.file, spec.name, opts, args.workers):
+        for result in results:
             bar.update(1)
             if result.members is None:
                 reasons[result.code or "unknown"] += 1
-                rejected.write(json.dumps({"source": spec.path, "index": result.index, "line": result.line,
-                                           "id": result.id, "code": result.code, "reason": result.reason},
-                                          ensure_ascii=False) + "\n")
+                line = {"source": spec.path, "index": result.index, "line": result.line,
+                        "id": result.id, "code": result.code, "reason": result.reason}
+                try:
+                    text = json.dumps(line, ensure_ascii=False)
+                    text.encode()
+                except UnicodeEncodeError:      # an id with an unpaired surrogate: escape it
+                    text = json.dumps(line)
+                rejected.write(text + "\n")
                 continue
             writer.write(result.key, result.members)
             stats.update(images=result.images, videos=result.videos, text_chars=result.text_chars,
@@ -185,6 +212,78 @@ def _convert(spec: SourceSpec, fingerprint: str, opts: ConvertOptions, args: arg
                         videos=stats["videos"], text_chars=stats["text_chars"],
                         media_bytes=stats["media_bytes"], fingerprint=fingerprint, shards=shards)
     return entry
+
+
+# --- conversion as SLURM array tasks ----------------------------------------------------------
+
+
+def _task_dir(out: Path, name: str) -> Path:
+    return out / ".tasks" / name
+
+
+def run_task(args: argparse.Namespace) -> int:
+    """Array task I of K: convert records [I*n/K, (I+1)*n/K) of every source that needs it, into
+    a stream of results the merge job writes into shards in order."""
+    i, k = (int(x) for x in args.task.split("/"))
+    specs, opts, _, scans = _prepare(args)
+    old = _load_previous(args.out)
+    for spec in specs:
+        count, fingerprint = scans[spec.name]
+        if _reusable(old, spec, fingerprint, args.out, args.force) is not None:
+            continue
+        part = _task_dir(args.out, spec.name) / f"part-{i:05d}.pkl"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        tmp = part.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            for result in convert_source(spec.file, spec.name, opts, args.workers,
+                                         select=range(i * count // k, (i + 1) * count // k)):
+                pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, part)
+    return 0
+
+
+def _task_results(out: Path, name: str, k: int) -> Iterator[Any]:
+    for i in range(k):
+        part = _task_dir(out, name) / f"part-{i:05d}.pkl"
+        if not part.is_file():
+            raise DataError(f"{part} is missing: array task {i} of the conversion did not finish; see its log")
+        with open(part, "rb") as f:
+            while True:
+                try:
+                    yield pickle.load(f)     # our own files, written by run_task
+                except EOFError:
+                    break
+
+
+def submit(args: argparse.Namespace) -> int:
+    """Check the inputs here, then submit K array tasks and a merge job depending on them."""
+    k = args.slurm_tasks
+    if k < 1:
+        raise DataError("--slurm-tasks must be >= 1")
+    _prepare(args)                              # fatal input errors now, not in K jobs
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(args.out / ".tasks", ignore_errors=True)
+    passthrough = [str(args.data_txt.resolve()), "--out", str(args.out.resolve()), "--workers", str(args.workers),
+                   "--shard-size", str(args.shard_size), "--shard-samples", str(args.shard_samples),
+                   "--max-image-pixels", str(args.max_image_pixels), "--seed", str(args.seed), "-q",
+                   *(["--media-root", str(args.media_root.resolve())] if args.media_root else []),
+                   *(["--force"] if args.force else [])]
+    script = os.path.abspath(__file__)
+    base = ["sbatch", "--parsable", "--job-name", "mmloom-shard", *shlex.split(args.slurm_args),
+            "--output", str(args.out.resolve() / ".tasks" / "slurm-%A_%a.out")]
+    (args.out / ".tasks").mkdir()
+    command = " ".join(shlex.quote(x) for x in [sys.executable, script, *passthrough])
+    array = subprocess.run([*base, f"--array=0-{k - 1}", "--wrap",
+                            f"{command} --task $SLURM_ARRAY_TASK_ID/{k}"], capture_output=True, text=True)
+    if array.returncode:
+        raise DataError(f"sbatch failed: {array.stderr.strip()}")
+    array_id = array.stdout.strip().split(";")[0]
+    merge = subprocess.run([*base, f"--dependency=afterok:{array_id}", *(["--wait"] if args.wait else []),
+                            "--wrap", f"{command} --merge {k}"], capture_output=True, text=True)
+    if merge.returncode:
+        raise DataError(f"the merge job failed ({merge.stderr.strip()}); see {args.out / '.tasks'}")
+    print(f"array job {array_id} ({k} tasks), merge job {merge.stdout.strip().split(';')[0]}", flush=True)
+    return 0
 
 
 def _load_previous(out: Path) -> Manifest | None:

@@ -149,3 +149,27 @@ def test_a_dead_rank_ends_the_job_quickly(slurm, tiny, stream_shards: Path, tmp_
     text = log(tmp_path)
     assert "rank      : 1 (local_rank: 0)" in text and "SIGKILL" in text, text[-3000:]
     assert not (tmp_path / "run" / "hf").exists()
+
+
+def test_sharding_as_array_tasks_is_byte_identical(slurm, media, tmp_path: Path) -> None:
+    from tests.e2e.test_shard_cli import build_dataset
+
+    data_txt = build_dataset(tmp_path / "data", media)
+    single, spread = tmp_path / "single", tmp_path / "spread"
+    script = str(REPO / "data_tools" / "shard.py")
+    common = ["--workers", "1", "--shard-samples", "4", "-q"]
+    subprocess.run([sys.executable, script, str(data_txt), "--out", str(single), *common], env=slurm, check=True,
+                   capture_output=True, timeout=600)
+    proc = subprocess.run([sys.executable, script, str(data_txt), "--out", str(spread), *common,
+                           "--slurm-tasks", "3", "--wait"], env=slurm, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(3 tasks)" in proc.stdout
+
+    def tree(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and p.name != ".shard.lock"}
+
+    a, b = tree(single), tree(spread)
+    assert sorted(a) == sorted(b) and len([k for k in a if k.endswith(".tar")]) == 12
+    assert all(a[k] == b[k] for k in a)
+    assert not (spread / ".tasks").exists()
