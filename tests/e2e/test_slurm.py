@@ -173,3 +173,28 @@ def test_sharding_as_array_tasks_is_byte_identical(slurm, media, tmp_path: Path)
     assert sorted(a) == sorted(b) and len([k for k in a if k.endswith(".tar")]) == 12
     assert all(a[k] == b[k] for k in a)
     assert not (spread / ".tasks").exists()
+
+
+def test_launch_py_preemption_requeues_and_resumes(slurm, tiny, stream_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "--nodes", "2", "--time", "30",
+                           "--config", str(REPO / "configs" / "tiny-llava.yaml"), f"model.path={tiny('llava')}",
+                           f"data.shards={stream_shards}", f"run.dir={run}", "data.workers=0", "train.steps=8",
+                           "checkpoint.every=2"], env=slurm, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.split()[-1]
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step-2").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], env=slurm, check=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        state, reason = squeue_state(slurm, job)
+        if not state:
+            break
+        if state == "PENDING" and reason == "BeginTime":
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm)
+        time.sleep(1)
+    logs = "".join(p.read_text() for p in (run / "submitit").glob("*_log.*"))
+    assert "preemption signal received" in logs and "resumed from" in logs and '"steps": 8' in logs, logs[-3000:]
+    assert (run / "hf" / "model.safetensors").is_file()
