@@ -37,6 +37,9 @@ runs/tiny-llava/config.json: trainer/models/tiny.py
 	$(RUN) $(BIN)/python -m trainer.models.tiny --family llava --out runs/tiny-llava
 
 test: setup
+	@# The launcher tests start a real SLURM cluster here: Debian's slurm-wlm and munge (root only).
+	@command -v slurmctld >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null)
 	$(BIN)/python -m pytest tests
 
 clean:
