@@ -53,6 +53,20 @@ def squeue_state(env: dict, job: str) -> tuple[str, str]:
     return tuple((out.stdout.split() + ["", ""])[:2])  # type: ignore[return-value]
 
 
+def preempt_and_wait(env: dict, job: str) -> None:
+    """The preemption signal, then wait until the requeued job has finished."""
+    subprocess.run(["scancel", "--signal=USR2", job], env=env, check=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        state, reason = squeue_state(env, job)
+        if not state:
+            return
+        if state == "PENDING" and reason == "BeginTime":
+            # A requeued job waits a while before it may start again; no need to in a test.
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env)
+        time.sleep(1)
+
+
 def test_two_node_job_trains_and_exports(slurm, tiny, stream_shards: Path, tmp_path: Path) -> None:
     sbatch(slurm, tmp_path, tiny, stream_shards, tmp_path / "run")
     text = log(tmp_path)
@@ -71,16 +85,7 @@ def test_preemption_drill_resumes_to_the_same_weights(slurm, tiny, stream_shards
     while not first.exists() and time.time() < deadline:
         time.sleep(0.2)
     assert first.exists(), log(drill)[-4000:]
-    subprocess.run(["scancel", "--signal=USR2", job], env=slurm, check=True)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        state, reason = squeue_state(slurm, job)
-        if not state:
-            break
-        if state == "PENDING" and reason == "BeginTime":
-            # A requeued job waits before it may start again; no need to in a test.
-            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm)
-        time.sleep(1)
+    preempt_and_wait(slurm, job)
     text = log(drill)
     assert "requeueing" in text and "restart 1" in text and "resumed from" in text, text[-4000:]
     a = load_file(straight / "run" / "hf" / "model.safetensors")
@@ -186,15 +191,7 @@ def test_launch_py_preemption_requeues_and_resumes(slurm, tiny, stream_shards: P
     deadline = time.time() + 300
     while not (run / "checkpoints" / "step-2").exists() and time.time() < deadline:
         time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR2", job], env=slurm, check=True)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        state, reason = squeue_state(slurm, job)
-        if not state:
-            break
-        if state == "PENDING" and reason == "BeginTime":
-            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm)
-        time.sleep(1)
+    preempt_and_wait(slurm, job)
     logs = "".join(p.read_text() for p in (run / "submitit").glob("*_log.*"))
     assert "preemption signal received" in logs and "resumed from" in logs and '"steps": 8' in logs, logs[-3000:]
     assert (run / "hf" / "model.safetensors").is_file()
