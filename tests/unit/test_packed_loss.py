@@ -37,7 +37,7 @@ def summed_loss(model, inputs: dict) -> torch.Tensor:
     return F.cross_entropy(logits[:-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum")
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3", "qwen2_5_vl", "llava_next"])
 def test_packed_loss_equals_per_sample_losses(tiny, family: str) -> None:
     torch.manual_seed(0)
     path = tiny(family)
@@ -52,7 +52,7 @@ def test_packed_loss_equals_per_sample_losses(tiny, family: str) -> None:
     assert abs(packed.item() - alone.item()) <= 1e-6 * abs(alone.item()), (packed.item(), alone.item())
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3", "qwen2_5_vl", "llava_next"])
 def test_no_gradient_crosses_packed_samples(tiny, family: str) -> None:
     path = tiny(family)
     adapter = get_adapter(path)
@@ -77,3 +77,32 @@ def test_no_gradient_crosses_packed_samples(tiny, family: str) -> None:
     grad = captured["embeds"].grad[0].abs().sum(-1)
     assert grad[start:end].sum() > 0
     assert grad[:start].sum() == 0 and grad[end:].sum() == 0
+
+
+def test_llava_next_packs_images_with_different_view_counts(tiny) -> None:
+    # A tall crop picks the 672x336 pinpoint (3 views), the photos 672x672 (5 views): packed, the
+    # view dimension is zero-padded as the processor pads it, and the loss is still the per-sample sum.
+    import io
+
+    from trainer.data.render import decode_image
+
+    path = tiny("llava_next")
+    adapter = get_adapter(path)
+    tall = io.BytesIO()
+    decode_image(PHOTOS["img0.jpg"]).crop((0, 0, 140, 427)).save(tall, format="PNG")
+    photos = {**PHOTOS, "tall.png": tall.getvalue()}
+    tall_sample = Sample(key="4", source="s", index=0, turns=[
+        Turn(role="user", parts=[ImagePart(member="tall.png", width=0, height=0, format="", bytes=0),
+                                 TextPart(text="What is it?")]),
+        Turn(role="assistant", parts=[TextPart(text="A strip.")])])
+    rendered = [render_sample(adapter, s, photos) for s in (tall_sample, SAMPLES[0])]
+    assert [r.media["pixel_values"].shape[1] for r in rendered] == [3, 5]
+    pack = collate(adapter, rendered).inputs
+    assert pack["pixel_values"].shape == (2, 5, 3, 336, 336) and pack["pixel_values"][0, 3:].abs().sum() == 0
+    assert pack["image_sizes"].tolist() == [[427, 140], [427, 640]]
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    with torch.no_grad():
+        alone = sum(summed_loss(model, dict(collate(adapter, [r]).inputs)) for r in rendered)
+        packed = summed_loss(model, dict(pack))
+    assert abs(packed.item() - alone.item()) <= 1e-6 * abs(alone.item()), (packed.item(), alone.item())

@@ -13,7 +13,7 @@ from tests.media import SKIMAGE, SKLEARN
 from trainer.data.render import IGNORE, RenderError, decode_image, render_sample, to_messages
 from trainer.models.adapter import get_adapter
 
-FAMILIES = ["llava", "qwen2_vl", "idefics3"]
+FAMILIES = ["llava", "qwen2_vl", "idefics3", "qwen2_5_vl", "llava_next"]
 PHOTOS = {"img0.jpg": (SKLEARN / "china.jpg").read_bytes(), "img1.png": (SKIMAGE / "coffee.png").read_bytes()}
 
 
@@ -90,19 +90,43 @@ def test_media_tensors_match_the_processor(tiny, family: str) -> None:
     assert int((r.input_ids == image_token).sum()) == int((ref["input_ids"] == image_token).sum()) > 0
 
 
-def test_qwen_positions_are_the_models_3d_rope(tiny) -> None:
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_positions_are_the_models_3d_rope(tiny, family: str) -> None:
     from transformers import AutoModelForImageTextToText
 
-    adapter = get_adapter(tiny("qwen2_vl"))
+    adapter = get_adapter(tiny(family))
     sample = SAMPLES["single"]
     r = render_sample(adapter, sample, PHOTOS)
-    model = AutoModelForImageTextToText.from_pretrained(tiny("qwen2_vl"))
+    model = AutoModelForImageTextToText.from_pretrained(tiny(family))
     kinds = torch.zeros_like(r.input_ids)[None]
     kinds[0, r.input_ids == model.config.image_token_id] = 1
     ref, _ = model.model.get_rope_index(r.input_ids[None], kinds, image_grid_thw=r.media["image_grid_thw"])
     assert torch.equal(r.position_ids[1:], ref[:, 0])
     assert torch.equal(r.position_ids[0], torch.arange(r.length))
     assert r.position_ids[1:].max() < r.length - 1          # 3-D rope compresses the image block
+
+
+def test_qwen2_5_vl_video_positions_keep_time(tiny) -> None:
+    # Qwen2.5-VL spaces a video's temporal rope positions by tokens_per_second * second_per_grid_ts:
+    # at 1 frame/s, 2 frames per temporal patch and 2 tokens per second, 4 positions per patch.
+    import numpy as np
+    from transformers import AutoModelForImageTextToText
+
+    adapter = get_adapter(tiny("qwen2_5_vl"))
+    frame = np.asarray(decode_image(PHOTOS["img0.jpg"]).resize((112, 112)))
+    video = np.stack([frame, frame[::-1], frame[:, ::-1], frame])
+    out = adapter.processor(text=["<|vision_start|><|video_pad|><|vision_end|>What?"], videos=[video],
+                            video_metadata=[{"fps": 1, "total_num_frames": 4}], return_tensors="pt")
+    ids, media = out["input_ids"][0], adapter.media_of(out)
+    assert media["second_per_grid_ts"].tolist() == [2.0]
+    positions = adapter.position_ids(ids, media)
+    model = AutoModelForImageTextToText.from_pretrained(tiny("qwen2_5_vl"))
+    ref, _ = model.model.get_rope_index(ids[None], out["mm_token_type_ids"],
+                                        video_grid_thw=media["video_grid_thw"],
+                                        second_per_grid_ts=media["second_per_grid_ts"])
+    assert torch.equal(positions[1:], ref[:, 0])
+    video_t = positions[1, ids == model.config.video_token_id]
+    assert video_t.unique().tolist() == [1, 5]              # after <|vision_start|> at 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

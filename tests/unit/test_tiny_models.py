@@ -20,7 +20,7 @@ from PIL import Image
 
 from trainer.models.tiny import FAMILIES, build_tiny, main
 
-FAMILY_NAMES = ["llava", "qwen2_vl", "idefics3"]
+FAMILY_NAMES = ["llava", "qwen2_vl", "idefics3", "qwen2_5_vl", "llava_next"]
 
 
 def _data_dir(package: str, *parts: str) -> Path:
@@ -38,12 +38,17 @@ SPECIAL_TOKENS = {
                  "<|image_pad|>", "<|video_pad|>"],
     "idefics3": ["<|begin_of_text|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
                  "<global-img>", "<row_1_col_1>", "<row_4_col_3>", "<row_6_col_6>"],
+    "qwen2_5_vl": ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                   "<|image_pad|>", "<|video_pad|>", "<|fim_prefix|>", "<|file_sep|>"],
+    "llava_next": ["<s>", "</s>", "<unk>", "<image>", "<pad>"],
 }
 # (bos, eos, pad, whether plain tokenization prepends bos), as in the real tokenizers.
 TOKENIZER_ROLES = {
     "llava": ("<s>", "</s>", "<pad>", True),
     "qwen2_vl": (None, "<|im_end|>", "<|endoftext|>", False),
     "idefics3": ("<|begin_of_text|>", "<end_of_utterance>", "<|reserved_special_token_0|>", True),
+    "qwen2_5_vl": (None, "<|im_end|>", "<|endoftext|>", False),
+    "llava_next": ("<s>", "</s>", "<pad>", True),
 }
 
 # A system prompt, two turns, two images: the image after the text in turn 1 and before it in turn 2.
@@ -60,13 +65,25 @@ FULL_RENDER = {
                 "Assistant: An astronaut.<end_of_utterance>\n"
                 "User:<image>And this?<end_of_utterance>\n"
                 "Assistant: A palace.<end_of_utterance>\n",
+    "qwen2_5_vl": "<|im_start|>system\nYou are terse.<|im_end|>\n"
+                  "<|im_start|>user\nWhat is this?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
+                  "<|im_start|>assistant\nAn astronaut.<|im_end|>\n"
+                  "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>And this?<|im_end|>\n"
+                  "<|im_start|>assistant\nA palace.<|im_end|>\n",
+    # Mistral instruct: the answer follows " [/INST]" directly; no generation prompt of its own.
+    "llava_next": "<<SYS>>\nYou are terse.\n<</SYS>>\n\n"
+                  "[INST] <image>\nWhat is this? [/INST] An astronaut.</s>"
+                  "[INST] <image>\nAnd this? [/INST] A palace.</s>",
 }
-GENERATION_PROMPT = {"llava": "ASSISTANT:", "qwen2_vl": "<|im_start|>assistant\n", "idefics3": "Assistant:"}
+GENERATION_PROMPT = {"llava": "ASSISTANT:", "qwen2_vl": "<|im_start|>assistant\n", "idefics3": "Assistant:",
+                     "qwen2_5_vl": "<|im_start|>assistant\n", "llava_next": ""}
 # What the model is trained to produce (return_assistant_tokens_mask): answers plus end-of-turn tokens.
 ASSISTANT_TEXT = {
     "llava": " An astronaut.</s> A palace.</s>",
     "qwen2_vl": "An astronaut.<|im_end|>A palace.<|im_end|>",
     "idefics3": " An astronaut.<end_of_utterance> A palace.<end_of_utterance>",
+    "qwen2_5_vl": "An astronaut.<|im_end|>A palace.<|im_end|>",
+    "llava_next": " An astronaut.</s> A palace.</s>",
 }
 
 
@@ -83,19 +100,43 @@ def _idefics3_tiles(height: int, width: int) -> tuple[int, int]:
 
 
 def _qwen2_vl_grid(height: int, width: int) -> tuple[int, int]:
-    """Patch grid from smart_resize with factor 28, min_pixels 56*56, max_pixels 28*28*1280."""
+    """Patch grid from smart_resize with factor 28, min_pixels 56*56, max_pixels 28*28*1280 (Qwen2.5-VL:
+    14*14*4*16384, larger, so the same grid)."""
     h, w = round(height / 28) * 28, round(width / 28) * 28
     assert 56 * 56 <= h * w <= 28 * 28 * 1280  # the test images need no rescaling
     return h // 14, w // 14
+
+
+LLAVA_NEXT_PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
+
+
+def _llava_next_tokens(height: int, width: int) -> int:
+    """AnyRes as the original LLaVA-NeXT code does it: the pinpoint that keeps the most pixels (then
+    wastes the least), 24x24 features per 336-px tile, rows (or columns) of pure padding removed, one
+    newline token per row, plus the 576 tokens of the 336-px base view."""
+    def score(pin: tuple[int, int]) -> tuple[int, int]:
+        scale = min(pin[0] / height, pin[1] / width)
+        kept = min(int(height * scale) * int(width * scale), height * width)
+        return kept, -(pin[0] * pin[1] - kept)
+
+    best = max(LLAVA_NEXT_PINPOINTS, key=score)  # max keeps the first of equals, as the original does
+    rows, cols = best[0] // 336 * 24, best[1] // 336 * 24
+    if width / height > cols / rows:
+        rows -= 2 * ((rows - int(height * cols / width)) // 2)
+    elif width / height < cols / rows:
+        cols -= 2 * ((cols - int(width * rows / height)) // 2)
+    return 576 + rows * (cols + 1)
 
 
 def expected_image_tokens(family: str, image: Image.Image) -> int:
     width, height = image.size
     if family == "llava":
         return (336 // 14) ** 2  # CLS dropped by vision_feature_select_strategy="default"
-    if family == "qwen2_vl":
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         gh, gw = _qwen2_vl_grid(height, width)
         return gh * gw // 4
+    if family == "llava_next":
+        return _llava_next_tokens(height, width)
     rows, cols = _idefics3_tiles(height, width)
     return (rows * cols + 1) * 169  # tiles plus the global image, 169 = (364 / 14) ** 2 / 2 ** 2
 
@@ -192,6 +233,30 @@ def test_geometry_is_the_real_models(built: dict[str, Path]) -> None:
     assert proc.image_processor.max_image_size == {"longest_edge": 364}
     assert proc.image_processor.do_image_splitting
 
+    qwen25 = AutoConfig.from_pretrained(built["qwen2_5_vl"])
+    vision = qwen25.vision_config
+    assert (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size) == (14, 2, 2)
+    assert (vision.window_size, vision.tokens_per_second) == (112, 2)
+    assert vision.fullatt_block_indexes == [vision.depth - 1]  # windowed blocks, then a full-attention one
+    assert vision.out_hidden_size == qwen25.text_config.hidden_size
+    head_dim = qwen25.text_config.hidden_size // qwen25.text_config.num_attention_heads
+    assert [s * 8 for s in qwen25.text_config.rope_parameters["mrope_section"]] == [16, 24, 24]
+    assert sum(qwen25.text_config.rope_parameters["mrope_section"]) == head_dim // 2
+    proc = AutoProcessor.from_pretrained(built["qwen2_5_vl"])
+    assert type(proc).__name__ == "Qwen2_5_VLProcessor"
+    assert proc.image_processor.size == {"shortest_edge": 3136, "longest_edge": 12845056}
+    assert (proc.image_processor.merge_size, proc.video_processor.merge_size) == (2, 2)
+
+    nxt = AutoConfig.from_pretrained(built["llava_next"])
+    assert (nxt.vision_config.image_size, nxt.vision_config.patch_size) == (336, 14)
+    assert (nxt.vision_feature_select_strategy, nxt.vision_feature_layer) == ("default", -2)
+    assert nxt.image_grid_pinpoints == [list(p) for p in LLAVA_NEXT_PINPOINTS]
+    assert nxt.text_config.model_type == "mistral" and nxt.text_config.sliding_window is None
+    proc = AutoProcessor.from_pretrained(built["llava_next"])
+    assert (proc.patch_size, proc.num_additional_image_tokens) == (14, 1)
+    assert proc.image_processor.crop_size == {"height": 336, "width": 336}
+    assert proc.image_processor.image_grid_pinpoints == [list(p) for p in LLAVA_NEXT_PINPOINTS]
+
     for path in built.values():
         config = AutoConfig.from_pretrained(path)
         assert config.text_config.hidden_size <= 64 and config.text_config.num_hidden_layers <= 2
@@ -229,6 +294,10 @@ def test_chat_template_variants(built: dict[str, Path]) -> None:
                     "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n",
         "idefics3": "<|begin_of_text|>User: Hi<end_of_utterance>\nAssistant: Hello.<end_of_utterance>\n"
                     "User: ab<end_of_utterance>\nAssistant:",
+        "qwen2_5_vl": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                      "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+                      "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n",
+        "llava_next": "[INST] Hi [/INST] Hello.</s>[INST] a b [/INST]",
     }
     for family, text in expected.items():
         proc = AutoProcessor.from_pretrained(built[family])
@@ -261,7 +330,7 @@ def test_processor_and_model_on_real_images(family: str, built: dict[str, Path],
     assert n_image == expected_image_tokens(family, astronaut) + expected_image_tokens(family, china)
     if family == "llava":
         assert n_image == 2 * 576
-    if family == "qwen2_vl":
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         assert out["image_grid_thw"].tolist() == [[1, 36, 36], [1, 30, 46]]
         assert n_image == int(out["image_grid_thw"].prod(-1).sum()) // 4
     if family == "idefics3":
@@ -271,6 +340,12 @@ def test_processor_and_model_on_real_images(family: str, built: dict[str, Path],
         assert count("<global-img>") == 2 and count("<row_4_col_4>") == 1 and count("<row_3_col_4>") == 2
         assert count("<fake_token_around_image>") == (16 + 2) + (12 + 2)
         assert out["pixel_values"].shape[:2] == (1, 17 + 13)
+    if family == "llava_next":
+        # Both pick the 672x672 pinpoint: a base view and 4 tiles. The square astronaut keeps all 48x48
+        # features; china (640x427) keeps 32 of 48 rows.
+        assert _llava_next_tokens(512, 512) == 576 + 48 * 49 and _llava_next_tokens(427, 640) == 576 + 32 * 49
+        assert out["pixel_values"].shape == (2, 5, 3, 336, 336)
+        assert out["image_sizes"].tolist() == [[512, 512], [427, 640]]
     bos = proc.tokenizer.bos_token_id
     if bos is not None:
         assert ids[0] == bos and int((ids == bos).sum()) == 1
@@ -283,8 +358,9 @@ def test_processor_and_model_on_real_images(family: str, built: dict[str, Path],
     assert torch.isfinite(loss) and 0 < loss.item() < 20
 
 
-def test_qwen2_vl_video(built: dict[str, Path], images) -> None:
-    proc, model = _load(built["qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen2_vl_video(family: str, built: dict[str, Path], images) -> None:
+    proc, model = _load(built[family])
     frame = np.asarray(images[0].resize((112, 112)))
     video = np.stack([frame, frame[::-1], frame[:, ::-1], frame])  # 4 frames -> 2 temporal patches
     messages = [

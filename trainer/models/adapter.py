@@ -194,7 +194,8 @@ class ModelAdapter:
 
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}
-FAMILY_MODULES = ("trainer.models.llava", "trainer.models.qwen2_vl", "trainer.models.idefics3")
+FAMILY_MODULES = ("trainer.models.llava", "trainer.models.qwen2_vl", "trainer.models.idefics3",
+                  "trainer.models.qwen2_5_vl", "trainer.models.llava_next")
 
 
 def register(cls: type[ModelAdapter]) -> type[ModelAdapter]:

@@ -130,6 +130,32 @@ IDEFICS3_CHAT_TEMPLATE = _join(
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}",
 )
 
+# llava-v1.6-mistral-7b-hf (Mistral instruct): "<s>[INST] <image>\nQ [/INST] A</s>[INST] Q2 [/INST]".
+# A system prompt goes before the first [INST] as "<<SYS>>\n...\n<</SYS>>\n\n", images of a message
+# come first ("<image>\n" each), then its text parts joined by a space. llava-hf's published template
+# writes the end of an answer as the text "<\s> " (a typo for </s>); this one writes the EOS token, as
+# the model was trained.
+LLAVA_NEXT_CHAT_TEMPLATE = _join(
+    "{% macro body(content) %}",
+    "  {% if content is string %}{{ content }}{% else %}",
+    "    {% if content | selectattr('type', 'equalto', 'video') | list %}",
+    "      {{ raise_exception('llava-v1.6 takes no videos; send frames as images') }}",
+    "    {% endif %}",
+    "    {{ '<image>\\n' * (content | selectattr('type', 'equalto', 'image') | list | length) }}",
+    "    {{ content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}",
+    "  {% endif %}",
+    "{% endmacro %}",
+    "{% for message in messages %}",
+    "  {% if message['role'] == 'system' %}",
+    "    {{ '<<SYS>>\\n' + body(message['content']) + '\\n<</SYS>>\\n\\n' }}",
+    "  {% elif message['role'] == 'user' %}{{ '[INST] ' + body(message['content']) + ' [/INST]' }}",
+    "  {% elif message['role'] == 'assistant' %}",
+    "    {% generation %}{{ ' ' + body(message['content']) + '</s>' }}{% endgeneration %}",
+    "  {% else %}{{ raise_exception('llava-v1.6 has no role ' + message['role']) }}",
+    "  {% endif %}",
+    "{% endfor %}",
+)
+
 # ------------------------------------------------------------------------------------------------
 # Tokenizers: a small byte-level BPE learned from text generated here, with each family's special
 # tokens registered as single special tokens at the same relative places as in the real vocabulary.
@@ -410,10 +436,108 @@ def _idefics3():
     return config, processor
 
 
+# Qwen2.5-VL adds tool-call and fill-in-the-middle tokens after Qwen2-VL's, in this order.
+QWEN2_5_VL_TOKENS = TokenizerSpec(
+    pattern=QWEN2_PATTERN,
+    tail=(*QWEN2_VL_TOKENS.tail, "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+          "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"),
+    bos=None, eos="<|im_end|>", pad="<|endoftext|>", add_bos=False,
+)
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def _qwen2_5_vl():
+    """Qwen/Qwen2.5-VL-7B-Instruct: 14-px patches, 2x2 merge, 2-frame temporal patches, windowed ViT."""
+    # 112-px attention windows in the vision tower; 3-D mrope with absolute time (2 rope steps per
+    # second of video).
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
+                              Qwen2VLVideoProcessor)
+
+    tokenizer = build_tokenizer(QWEN2_5_VL_TOKENS)
+    geometry = dict(patch_size=14, temporal_patch_size=2, merge_size=2, image_mean=CLIP_MEAN,
+                    image_std=CLIP_STD)
+    # Pixel limits of the published preprocessor_config.json (3B and 7B alike).
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=14 * 14 * 4 * 16384, **geometry)
+    video_processor = Qwen2VLVideoProcessor(cap_pixels_per_frame=True, **geometry)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,  # Qwen2.5-VL-Instruct ships Qwen2-VL's template unchanged
+    )
+    width = dict(TEXT_WIDTH)
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=_padded_vocab(tokenizer), max_position_embeddings=128000, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                             "mrope_section": _scaled_mrope(width.pop("head_dim"))},
+            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+            pad_token_id=ids("<|endoftext|>"), use_sliding_window=False, **width,
+        ),
+        # The real tower has 32 blocks with full attention in every 8th (7, 15, 23, 31) and windowed
+        # attention elsewhere; two blocks keep one of each.
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=width["hidden_size"],
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+            fullatt_block_indexes=[1], tokens_per_second=2, hidden_act="silu",
+        ),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,  # as the 7B checkpoint (the 3B ties them)
+    )
+    return config, processor
+
+
+# Mistral-7B-Instruct-v0.2's SentencePiece vocabulary with llava-hf's <image> (32000) and <pad> (32001).
+LLAVA_NEXT_TOKENS = LLAVA_TOKENS
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _llava_next():
+    """llava-hf/llava-v1.6-mistral-7b-hf: AnyRes 336-px views (base + tiles), CLIP ViT-L/14-336, Mistral."""
+    # AnyRes: a 336-px base view plus the 336-px tiles of the best of five grid pinpoints (up to 672x672
+    # or 1008x336); tile features lose rows or columns of pure padding and get a newline token per row.
+    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextImageProcessor, LlavaNextProcessor,
+                              MistralConfig)
+
+    tokenizer = build_tokenizer(LLAVA_NEXT_TOKENS)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_center_crop=True, resample=3,
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, do_pad=True, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=LLAVA_NEXT_CHAT_TEMPLATE,
+    )
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=336, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, projection_dim=32, hidden_act="quick_gelu",
+        ),
+        text_config=MistralConfig(
+            vocab_size=_padded_vocab(tokenizer), max_position_embeddings=32768, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, sliding_window=None,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **TEXT_WIDTH,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        image_seq_length=576,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+        use_image_newline_parameter=True,
+    )
+    return config, processor
+
+
 FAMILIES: dict[str, Callable[[], tuple[object, object]]] = {
     "llava": _llava,
     "qwen2_vl": _qwen2_vl,
     "idefics3": _idefics3,
+    "qwen2_5_vl": _qwen2_5_vl,
+    "llava_next": _llava_next,
 }
 
 
