@@ -20,6 +20,10 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_types = ("llava_next",)
     media_keys = ("pixel_values", "image_sizes")
+    # The learned row-end embedding appended to tile features belongs with the projector (trained in
+    # stage 1 alongside it), not with the language model.
+    group_patterns = (("projector", (*LlavaAdapter.group_patterns[0][1], "image_newline")),
+                      *LlavaAdapter.group_patterns[1:])
 
     def collate_media(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Concatenate images of segments or packed samples, zero-padding the view dimension as the
