@@ -62,6 +62,7 @@ class TrainJob:
     def __init__(self, config: str, overrides: list[str], gpus_per_node: int) -> None:
         self.config, self.overrides, self.gpus_per_node = config, overrides, gpus_per_node
         self.proc: subprocess.Popen | None = None
+        self.marker: Path | None = None
 
     def __call__(self) -> int:
         import submitit
@@ -71,7 +72,12 @@ class TrainJob:
         cmd = torchrun_command(self.config, self.overrides, env.num_nodes, max(1, self.gpus_per_node), env.node,
                                f"{head_address()}:{port}", env.job_id)
         print(f"node {env.node}/{env.num_nodes}: {' '.join(cmd)}", flush=True)
-        self.proc = subprocess.Popen(cmd, cwd=REPO, preexec_fn=_ignore_usr2)
+        # The trainer leaves this file when it checkpointed because of the signal; only then is
+        # the job requeued (a signal arriving after training finished must not restart it).
+        self.marker = Path(os.environ.get("SLURM_SUBMIT_DIR", ".")) / f".mmloom-requeue-{env.job_id}"
+        self.marker.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, preexec_fn=_ignore_usr2,
+                                     env={**os.environ, "MMLOOM_REQUEUE_FILE": str(self.marker)})
         # poll, not wait(): submitit's signal handler calls checkpoint(), which polls too, and
         # Popen.wait holds a lock that a handler running on top of it could never take.
         while self.proc.poll() is None:
@@ -87,6 +93,9 @@ class TrainJob:
         deadline = time.time() + 600
         while self.proc is not None and self.proc.poll() is None and time.time() < deadline:
             time.sleep(1)
+        if self.marker is None or not self.marker.exists():
+            return None                         # finished (or failed) anyway: do not requeue
+        self.marker.unlink()
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides, self.gpus_per_node))
 
 

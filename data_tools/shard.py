@@ -278,7 +278,9 @@ def submit(args: argparse.Namespace) -> int:
     if array.returncode:
         raise DataError(f"sbatch failed: {array.stderr.strip()}")
     array_id = array.stdout.strip().split(";")[0]
-    merge = subprocess.run([*base, f"--dependency=afterok:{array_id}", *(["--wait"] if args.wait else []),
+    # kill-on-invalid-dep: if a task fails, the merge job ends (FAILED) instead of pending forever.
+    merge = subprocess.run([*base, f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes",
+                            *(["--wait"] if args.wait else []),
                             "--wrap", f"{command} --merge {k}"], capture_output=True, text=True)
     if merge.returncode:
         raise DataError(f"the merge job failed ({merge.stderr.strip()}); see {args.out / '.tasks'}")

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint, or None."""
+    """The newest complete checkpoint, or None; rank 0 decides for all (shared filesystems can
+    show ranks different directory listings for a moment)."""
     root = Path(run_dir) / "checkpoints"
     found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP.fullmatch(p.name)) and p.is_dir()]
-    return max(found)[1] if found else None
+    choice = [str(max(found)[1]) if found else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] else None
+
+
+def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state of the trained parameters only: frozen weights come from the base
+    checkpoint (a LoRA checkpoint holds the adapters, not 7B frozen weights, and QLoRA's packed
+    4-bit tensors are not DCP material)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    trainable = {n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+                 for n, p in model.named_parameters() if p.requires_grad}
+    model_sd = {k: v for k, v in model_sd.items() if k in trainable}
+    return model_sd, optim_sd
 
 
 def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -66,7 +81,7 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _trainable_state(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save({**extra, "rng": rng_state()}, tmp / f"rank{rank}.pt")
     _barrier()
@@ -85,13 +100,14 @@ def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model, optimizer and RNG from `path`; returns this rank's extra state."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _trainable_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     # A fresh optimizer lists state for every trainable parameter; a saved one only for those that
     # ever had a gradient (LLaVA never uses its vision tower's last layer). The rest keep the fresh
     # zero state, which AdamW never touches while they get no gradient.
     dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
     rank_file = path / f"rank{rank}.pt"
     if not rank_file.exists():
         raise FileNotFoundError(f"{rank_file} missing: resume with the same number of ranks the checkpoint has")

@@ -130,6 +130,9 @@ class FinetuneConfig:
             self.freeze_vision, self.freeze_projector, self.freeze_llm = True, False, False
         if self.method == "full" and self.freeze_vision and self.freeze_projector and self.freeze_llm:
             raise ValueError("finetune.freeze_* freeze everything: nothing would train")
+        if self.method != "full" and self.lora.vision and self.freeze_vision:
+            raise ValueError("finetune.lora.vision=true puts LoRA on the vision tower, but finetune.freeze_vision=true "
+                             "freezes it: set finetune.freeze_vision=false")
 
 
 @dataclass(kw_only=True)

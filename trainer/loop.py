@@ -82,7 +82,7 @@ class Trainer:
             self.eval_loader = build_loader(eval_cfg, self.adapter, cfg.train.seed, rank, world)
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches_in_epoch": 0,
                                       "samples": 0, "tokens": 0, "skipped_steps": 0}
-        self.metrics = Metrics(self.run_dir / "tb", enabled=rank == 0)
+        self.metrics: Metrics | None = None
         self.total_steps = cfg.train.steps
         self.batches: EpochBatches | None = None
         self.resumed_exhausted = False
@@ -103,6 +103,10 @@ class Trainer:
         self.resumed_exhausted = extra["data_exhausted"]
         self.resumed_skips = extra.get("data_skips", {})
         self.total_steps = extra["total_steps"]
+        if self.cfg.train.steps and self.cfg.train.steps != self.total_steps:
+            logger.warning("train.steps is now %d (the checkpoint planned %d): the schedule follows the new value",
+                           self.cfg.train.steps, self.total_steps)
+            self.total_steps = self.cfg.train.steps
         return True
 
     def save(self) -> None:
@@ -138,12 +142,15 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         resumed = self.resume()
+        # A resumed run continues the same curves; points after the checkpoint are replaced.
+        self.metrics = Metrics(self.run_dir / "tb", enabled=self.rank == 0, purge_step=self.state["step"] + 1)
         if not self.total_steps:
             self.total_steps = self.estimate_steps() if cfg.optim.schedule != "constant" else 0
         bar = tqdm(total=self.total_steps or None, initial=self.state["step"], disable=self.rank != 0,
                    desc="train", unit="step", dynamic_ncols=True)
         losses: list[float] = []
         done = preempted = False
+        skipped_in_a_row = 0
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGUSR2, self._on_preempt)
         while not done:
@@ -163,9 +170,15 @@ class Trainer:
                 if not packs:
                     break
                 loss = self.step(packs, wait)
-                if loss is not None:
-                    losses.append(loss)
-                    bar.set_postfix(loss=f"{loss:.4f}")
+                if loss is None:
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row >= 20:
+                        raise FloatingPointError("20 steps in a row had a non-finite loss or gradient; "
+                                                 "lower optim.lr or check the data")
+                    continue                    # no step was taken: nothing to evaluate or save
+                skipped_in_a_row = 0
+                losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.4f}")
                 bar.update(1)
                 if self.eval_loader is not None and cfg.train.eval_every and \
                         self.state["step"] % cfg.train.eval_every == 0:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 
 class Metrics:
-    def __init__(self, log_dir: str | Path, enabled: bool) -> None:
+    def __init__(self, log_dir: str | Path, enabled: bool, purge_step: int | None = None) -> None:
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             # Same directory across restarts: a resumed run continues the same curves.
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:

@@ -100,6 +100,10 @@ def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Bu
     model.train()                             # from_pretrained returns eval mode: no dropout
     if hasattr(model, "config"):
         model.config.use_cache = False
+    # Rank 0's full weights, keyed as the state dict of the sharded model will be: before
+    # checkpoint wrappers and torch.compile rename modules.
+    full = model.state_dict() if rank == 0 and mesh is not None and not quantized else None
+    buffers = _non_persistent_buffers(model) if mesh is not None else []
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if cfg.train.compile and device.type == "cuda":
         apply_compile(model)
@@ -107,8 +111,6 @@ def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Bu
         return Built(model=model.to(device), mesh=None, device=device, compute_dtype=dtype)
 
     ignored = {p for n, p in model.named_parameters() if quantized and _is_quantized(p)}
-    full = model.state_dict() if rank == 0 and not quantized else None
-    buffers = _non_persistent_buffers(model)
     apply_fsdp(model, mesh, param_dtype=dtype, ignored=ignored)
     _sum_gradients(model)
     if not quantized:
@@ -116,7 +118,7 @@ def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Bu
         set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True,
                                                                           broadcast_from_rank0=True))
         for name in buffers:                    # not in the state dict: rank 0's are the truth
-            buf = model.get_buffer(name)
+            buf = _get_buffer(model, name)
             dist.broadcast(buf.data, src=0)
     return Built(model=model, mesh=mesh, device=device, compute_dtype=dtype)
 
@@ -138,6 +140,13 @@ def _non_persistent_buffers(model: nn.Module) -> list[str]:
         for b in getattr(module, "_non_persistent_buffers_set", ()):
             names.append(f"{mod_name}.{b}" if mod_name else b)
     return names
+
+
+def _get_buffer(model: nn.Module, name: str) -> torch.Tensor:
+    # The name was taken before wrapping: look through checkpoint wrappers and compiled modules.
+    by_plain = {n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): b
+                for n, b in model.named_buffers()}
+    return by_plain[name]
 
 
 def _is_quantized(p: nn.Parameter) -> bool:

@@ -169,3 +169,21 @@ def test_bad_config_fails_before_any_heavy_work(tiny, tmp_path: Path, override: 
                            f"data.shards={tmp_path}", override], cwd=REPO, env=ENV, capture_output=True, text=True)
     assert proc.returncode == 2 and words in proc.stderr
     assert time.time() - start < 30
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_and_qlora_resume_bitwise_with_dropout(tiny, overfit_shards: Path, tmp_path: Path, method: str) -> None:
+    import shutil
+
+    extra = ["train.steps=6", "checkpoint.every=3", f"finetune.method={method}", "finetune.lora.dropout=0.1",
+             "optim.lr=1e-3"]
+    train(command(tiny, overfit_shards, tmp_path / "a", *extra))
+    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns("hf", "step-6"))
+    resumed = train(command(tiny, overfit_shards, tmp_path / "b", *extra))
+    assert resumed["resumed"] and resumed["steps"] == 6
+    a = load_file(tmp_path / "a" / "hf" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "hf" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Checkpoints hold what trains, not the frozen base.
+    ckpt = sum(f.stat().st_size for f in (tmp_path / "a" / "checkpoints" / "step-6").glob("*.distcp"))
+    assert ckpt < (Path(tiny("llava")) / "model.safetensors").stat().st_size

@@ -207,16 +207,21 @@ class _StreamIter:
 
 def _ignore_preemption(worker_id: int) -> None:
     # SIGUSR2 is for the training process (checkpoint, then exit); a worker must not die of it.
+    # The parent blocks it while starting workers (see EpochBatches), so none arrives before this.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
 
 
 def build_loader(cfg: DataConfig, adapter: ModelAdapter, seed: int, rank: int = 0, world: int = 1) -> StatefulDataLoader:
     """A StatefulDataLoader yielding this rank's packs (batch_size=None: packing made the batch)."""
     dataset = PackedStream(cfg, adapter, seed, rank, world)
+    # Its own generator: each iter() of a DataLoader otherwise draws a seed from the global torch
+    # RNG, and a resumed run (fewer iter() calls) would then see other dropout masks.
     return StatefulDataLoader(dataset, batch_size=None, num_workers=cfg.workers,
                               multiprocessing_context="spawn" if cfg.workers else None,
                               prefetch_factor=2 if cfg.workers else None,
-                              worker_init_fn=_ignore_preemption if cfg.workers else None)
+                              worker_init_fn=_ignore_preemption if cfg.workers else None,
+                              generator=torch.Generator().manual_seed(seed))
 
 
 class SkipLimitExceeded(RuntimeError):
@@ -246,7 +251,13 @@ class EpochBatches:
         self.steps = 0
 
     def __iter__(self) -> Iterator[Pack]:
-        it = iter(self.loader) if not self.exhausted else iter(())
+        # Workers start with the parent's signal mask: keep SIGUSR2 blocked until they have set it
+        # to ignored, else one arriving during their start-up would kill them.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        try:
+            it = iter(self.loader) if not self.exhausted else iter(())
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         while True:
             pack, error = None, None
             while not self.exhausted and pack is None and error is None:
