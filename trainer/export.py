@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,7 +28,13 @@ def export(model: nn.Module, adapter: ModelAdapter, cfg: Config, out: Path, merg
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        _write(state, adapter, cfg, out, merge)
+        # Written aside and renamed: a killed export never leaves a plausible half in `out`.
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _write(state, adapter, cfg, tmp, merge)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        logger.info("exported to %s", out)
     if dist.is_initialized():
         dist.barrier()
     return out if rank == 0 else None
@@ -56,7 +63,7 @@ def _write(state: dict[str, torch.Tensor], adapter: ModelAdapter, cfg: Config, o
             merged.save_pretrained(out / "merged")
             adapter.processor.save_pretrained(out / "merged")
     adapter.processor.save_pretrained(out)
-    logger.info("exported %s to %s", cfg.finetune.method, out)
+    logger.info("exported %s", cfg.finetune.method)
 
 
 def _check(missing: list[str], unexpected: list[str], model: nn.Module) -> None:
