@@ -9,8 +9,6 @@ within each image's own patch grid, so concatenating the images of packed sample
 
 from __future__ import annotations
 
-import types
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -26,22 +24,10 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     media_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                   "second_per_grid_ts")
 
-    @cached_property
-    def _rope(self) -> Any:
+    def _model_class(self) -> Any:
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
-        stub = types.SimpleNamespace(config=self.config)
-        stub.get_vision_position_ids = types.MethodType(Qwen2_5_VLModel.get_vision_position_ids, stub)
-        return types.MethodType(Qwen2_5_VLModel.get_rope_index, stub)
+        return Qwen2_5_VLModel
 
-    def position_ids(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
-        text = torch.arange(input_ids.shape[0], dtype=torch.int64)
-        if "image_grid_thw" not in media and "video_grid_thw" not in media:
-            return text.expand(4, -1).clone()
-        kinds = torch.zeros_like(input_ids, dtype=torch.int32)
-        kinds[input_ids == self.config.image_token_id] = 1
-        kinds[input_ids == self.config.video_token_id] = 2
-        rope, _ = self._rope(input_ids[None], kinds[None], image_grid_thw=media.get("image_grid_thw"),
-                             video_grid_thw=media.get("video_grid_thw"),
-                             second_per_grid_ts=media.get("second_per_grid_ts"))
-        return torch.cat([text[None], rope[:, 0]], dim=0)
+    def _rope_kwargs(self, media: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {**super()._rope_kwargs(media), "second_per_grid_ts": media.get("second_per_grid_ts")}

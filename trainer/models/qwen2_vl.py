@@ -26,14 +26,21 @@ class Qwen2VLAdapter(ModelAdapter):
     media_token_pattern = r"<\|vision_(start|end)\|>"
     rope_dims = 4
 
-    @cached_property
-    def _rope(self) -> Any:
+    def _model_class(self) -> Any:
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
+        return Qwen2VLModel
+
+    def _rope_kwargs(self, media: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"image_grid_thw": media.get("image_grid_thw"), "video_grid_thw": media.get("video_grid_thw")}
+
+    @cached_property
+    def _rope(self) -> Any:
         # The model's rope-index code needs only the config: run it on a stand-in, no weights.
+        model_class = self._model_class()
         stub = types.SimpleNamespace(config=self.config)
-        stub.get_vision_position_ids = types.MethodType(Qwen2VLModel.get_vision_position_ids, stub)
-        return types.MethodType(Qwen2VLModel.get_rope_index, stub)
+        stub.get_vision_position_ids = types.MethodType(model_class.get_vision_position_ids, stub)
+        return types.MethodType(model_class.get_rope_index, stub)
 
     def position_ids(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
         text = torch.arange(input_ids.shape[0], dtype=torch.int64)
@@ -42,8 +49,7 @@ class Qwen2VLAdapter(ModelAdapter):
         kinds = torch.zeros_like(input_ids, dtype=torch.int32)
         kinds[input_ids == self.config.image_token_id] = 1
         kinds[input_ids == self.config.video_token_id] = 2
-        rope, _ = self._rope(input_ids[None], kinds[None], image_grid_thw=media.get("image_grid_thw"),
-                             video_grid_thw=media.get("video_grid_thw"))
+        rope, _ = self._rope(input_ids[None], kinds[None], **self._rope_kwargs(media))
         return torch.cat([text[None], rope[:, 0]], dim=0)
 
     def model_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,

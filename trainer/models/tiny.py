@@ -300,6 +300,33 @@ TEXT_WIDTH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   num_key_value_heads=2, head_dim=16, initializer_range=0.2)
 
 
+def _qwen_text_config(tokenizer, max_positions: int) -> dict:
+    """The Qwen2 language model of Qwen2-VL and Qwen2.5-VL: ChatML ids, 3-D rope sections."""
+    width = dict(TEXT_WIDTH)
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(
+        vocab_size=_padded_vocab(tokenizer), max_position_embeddings=max_positions, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                         "mrope_section": _scaled_mrope(width.pop("head_dim"))},
+        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"), use_sliding_window=False, **width,
+    )
+
+
+def _qwen_media_ids(tokenizer) -> dict:
+    ids = tokenizer.convert_tokens_to_ids
+    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+
+
+def _clip_336_tower():
+    """CLIP ViT-L/14 at 336 px (LLaVA-1.5 and LLaVA-NeXT), 2 layers of width 32."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=2, num_attention_heads=2, projection_dim=32, hidden_act="quick_gelu")
+
+
 def _padded_vocab(tokenizer) -> int:
     # Real checkpoints pad the embedding table (llava: 32064); a multiple of 64 keeps that habit.
     return -(-len(tokenizer) // 64) * 64
@@ -313,12 +340,12 @@ LLAVA_TOKENS = TokenizerSpec(
 
 def _llava():
     """llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 (24x24 = 576 tokens per image), Llama text model."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+    from transformers import CLIPImageProcessor, LlamaConfig, LlavaConfig, LlavaProcessor
 
     tokenizer = build_tokenizer(LLAVA_TOKENS)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_center_crop=True, resample=3,
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+        image_mean=CLIP_MEAN, image_std=CLIP_STD,
     )
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
@@ -326,10 +353,7 @@ def _llava():
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            image_size=336, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, projection_dim=32, hidden_act="quick_gelu",
-        ),
+        vision_config=_clip_336_tower(),
         text_config=LlamaConfig(
             vocab_size=_padded_vocab(tokenizer), max_position_embeddings=4096, rms_norm_eps=1e-5,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -375,22 +399,13 @@ def _qwen2_vl():
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
-    width = dict(TEXT_WIDTH)
-    ids = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=_padded_vocab(tokenizer), max_position_embeddings=32768, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                             "mrope_section": _scaled_mrope(width.pop("head_dim"))},
-            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-            pad_token_id=ids("<|endoftext|>"), use_sliding_window=False, **width,
-        ),
+        text_config=_qwen_text_config(tokenizer, max_positions=32768),
         vision_config=dict(
-            depth=2, embed_dim=32, hidden_size=width["hidden_size"], mlp_ratio=4, num_heads=2,
+            depth=2, embed_dim=32, hidden_size=TEXT_WIDTH["hidden_size"], mlp_ratio=4, num_heads=2,
             patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
         ),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        **_qwen_media_ids(tokenizer),
         tie_word_embeddings=True,  # as the 2B checkpoint
     )
     return config, processor
@@ -464,25 +479,16 @@ def _qwen2_5_vl():
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
         chat_template=QWEN2_VL_CHAT_TEMPLATE,  # Qwen2.5-VL-Instruct ships Qwen2-VL's template unchanged
     )
-    width = dict(TEXT_WIDTH)
-    ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=_padded_vocab(tokenizer), max_position_embeddings=128000, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                             "mrope_section": _scaled_mrope(width.pop("head_dim"))},
-            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-            pad_token_id=ids("<|endoftext|>"), use_sliding_window=False, **width,
-        ),
+        text_config=_qwen_text_config(tokenizer, max_positions=128000),
         # The real tower has 32 blocks with full attention in every 8th (7, 15, 23, 31) and windowed
         # attention elsewhere; two blocks keep one of each.
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=width["hidden_size"],
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT_WIDTH["hidden_size"],
             patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
             fullatt_block_indexes=[1], tokens_per_second=2, hidden_act="silu",
         ),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        **_qwen_media_ids(tokenizer),
         tie_word_embeddings=False,  # as the 7B checkpoint (the 3B ties them)
     )
     return config, processor
@@ -497,8 +503,7 @@ def _llava_next():
     """llava-hf/llava-v1.6-mistral-7b-hf: AnyRes 336-px views (base + tiles), CLIP ViT-L/14-336, Mistral."""
     # AnyRes: a 336-px base view plus the 336-px tiles of the best of five grid pinpoints (up to 672x672
     # or 1008x336); tile features lose rows or columns of pure padding and get a newline token per row.
-    from transformers import (CLIPVisionConfig, LlavaNextConfig, LlavaNextImageProcessor, LlavaNextProcessor,
-                              MistralConfig)
+    from transformers import LlavaNextConfig, LlavaNextImageProcessor, LlavaNextProcessor, MistralConfig
 
     tokenizer = build_tokenizer(LLAVA_NEXT_TOKENS)
     image_processor = LlavaNextImageProcessor(
@@ -511,10 +516,7 @@ def _llava_next():
         chat_template=LLAVA_NEXT_CHAT_TEMPLATE,
     )
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            image_size=336, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, projection_dim=32, hidden_act="quick_gelu",
-        ),
+        vision_config=_clip_336_tower(),
         text_config=MistralConfig(
             vocab_size=_padded_vocab(tokenizer), max_position_embeddings=32768, rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, sliding_window=None,
