@@ -46,3 +46,11 @@ def stream_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.pipeline_data import build_shards
 
     return build_shards(tmp_path_factory.mktemp("stream"))
+
+
+@pytest.fixture(scope="session")
+def overfit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four samples (two photographs, two text-only) a tiny model can memorise."""
+    from tests.pipeline_data import build_overfit_shards
+
+    return build_overfit_shards(tmp_path_factory.mktemp("overfit"))

@@ -21,13 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def overfit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.pipeline_data import build_overfit_shards
-
-    return build_overfit_shards(tmp_path_factory.mktemp("overfit"))
-
-
 def command(tiny, shards: Path, run_dir: Path, *extra: str, ranks: int = 1) -> list[str]:
     args = ["-m", "trainer.train", f"model.path={tiny('llava')}", f"data.shards={shards}", f"run.dir={run_dir}",
             "data.workers=0", "data.packing.max_tokens=2048", "optim.schedule=constant", "optim.lr=1e-2",

@@ -12,8 +12,9 @@ from data_tools.sample import ImagePart, Sample, TextPart, Turn
 from tests.media import SKIMAGE, SKLEARN
 from trainer.data.render import IGNORE, RenderError, decode_image, render_sample, to_messages
 from trainer.models.adapter import get_adapter
+from trainer.models.tiny import FAMILIES as TINY_FAMILIES
 
-FAMILIES = ["llava", "qwen2_vl", "idefics3", "qwen2_5_vl", "llava_next"]
+FAMILIES = sorted(TINY_FAMILIES)
 PHOTOS = {"img0.jpg": (SKLEARN / "china.jpg").read_bytes(), "img1.png": (SKIMAGE / "coffee.png").read_bytes()}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import pkgutil
 import re
 from functools import cached_property
 from pathlib import Path
@@ -35,6 +36,15 @@ class ModelAdapter:
         ("projector", ("multi_modal_projector.", "connector.", "visual.merger.", "mm_projector.", "merger.")),
         ("vision", ("vision_tower.", "visual.", "vision_model.", "vision_encoder.", "image_encoder.")),
     )
+
+    # What the family supports, read by `python -m trainer.models --list` (the README's table).
+    example: ClassVar[str] = ""              # a real Hugging Face checkpoint of the family
+    multi_image: ClassVar[bool] = True       # several images in one sample
+    video: ClassVar[str] = ""                # "native" (the model takes videos), "frames" (sampled frames
+                                             # become images), "" (videos are skipped, counted)
+    packing: ClassVar[bool] = True           # several samples in one sequence with exact per-sample loss
+    lora_vision: ClassVar[bool] = True       # finetune.lora.vision=true
+    qlora: ClassVar[bool] = True             # finetune.method=qlora
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -194,8 +204,6 @@ class ModelAdapter:
 
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}
-FAMILY_MODULES = ("trainer.models.llava", "trainer.models.qwen2_vl", "trainer.models.idefics3",
-                  "trainer.models.qwen2_5_vl", "trainer.models.llava_next")
 
 
 def register(cls: type[ModelAdapter]) -> type[ModelAdapter]:
@@ -203,10 +211,19 @@ def register(cls: type[ModelAdapter]) -> type[ModelAdapter]:
     return cls
 
 
+def load_families() -> dict[str, type[ModelAdapter]]:
+    """Import every family module of trainer.models (each registers its adapter); family -> class."""
+    import trainer.models
+
+    for _, name, _ in sorted(pkgutil.iter_modules(trainer.models.__path__)):
+        if name not in ("adapter", "tiny", "__main__"):
+            importlib.import_module(f"trainer.models.{name}")
+    return dict(sorted(_ADAPTERS.items()))
+
+
 def get_adapter(path: str | Path, family: str | None = None) -> ModelAdapter:
     """The adapter for a checkpoint: by name, else by the checkpoint's model_type, else generic."""
-    for module in FAMILY_MODULES:
-        importlib.import_module(module)    # each registers its adapter
+    load_families()
 
     if family is not None:
         if family not in _ADAPTERS and family != "generic":

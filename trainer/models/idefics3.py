@@ -10,6 +10,7 @@ from trainer.models.adapter import ModelAdapter, register
 class Idefics3Adapter(ModelAdapter):
     family = "idefics3"
     model_types = ("idefics3",)
+    example = "HuggingFaceM4/Idefics3-8B-Llama3"
     media_keys = ("pixel_values", "pixel_attention_mask")
     media_cat_dim = {"pixel_values": 1, "pixel_attention_mask": 1}
     end_of_turn_tokens = ("<end_of_utterance>",)

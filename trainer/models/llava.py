@@ -10,3 +10,4 @@ class LlavaAdapter(ModelAdapter):
     family = "llava"
     model_types = ("llava",)
     media_keys = ("pixel_values",)
+    example = "llava-hf/llava-1.5-7b-hf"

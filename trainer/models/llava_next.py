@@ -19,6 +19,7 @@ from trainer.models.llava import LlavaAdapter
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_types = ("llava_next",)
+    example = "llava-hf/llava-v1.6-mistral-7b-hf"
     media_keys = ("pixel_values", "image_sizes")
     # The learned row-end embedding appended to tile features belongs with the projector (trained in
     # stage 1 alongside it), not with the language model.

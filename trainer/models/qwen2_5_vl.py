@@ -21,6 +21,7 @@ from trainer.models.qwen2_vl import Qwen2VLAdapter
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
+    example = "Qwen/Qwen2.5-VL-7B-Instruct"
     media_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                   "second_per_grid_ts")
 

@@ -21,6 +21,7 @@ from trainer.models.adapter import ModelAdapter, register
 class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     model_types = ("qwen2_vl",)
+    example = "Qwen/Qwen2-VL-7B-Instruct"
     media_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
     end_of_turn_tokens = ("<|im_end|>",)
     media_token_pattern = r"<\|vision_(start|end)\|>"

@@ -1,0 +1,86 @@
+"""Qwen/Qwen2-VL-2B-Instruct: ChatML turns, 14-px patches merged 2x2, 2-frame temporal patches, 3-D rope."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tests.families.oracles import FamilyOracles
+
+
+def grid(height: int, width: int) -> tuple[int, int]:
+    """Patch grid from smart_resize with factor 28, min_pixels 56*56, max_pixels 28*28*1280 (Qwen2.5-VL:
+    14*14*4*16384, larger, so the same grid)."""
+    h, w = round(height / 28) * 28, round(width / 28) * 28
+    assert 56 * 56 <= h * w <= 28 * 28 * 1280  # the test images need no rescaling
+    return h // 14, w // 14
+
+
+class QwenVLFacts(FamilyOracles):
+    """What Qwen2-VL and Qwen2.5-VL share: the ChatML format, the tokens, the image grid."""
+
+    SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                      "<|image_pad|>", "<|video_pad|>"]
+    TOKENIZER_ROLES = (None, "<|im_end|>", "<|endoftext|>", False)
+    FULL_RENDER = ("<|im_start|>system\nYou are terse.<|im_end|>\n"
+                   "<|im_start|>user\nWhat is this?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
+                   "<|im_start|>assistant\nAn astronaut.<|im_end|>\n"
+                   "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>And this?<|im_end|>\n"
+                   "<|im_start|>assistant\nA palace.<|im_end|>\n")
+    GENERATION_PROMPT = "<|im_start|>assistant\n"
+    ASSISTANT_TEXT = "An astronaut.<|im_end|>A palace.<|im_end|>"
+    # No system message: the default system prompt.
+    TEXT_ONLY_RENDER = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+                        "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n")
+
+    def expected_image_tokens(self, image) -> int:
+        gh, gw = grid(image.size[1], image.size[0])
+        return gh * gw // 4
+
+    def check_real_images(self, out, processor) -> None:
+        assert out["image_grid_thw"].tolist() == [[1, 36, 36], [1, 30, 46]]
+
+    def test_vision_ids_are_numbered_on_request(self, path) -> None:
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(path)
+        media = [{"role": "user", "content": [{"type": "video"}, {"type": "image"}, {"type": "text", "text": "?"}]}]
+        assert proc.apply_chat_template(media, add_vision_id=True) == (
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            "Video 1: <|vision_start|><|video_pad|><|vision_end|>"
+            "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
+            "?<|im_end|>\n")
+
+    def test_video_through_processor_and_model(self, path, images) -> None:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        proc, model = AutoProcessor.from_pretrained(path), AutoModelForImageTextToText.from_pretrained(path)
+        frame = np.asarray(images[0].resize((112, 112)))
+        video = np.stack([frame, frame[::-1], frame[:, ::-1], frame])  # 4 frames -> 2 temporal patches
+        messages = [
+            {"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "What?"}]},
+            {"role": "assistant", "content": "Nothing."},
+        ]
+        out = proc.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
+        grid_thw = out["video_grid_thw"]
+        assert grid_thw[0, 0] == 2
+        assert int((out["input_ids"] == model.config.video_token_id).sum()) == int(grid_thw.prod()) // 4
+        with torch.no_grad():
+            loss = model(**out, labels=out["input_ids"]).loss
+        assert torch.isfinite(loss)
+
+
+class TestQwen2VL(QwenVLFacts):
+    FAMILY = "qwen2_vl"
+
+    def check_geometry(self, config, processor) -> None:
+        vision = config.vision_config
+        assert (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size) == (14, 2, 2)
+        head_dim = config.text_config.hidden_size // config.text_config.num_attention_heads
+        sections = config.text_config.rope_parameters["mrope_section"]
+        assert sum(sections) == head_dim // 2
+        assert [s * 8 for s in sections] == [16, 24, 24]  # the 2B model's sections for head_dim 128, scaled
+        assert processor.image_processor.size["shortest_edge"] == 56 * 56
+        assert processor.image_processor.size["longest_edge"] == 28 * 28 * 1280
+        assert (processor.image_processor.merge_size, processor.video_processor.merge_size) == (2, 2)

@@ -1,0 +1,5 @@
+import sys
+
+from trainer.models.tiny import main
+
+sys.exit(main())
