@@ -41,10 +41,8 @@ def export(model: nn.Module, adapter: ModelAdapter, cfg: Config, out: Path, merg
 
 
 def _write(state: dict[str, torch.Tensor], adapter: ModelAdapter, cfg: Config, out: Path, merge: bool) -> None:
-    from transformers import AutoModelForImageTextToText
-
     out.mkdir(parents=True, exist_ok=True)
-    base = AutoModelForImageTextToText.from_pretrained(adapter.path, local_files_only=True, dtype=torch.float32)
+    base = adapter.auto_class().from_pretrained(adapter.path, local_files_only=True, dtype=torch.float32)
     if cfg.finetune.method == "full":
         missing, unexpected = base.load_state_dict(state, strict=False)
         _check(missing, unexpected, base)

@@ -45,7 +45,7 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 def load_pretrained(adapter: ModelAdapter, cfg: Config, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The checkpoint through transformers' own loading path (fp32 master weights)."""
-    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     kwargs: dict = {"dtype": torch.float32, "attn_implementation": adapter.attn_implementation()}
     if cfg.finetune.method == "qlora":
@@ -55,7 +55,7 @@ def load_pretrained(adapter: ModelAdapter, cfg: Config, device: torch.device, dt
             load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=adapter.quant_skip_modules())
         kwargs["device_map"] = {"": device}
-    return AutoModelForImageTextToText.from_pretrained(adapter.path, local_files_only=True, **kwargs)
+    return adapter.auto_class().from_pretrained(adapter.path, local_files_only=True, **kwargs)
 
 
 def freeze(model: nn.Module, adapter: ModelAdapter, cfg: Config) -> dict[str, int]:
@@ -88,11 +88,9 @@ def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Bu
     if rank == 0 or quantized or mesh is None:
         model = load_pretrained(adapter, cfg, device if quantized else torch.device("cpu"), dtype)
     else:
-        from transformers import AutoModelForImageTextToText
-
         with torch.device("meta"):
-            model = AutoModelForImageTextToText.from_config(adapter.config, dtype=torch.float32,
-                                                            attn_implementation=adapter.attn_implementation())
+            model = adapter.auto_class().from_config(adapter.config, dtype=torch.float32,
+                                                     attn_implementation=adapter.attn_implementation())
     if cfg.finetune.method in ("lora", "qlora"):
         model = apply_lora(model, lora_config(adapter, model, cfg.finetune))
     counts = freeze(model, adapter, cfg)

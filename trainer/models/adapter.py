@@ -148,6 +148,13 @@ class ModelAdapter:
 
     # --- the model ---------------------------------------------------------------------------
 
+    @classmethod
+    def auto_class(cls) -> Any:
+        """The transformers auto class that loads the family (from_pretrained / from_config)."""
+        from transformers import AutoModelForImageTextToText
+
+        return AutoModelForImageTextToText
+
     def param_group(self, name: str) -> str:
         """'vision', 'projector' or 'llm' (lm_head and embeddings included) for a parameter name."""
         for group, fragments in self.group_patterns:
@@ -182,10 +189,8 @@ class ModelAdapter:
 
     def quant_skip_modules(self) -> list[str]:
         """Full names of the modules QLoRA leaves unquantized: vision tower, projector, lm_head."""
-        from transformers import AutoModelForImageTextToText
-
         with torch.device("meta"):
-            skeleton = AutoModelForImageTextToText.from_config(self.config)
+            skeleton = self.auto_class().from_config(self.config)
         names: list[str] = ["lm_head"]
         for name, module in skeleton.named_modules():
             params = [n for n, _ in module.named_parameters(prefix=name)]

@@ -36,7 +36,8 @@ FAMILIES: dict[str, Callable[[], tuple[object, object]]] = {
 def build_tiny(family: str, out: str | Path) -> Path:
     """Write a tiny random-weight model plus its processor for `family` to `out`; return `out`."""
     import torch
-    from transformers import AutoModelForImageTextToText
+
+    from trainer.models.adapter import load_families
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}: choose one of {', '.join(FAMILIES)}")
@@ -45,7 +46,7 @@ def build_tiny(family: str, out: str | Path) -> Path:
     # fork_rng: a fixed seed for the weights without touching the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+        model = load_families()[family].auto_class().from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     logger.info("wrote tiny %s (%d parameters) to %s", family, model.num_parameters(), out)
