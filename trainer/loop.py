@@ -33,7 +33,7 @@ from trainer.data.render import IGNORE
 from trainer.metrics import Metrics
 from trainer.model import build_model
 from trainer.models.adapter import ModelAdapter, get_adapter
-from trainer.optim import build_optimizer, set_lr
+from trainer.optim import build_optimizer, set_lr, step_progress
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class Trainer:
         self.batches: EpochBatches | None = None
         self.resumed_exhausted = False
         self.resumed_skips: dict[str, int] = {}
+        self.resumed_consumed = 0
         self.eval_loss: float | None = None
         self.stop_requested = False             # set by SIGUSR2: preemption or the time limit is near
 
@@ -102,6 +103,7 @@ class Trainer:
         self.loader.load_state_dict(extra["data"])
         self.resumed_exhausted = extra["data_exhausted"]
         self.resumed_skips = extra.get("data_skips", {})
+        self.resumed_consumed = extra.get("data_consumed", 0)
         self.total_steps = extra["total_steps"]
         if self.cfg.train.steps and self.cfg.train.steps != self.total_steps:
             logger.warning("train.steps is now %d (the checkpoint planned %d): the schedule follows the new value",
@@ -114,25 +116,19 @@ class Trainer:
                         {"state": dict(self.state), "data": self.loader.state_dict(), "total_steps": self.total_steps,
                          "data_exhausted": bool(self.batches and self.batches.exhausted),
                          # The epoch's skip counts, so the skip limit holds across requeues.
-                         "data_skips": dict(self.batches.skips) if self.batches else {}},
+                         "data_skips": dict(self.batches.skips) if self.batches else {},
+                         "data_consumed": self.batches.consumed if self.batches else 0},
                         keep=self.cfg.checkpoint.keep)
 
-    def estimate_steps(self) -> int:
-        """Steps for train.epochs when train.steps is 0: packs of a first look at the data."""
-        probe = build_loader(self.cfg.data.__class__(**{**vars(self.cfg.data), "workers": 0}), self.adapter,
-                             self.cfg.train.seed, self.rank, self.world)
-        samples = packs = 0
-        for pack in probe:
-            if not pack.empty:
-                samples, packs = samples + len(pack.sources), packs + 1
-            if packs >= 8:
-                break
-        planned = probe.dataset.rank_occurrences(0)
-        per_rank = math.ceil(planned / max(samples / max(packs, 1), 1e-9)) if samples else 1
-        steps = torch.tensor([math.ceil(per_rank / self.cfg.train.grad_accum) * self.cfg.train.epochs])
-        if dist.is_initialized():
-            dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-        return max(1, int(steps))
+    def progress(self) -> float:
+        """The fraction of the run after warmup that is done, for the LR schedule: by optimizer steps
+        with train.steps, else by the data consumed over train.epochs (exact, where any estimate of
+        an epoch's steps in packs is not)."""
+        cfg = self.cfg
+        if cfg.train.steps:
+            return step_progress(self.state["step"], self.total_steps, cfg.optim)
+        done = self.state["epoch"] + (self.batches.progress if self.batches else 0.0)
+        return done / cfg.train.epochs
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -144,10 +140,11 @@ class Trainer:
         resumed = self.resume()
         # A resumed run continues the same curves; points after the checkpoint are replaced.
         self.metrics = Metrics(self.run_dir / "tb", enabled=self.rank == 0, purge_step=self.state["step"] + 1)
-        if not self.total_steps:
-            self.total_steps = self.estimate_steps() if cfg.optim.schedule != "constant" else 0
-        bar = tqdm(total=self.total_steps or None, initial=self.state["step"], disable=self.rank != 0,
-                   desc="train", unit="step", dynamic_ncols=True)
+        # Steps for train.steps; epochs (fractional, from the data consumed) for train.epochs.
+        bar = tqdm(total=self.total_steps or cfg.train.epochs, initial=self.state["step"] if cfg.train.steps else 0,
+                   disable=self.rank != 0, desc="train", unit="step" if cfg.train.steps else "epoch",
+                   dynamic_ncols=True, bar_format=None if cfg.train.steps else
+                   "{l_bar}{bar}| {n:.2f}/{total:.0f} epochs [{elapsed}<{remaining}{postfix}]")
         losses: list[float] = []
         done = preempted = False
         skipped_in_a_row = 0
@@ -156,9 +153,9 @@ class Trainer:
         while not done:
             self.loader.dataset.set_epoch(self.state["epoch"])
             self.batches = EpochBatches(self.loader, self.adapter, cfg.data.max_skip_fraction,
-                                        exhausted=self.resumed_exhausted)
+                                        exhausted=self.resumed_exhausted, consumed=self.resumed_consumed)
             self.batches.skips.update(self.resumed_skips)
-            self.resumed_exhausted, self.resumed_skips = False, {}
+            self.resumed_exhausted, self.resumed_skips, self.resumed_consumed = False, {}, 0
             it = iter(self.batches)
             while True:
                 if cfg.train.steps and self.state["step"] >= self.total_steps:
@@ -179,7 +176,7 @@ class Trainer:
                 skipped_in_a_row = 0
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                bar.update(1)
+                bar.update(1 if cfg.train.steps else self.progress() * cfg.train.epochs - bar.n)
                 if self.eval_loader is not None and cfg.train.eval_every and \
                         self.state["step"] % cfg.train.eval_every == 0:
                     self.eval_loss = self.evaluate()
@@ -261,7 +258,7 @@ class Trainer:
                                          f"lower optim.lr or set train.nonfinite=skip")
             logger.warning("step %d: non-finite loss or gradient on some rank, skipped everywhere", step)
             return None
-        set_lr(self.optimizer, step, max(self.total_steps, 1), cfg.optim)
+        set_lr(self.optimizer, step, self.progress(), cfg.optim)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state["step"] += 1

@@ -33,18 +33,25 @@ def build_optimizer(model: nn.Module, adapter: ModelAdapter, cfg: OptimConfig, f
                              fused=fused or None)
 
 
-def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
-    """Multiplier of each group's base LR at optimizer step `step` (0-based) of `total`."""
+def lr_factor(step: int, progress: float, cfg: OptimConfig) -> float:
+    """Multiplier of each group's base LR at optimizer step `step` (0-based): a linear warmup over
+    the first `warmup_steps` steps, then the schedule's decay at `progress`, the fraction of the
+    post-warmup run done (0 to 1)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant" or total <= cfg.warmup_steps:
+    if cfg.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    progress = min(1.0, max(0.0, progress))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
 
-def set_lr(optimizer: torch.optim.Optimizer, step: int, total: int, cfg: OptimConfig) -> None:
-    factor = lr_factor(step, total, cfg)
+def step_progress(step: int, total: int, cfg: OptimConfig) -> float:
+    """`progress` for lr_factor when the run is `total` optimizer steps long."""
+    return (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, progress: float, cfg: OptimConfig) -> None:
+    factor = lr_factor(step, progress, cfg)
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor

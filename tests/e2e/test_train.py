@@ -180,3 +180,31 @@ def test_lora_and_qlora_resume_bitwise_with_dropout(tiny, overfit_shards: Path, 
     # Checkpoints hold what trains, not the frozen base.
     ckpt = sum(f.stat().st_size for f in (tmp_path / "a" / "checkpoints" / "step-6").glob("*.distcp"))
     assert ckpt < (Path(tiny("llava")) / "model.safetensors").stat().st_size
+
+
+def test_epoch_runs_decay_the_lr_by_data_consumed_to_the_floor(tiny, overfit_shards: Path, tmp_path: Path) -> None:
+    """train.epochs without train.steps: the schedule follows the data consumed, so it reaches
+    lr * min_lr_ratio exactly at the last step of the last epoch, however many packs an epoch made;
+    resuming mid-epoch continues the same schedule to the same weights."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = ["train.steps=0", "train.epochs=3", "optim.schedule=cosine", "optim.warmup_steps=1",
+             "optim.min_lr_ratio=0.1", "data.packing.max_tokens=700", "checkpoint.every=3", "checkpoint.keep=10"]
+    out = train(command(tiny, overfit_shards, tmp_path / "a", *extra))
+    assert out["epochs"] == 3 and out["steps"] >= 6
+    events = EventAccumulator(str(tmp_path / "a" / "tb"))
+    events.Reload()
+    lrs = [e.value for e in events.Scalars("train/lr/llm")]
+    assert len(lrs) == out["steps"] and lrs[0] == pytest.approx(1e-2)      # one warmup step
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lrs[-1] == pytest.approx(1e-3, rel=1e-6)
+
+    later = [d.name for d in (tmp_path / "a" / "checkpoints").iterdir() if d.name != "step-3"]
+    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns("hf", "tb", *later))
+    resumed = train(command(tiny, overfit_shards, tmp_path / "b", *extra))
+    assert resumed["resumed"] and resumed["steps"] == out["steps"]
+    a = load_file(tmp_path / "a" / "hf" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "hf" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -231,14 +231,17 @@ class SkipLimitExceeded(RuntimeError):
 class EpochBatches:
     """Iterate one epoch of packs with the same number of micro-batches on every rank.
 
-    Each step the ranks agree (one all-reduce of two numbers) whether anyone still has data and
-    whether anyone exceeded the skip limit; a rank that ran dry yields zero-weight empty packs
-    until all are done, so no rank leaves a collective early. Skip counts reported by the workers
-    are accumulated in `skips` as {"reason:source index": n}; samples per source in `per_source`.
+    Each step the ranks agree (one all-reduce of four numbers) whether anyone still has data,
+    whether anyone exceeded the skip limit or failed, and how far through the epoch the furthest
+    rank is; a rank that ran dry yields zero-weight empty packs until all are done, so no rank
+    leaves a collective early. Skip counts reported by the workers are accumulated in `skips` as
+    {"reason:source index": n}; samples per source in `per_source`; `progress` is the fraction of
+    the epoch's planned occurrences consumed (trained on or skipped) by the furthest rank, the same
+    on every rank, reaching 1.0 at the end of the epoch.
     """
 
     def __init__(self, loader: StatefulDataLoader, adapter: ModelAdapter, max_skip_fraction: float,
-                 group: Any = None, exhausted: bool = False) -> None:
+                 group: Any = None, exhausted: bool = False, consumed: int = 0) -> None:
         self.loader, self.adapter, self.group = loader, adapter, group
         # True once this rank's loader has ended this epoch. A checkpoint stores it: resuming a
         # rank that had run dry must not iterate its (finished) loader again.
@@ -248,6 +251,8 @@ class EpochBatches:
         self.planned = ds.rank_occurrences(ds.epoch)
         self.skips: Counter[str] = Counter()
         self.per_source: Counter[int] = Counter()
+        self.consumed = consumed     # occurrences trained on or skipped this epoch (a checkpoint keeps it)
+        self.progress = 0.0
         self.steps = 0
 
     def __iter__(self) -> Iterator[Pack]:
@@ -270,9 +275,13 @@ class EpochBatches:
                     error = e
                     break
                 self.skips.update(p.skips)
+                self.consumed += sum(p.skips.values())
                 pack = None if p.empty else p
+            if pack is not None:
+                self.consumed += len(pack.sources)
             over = sum(self.skips.values()) > self.max_skip_fraction * max(self.planned, 1)
-            flags = torch.tensor([pack is not None, over, error is not None], dtype=torch.int64)
+            done = 1_000_000 if self.exhausted else self.consumed * 1_000_000 // max(self.planned, 1)
+            flags = torch.tensor([pack is not None, over, error is not None, done], dtype=torch.int64)
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
             if flags[2]:
@@ -285,6 +294,7 @@ class EpochBatches:
                     f"above, fix the data, or raise data.max_skip_fraction")
             if not flags[0]:
                 return
+            self.progress = min(int(flags[3]), 1_000_000) / 1_000_000
             self.steps += 1
             if pack is None:
                 yield empty_pack(self.adapter)
