@@ -1,6 +1,7 @@
-"""The loss normalisation and FSDP2 oracles on real gloo ranks (fp32, CPU):
-one process with 4 micro-batches == 2 FSDP2 ranks with 2 each (loss and every gradient,
-relative 1e-6), and text-only packs on one rank beside image packs on the other never hang."""
+"""The loss normalisation and FSDP2 oracles on real gloo ranks (fp32, CPU): one process with 4
+micro-batches == 2 FSDP2 ranks with 2 each == 4 ranks with 1 each (opt-in: 4 processes) on the loss
+and every gradient (relative 1e-6); text-only packs on one rank beside image packs on the other
+never hang; an error on one rank ends the job promptly."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,21 +32,54 @@ def overrides(tiny, shards: Path, run_dir: Path) -> list[str]:
             "finetune.freeze_vision=false", "train.activation_checkpointing=full"]
 
 
-def test_accumulation_and_fsdp_give_the_same_gradients(tiny, stream_shards: Path, tmp_path: Path) -> None:
-    args = overrides(tiny, stream_shards, tmp_path / "run")
-    one = run(tmp_path, "one", "0,1,2,3", args, ranks=1)
-    two = run(tmp_path, "two", "0,1|2,3", args, ranks=2)
-    assert one["targets"] == two["targets"] > 0 and not one["bad"] and not two["bad"]
-    assert abs(one["loss"] - two["loss"]) <= 1e-6 * abs(one["loss"])
-    assert one["grads"].keys() == two["grads"].keys()
+def assert_same(one: dict, other: dict) -> None:
+    assert one["targets"] == other["targets"] > 0 and not one["bad"] and not other["bad"]
+    assert abs(one["loss"] - other["loss"]) <= 1e-6 * abs(one["loss"])
+    assert one["grads"].keys() == other["grads"].keys()
     groups = {k.split(".")[1] for k in one["grads"]}
     assert {"vision_tower", "multi_modal_projector", "language_model"} <= groups
     for name, g in one["grads"].items():
-        err = (g - two["grads"][name]).norm() / max(g.norm(), 1e-12)
+        err = (g - other["grads"][name]).norm() / max(g.norm(), 1e-12)
         assert err <= 1e-6, (name, float(err))
+
+
+def test_accumulation_and_fsdp_give_the_same_gradients(tiny, stream_shards: Path, tmp_path: Path) -> None:
+    args = overrides(tiny, stream_shards, tmp_path / "run")
+    one = run(tmp_path, "one", "0,1,2,3", args, ranks=1)
+    assert_same(one, run(tmp_path, "two", "0,1|2,3", args, ranks=2))
+
+
+# Four processes on the two cores CI has is more than the test suite may take; run it with
+# MMLOOM_TEST_4_RANKS=1 (it passed on the 2-core VM on 2026-11-21, see the issue 4 note).
+@pytest.mark.skipif(os.environ.get("MMLOOM_TEST_4_RANKS") != "1", reason="set MMLOOM_TEST_4_RANKS=1: 4 processes")
+def test_four_ranks_of_one_micro_batch_give_the_same_gradients(tiny, stream_shards: Path, tmp_path: Path) -> None:
+    args = overrides(tiny, stream_shards, tmp_path / "run")
+    one = run(tmp_path, "one", "0,1,2,3", args, ranks=1)
+    assert_same(one, run(tmp_path, "four", "0|1|2|3", args, ranks=4))
 
 
 def test_text_only_beside_image_packs_does_not_hang(tiny, stream_shards: Path, tmp_path: Path) -> None:
     out = run(tmp_path, "mixed", "text|image", overrides(tiny, stream_shards, tmp_path / "run"), ranks=2)
     assert not out["bad"] and out["targets"] > 0
     assert any(k.startswith("model.vision_tower") for k in out["grads"])
+
+
+def test_an_error_on_one_rank_ends_the_job_promptly(tiny, overfit_shards: Path, tmp_path: Path) -> None:
+    """A forward pass that raises on one rank only (out of memory, a bad kernel): the job fails with
+    that error within seconds (torchrun stops the other ranks), rather than hanging in a collective
+    until the process-group timeout, and no checkpoint is written for the failed step."""
+    import time
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29522",
+           str(REPO / "tests" / "dist" / "fail_rank.py"), f"model.path={tiny('llava')}",
+           f"data.shards={overfit_shards}", f"run.dir={tmp_path / 'run'}", "data.workers=0",
+           "data.packing.max_tokens=700", "train.steps=10", "checkpoint.every=1", "checkpoint.keep=10"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    took = time.time() - start
+    assert proc.returncode != 0
+    assert "injected failure in the forward pass on rank 1" in proc.stderr
+    assert took < 120, f"the job took {took:.0f} s to end"
+    steps = sorted(int(d.name.split("-")[1]) for d in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert steps == [1, 2]                               # the third step failed on rank 1: never saved
