@@ -91,7 +91,7 @@ def test_media_tensors_match_the_processor(tiny, family: str) -> None:
     assert int((r.input_ids == image_token).sum()) == int((ref["input_ids"] == image_token).sum()) > 0
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_positions_are_the_models_3d_rope(tiny, family: str) -> None:
     from transformers import AutoModelForImageTextToText
 

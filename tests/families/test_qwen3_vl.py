@@ -1,0 +1,117 @@
+"""Qwen/Qwen3-VL-8B-Instruct: ChatML turns without a default system prompt, 16-px patches merged 2x2,
+interleaved 3-D rope, DeepStack features; packed positions are the model's own rope index."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.families.oracles import FamilyOracles
+
+
+def grid(height: int, width: int) -> tuple[int, int]:
+    """Patch grid from smart_resize with factor 32 (16-px patches, 2x2 merge) and the published
+    pixel limits, min 256*256 and max 4096*4096 (preprocessor_config.json: 65536 and 16777216)."""
+    h, w = round(height / 32) * 32, round(width / 32) * 32
+    assert 256 * 256 <= h * w <= 4096 * 4096  # the test images need no rescaling
+    return h // 16, w // 16
+
+
+class TestQwen3VL(FamilyOracles):
+    FAMILY = "qwen3_vl"
+    SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                      "<|image_pad|>", "<|video_pad|>", "<tool_call>", "<tool_response>", "<think>", "</think>"]
+    TOKENIZER_ROLES = (None, "<|im_end|>", "<|endoftext|>", False)
+    FULL_RENDER = ("<|im_start|>system\nYou are terse.<|im_end|>\n"
+                   "<|im_start|>user\nWhat is this?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
+                   "<|im_start|>assistant\nAn astronaut.<|im_end|>\n"
+                   "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>And this?<|im_end|>\n"
+                   "<|im_start|>assistant\nA palace.<|im_end|>\n")
+    GENERATION_PROMPT = "<|im_start|>assistant\n"
+    ASSISTANT_TEXT = "An astronaut.<|im_end|>A palace.<|im_end|>"
+    # Unlike Qwen2-VL, no default system prompt.
+    TEXT_ONLY_RENDER = ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+                        "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n")
+
+    def expected_image_tokens(self, image) -> int:
+        gh, gw = grid(image.size[1], image.size[0])
+        return gh * gw // 4
+
+    def check_geometry(self, config, processor) -> None:
+        vision, text = config.vision_config, config.text_config
+        assert (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size) == (16, 2, 2)
+        assert vision.num_position_embeddings == 48 * 48
+        assert vision.out_hidden_size == text.hidden_size
+        # DeepStack levels come from intermediate blocks and reach fewer decoder layers than there are.
+        assert vision.deepstack_visual_indexes and max(vision.deepstack_visual_indexes) < vision.depth - 1
+        assert len(vision.deepstack_visual_indexes) < text.num_hidden_layers
+        rope = text.rope_parameters
+        assert rope["mrope_interleaved"] and rope["rope_theta"] == 5000000
+        assert sum(rope["mrope_section"]) == text.head_dim // 2
+        assert [s * 128 // text.head_dim for s in rope["mrope_section"]] == [24, 20, 20]  # the 8B's, head_dim 128
+        assert type(processor).__name__ == "Qwen3VLProcessor"
+        assert processor.image_processor.size == {"shortest_edge": 65536, "longest_edge": 16777216}
+        assert list(processor.image_processor.image_mean) == [0.5, 0.5, 0.5]
+        assert processor.video_processor.size == {"shortest_edge": 4096, "longest_edge": 25165824}
+        assert (processor.image_processor.merge_size, processor.video_processor.merge_size) == (2, 2)
+
+    def check_real_images(self, out, processor) -> None:
+        assert out["image_grid_thw"].tolist() == [[1, 32, 32], [1, 26, 40]]
+        assert out["pixel_values"].shape == (32 * 32 + 26 * 40, 3 * 2 * 16 * 16)
+
+    def test_vision_ids_are_numbered_on_request(self, path) -> None:
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(path)
+        media = [{"role": "user", "content": [{"type": "video"}, {"type": "image"}, {"type": "text", "text": "?"}]}]
+        assert proc.apply_chat_template(media, add_vision_id=True) == (
+            "<|im_start|>user\nVideo 1: <|vision_start|><|video_pad|><|vision_end|>"
+            "Picture 1: <|vision_start|><|image_pad|><|vision_end|>?<|im_end|>\n")
+
+    def test_system_images_are_dropped_and_only_a_leading_system_message_counts(self, path) -> None:
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(path)
+        messages = [{"role": "system", "content": [{"type": "text", "text": "Be"}, {"type": "image"},
+                                                   {"type": "text", "text": " brief."}]},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "system", "content": "ignored"}]
+        assert proc.apply_chat_template(messages) == (
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n")
+
+    def test_packed_positions_and_logits_are_the_models_own(self, path) -> None:
+        """Two samples with images packed: the positions are, per sample, text positions restarting at 0
+        over the model's own get_rope_index of what the processor gives at inference, and each sample's
+        logits in the pack equal the model's on that sample alone, positions computed by the model."""
+        from transformers import AutoModelForImageTextToText
+
+        from tests.unit.test_packed_loss import SAMPLES
+        from tests.unit.test_render import PHOTOS, images_of
+        from trainer.data.packing import collate
+        from trainer.data.render import render_sample, to_messages
+        from trainer.models.adapter import get_adapter
+
+        adapter = get_adapter(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        model.eval()
+        samples = [SAMPLES[0], SAMPLES[2]]                  # one image; two images and a system prompt
+        rendered = [render_sample(adapter, s, PHOTOS) for s in samples]
+        pack = collate(adapter, rendered).inputs
+        assert pack["position_ids"].shape == (4, 1, sum(r.length for r in rendered))
+        with torch.no_grad():
+            packed = model(**{k: v for k, v in pack.items() if k != "labels"}, use_cache=False).logits[0]
+        start = 0
+        for sample, r in zip(samples, rendered):
+            ref = adapter.processor.apply_chat_template(to_messages(sample), tokenize=True, return_dict=True,
+                                                        return_tensors="pt",
+                                                        processor_kwargs={"images": images_of(sample)})
+            assert torch.equal(ref["input_ids"][0], r.input_ids)
+            rope, _ = model.model.get_rope_index(ref["input_ids"], ref["mm_token_type_ids"],
+                                                 image_grid_thw=ref["image_grid_thw"])
+            positions = pack["position_ids"][:, 0, start: start + r.length]
+            assert torch.equal(positions[0], torch.arange(r.length))
+            assert torch.equal(positions[1:], rope[:, 0])
+            assert positions[1:].max() < r.length - 1          # the image blocks are compressed
+            with torch.no_grad():
+                alone = model(**ref, use_cache=False).logits[0]
+            assert torch.allclose(packed[start: start + r.length], alone, atol=1e-4, rtol=1e-4)
+            start += r.length
