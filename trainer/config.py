@@ -19,9 +19,22 @@ import yaml
 
 
 @dataclass(kw_only=True)
+class ComposeConfig:
+    """A new LLaVA-style model from parts (trainer/compose.py), written to model.path on first use."""
+    vision: str | None = None           # vision encoder checkpoint (CLIP, SigLIP; vision-only or dual)
+    llm: str | None = None              # language model checkpoint with its tokenizer
+    template: Literal["vicuna", "chatml"] | None = None   # None: chatml if the tokenizer has <|im_start|>
+
+    def __post_init__(self) -> None:
+        if bool(self.vision) != bool(self.llm):
+            raise ValueError("model.compose needs both model.compose.vision and model.compose.llm")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     path: str = ""                      # a local Hugging Face checkpoint directory (no hub downloads)
     family: str | None = None           # adapter name; None = from the checkpoint's model_type
+    compose: ComposeConfig = field(default_factory=ComposeConfig)
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -197,10 +210,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  
         tree = loaded or {}
         # Relative paths in a config file are relative to that file, so configs travel with their
         # data; relative paths given as overrides are relative to the current directory.
-        for section, key in (("model", "path"), ("data", "shards"), ("data", "eval_shards")):
-            value = tree.get(section, {}).get(key) if isinstance(tree.get(section), dict) else None
+        for keys in (("model", "path"), ("data", "shards"), ("data", "eval_shards"), ("model", "compose", "vision"),
+                     ("model", "compose", "llm")):
+            *parents, key = keys
+            node = tree
+            for k in parents:
+                node = node.get(k) if isinstance(node, dict) else None
+            value = node.get(key) if isinstance(node, dict) else None
             if isinstance(value, str) and value and not Path(value).is_absolute():
-                tree[section][key] = str(Path(path).resolve().parent / value)
+                node[key] = str(Path(path).resolve().parent / value)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(rank)
     ok = False
     try:
+        from trainer.compose import ensure_composed
+
+        ensure_composed(cfg.model, rank)
         if not args.dry_run:
             from trainer.loop import train
 
