@@ -139,9 +139,12 @@ class FamilyOracles:
         assert text_only == self.TEXT_ONLY_RENDER
 
     def test_processor_and_model_on_real_images(self, path: Path, images) -> None:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoProcessor
 
-        proc, model = AutoProcessor.from_pretrained(path), AutoModelForImageTextToText.from_pretrained(path)
+        from trainer.models.adapter import get_adapter
+
+        # The family's auto class: not every family is an AutoModelForImageTextToText (Phi-4-multimodal).
+        proc, model = AutoProcessor.from_pretrained(path), get_adapter(path).auto_class().from_pretrained(path)
         astronaut, china = images
         out = proc.apply_chat_template(conversation({"image": astronaut}, {"image": china}), tokenize=True,
                                        return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True)
@@ -166,7 +169,8 @@ class FamilyOracles:
         configs/tiny-llava.yaml with only the model swapped; the checkpointed model, the exported adapter
         on the base, and the merged export give the same logits on a real pack."""
         from peft import PeftModel
-        from transformers import AutoModelForImageTextToText
+
+        from trainer.models.adapter import get_adapter
 
         run = tmp_path / "run"
         overrides = [f"model.path={path}", f"data.shards={overfit_shards}", f"run.dir={run}",
@@ -182,11 +186,12 @@ class FamilyOracles:
 
         trained, inputs = training_model_and_pack(run)
         expected = logits(trained, inputs)
-        base = AutoModelForImageTextToText.from_pretrained(path).eval()
+        auto_class = get_adapter(path).auto_class()
+        base = auto_class.from_pretrained(path).eval()
         assert not torch.allclose(logits(base, inputs), expected, atol=1e-4), "training changed nothing"
         with_adapter = PeftModel.from_pretrained(base, run / "hf").eval()
         assert torch.allclose(logits(with_adapter, inputs), expected, atol=1e-5, rtol=1e-5)
-        merged = AutoModelForImageTextToText.from_pretrained(run / "hf" / "merged").eval()
+        merged = auto_class.from_pretrained(run / "hf" / "merged").eval()
         assert torch.allclose(logits(merged, inputs), expected, atol=1e-4, rtol=1e-4)
 
 

@@ -43,7 +43,7 @@ def test_packed_loss_equals_per_sample_losses(tiny, family: str) -> None:
     torch.manual_seed(0)
     path = tiny(family)
     adapter = get_adapter(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
     rendered = [render_sample(adapter, s, PHOTOS) for s in SAMPLES]
     with torch.no_grad():
@@ -57,7 +57,7 @@ def test_packed_loss_equals_per_sample_losses(tiny, family: str) -> None:
 def test_no_gradient_crosses_packed_samples(tiny, family: str) -> None:
     path = tiny(family)
     adapter = get_adapter(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     rendered = [render_sample(adapter, s, PHOTOS) for s in SAMPLES]
     inputs = dict(collate(adapter, rendered).inputs)
     # Loss of the middle sample only; gradients reach the token embeddings of every position.
