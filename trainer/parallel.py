@@ -1,8 +1,9 @@
 """Everything that shards or checkpoints modules: FSDP2 units, mixed precision, activation
 checkpointing, torch.compile. The only file that calls `fully_shard` or the checkpoint wrappers.
 
-Units are the transformer blocks: every element of a ModuleList named `layers` or `blocks` (the
-language model's decoder layers and the vision tower's encoder blocks), then the root.
+Units are the transformer blocks: every element of a ModuleList named `layers`, `blocks` or `layer`
+(the language model's decoder layers and the vision tower's encoder blocks; InternViT, like BEiT,
+names its list `layer`), then the root.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 logger = logging.getLogger(__name__)
 
-BLOCK_LISTS = ("layers", "blocks")
+BLOCK_LISTS = ("layers", "blocks", "layer")
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
