@@ -45,7 +45,7 @@ class TestMistral3(FamilyOracles):
     ASSISTANT_TEXT = "An astronaut.</s>A palace.</s>"
 
     @property
-    def TEXT_ONLY_RENDER(self) -> str:  # noqa: N802 - the oracle's name
+    def TEXT_ONLY_RENDER(self) -> str:  # the oracle reads it per test: the date can change
         return f"<s>[SYSTEM_PROMPT]{default_system()}[/SYSTEM_PROMPT][INST]Hi[/INST]Hello.</s>[INST]ab[/INST]"
 
     def expected_image_tokens(self, image) -> int:
