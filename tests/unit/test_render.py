@@ -41,13 +41,24 @@ SAMPLES = {
 }
 
 
+# LLaVA-OneVision shows an image alone with AnyRes tiles and the images of a multi-image sample without
+# (processor and original training alike); mmloom renders a sample as inference renders the whole
+# conversation. Strict xfails: they fail loudly if the gap ever closes.
+ONEVISION_FIRST_PROMPT = ("llava_onevision: before the first answer inference has seen one image and tiles it, "
+                          "but the sample holds two, shown untiled (tests/families/test_llava_onevision.py)")
+ONEVISION_TRIM = ("llava_onevision: trimmed to its first turn the sample keeps one image, which then gets tiles "
+                  "and more tokens than both had, so it cannot fit (tests/families/test_llava_onevision.py)")
+
+
 def images_of(sample: Sample) -> list:
     return [decode_image(PHOTOS[p.member]) for p in sample.media]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("name", sorted(SAMPLES))
-def test_prompts_match_inference_and_labels_cover_answers(tiny, family: str, name: str) -> None:
+def test_prompts_match_inference_and_labels_cover_answers(tiny, family: str, name: str, request) -> None:
+    if (family, name) == ("llava_onevision", "multi_turn_multi_image_system"):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=ONEVISION_FIRST_PROMPT))
     adapter = get_adapter(tiny(family))
     sample = SAMPLES[name]
     r = render_sample(adapter, sample, PHOTOS)
@@ -131,7 +142,9 @@ def test_qwen2_5_vl_video_positions_keep_time(tiny) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_overlong_samples_are_trimmed_at_a_turn_boundary_or_dropped(tiny, family: str) -> None:
+def test_overlong_samples_are_trimmed_at_a_turn_boundary_or_dropped(tiny, family: str, request) -> None:
+    if family == "llava_onevision":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=ONEVISION_TRIM))
     adapter = get_adapter(tiny(family))
     sample = SAMPLES["multi_turn_multi_image_system"]
     full = render_sample(adapter, sample, PHOTOS)

@@ -117,7 +117,8 @@ def render_sample(adapter: ModelAdapter, sample: Sample, members: dict[str, byte
         return _render_whole(adapter, sample, members, text, segments, images, videos, max_tokens, overlong)
     ids, labels, seg_media, ends = [], [], [], []
     for seg in segments:
-        out = adapter.process(text[seg.start: seg.end], seg.images, seg.videos, first=seg.start == 0)
+        out = adapter.process(text[seg.start: seg.end], seg.images, seg.videos, first=seg.start == 0,
+                              sample_images=len(images))
         seg_ids = out["input_ids"][0].to(torch.int64)
         if seg.answer and not any(t in adapter.end_of_turn_ids for t in seg_ids.tolist()):
             # Templates that close answers with no end-of-turn token (llava-hf's) would never teach
@@ -137,6 +138,15 @@ def render_sample(adapter: ModelAdapter, sample: Sample, members: dict[str, byte
         if overlong == "drop" or not fits:
             raise RenderError("too_long", f"sample {sample.key} has {total} tokens > max_tokens {max_tokens}")
         keep, trimmed = fits[-1], True
+        if sum(len(seg.images) for seg in segments[:keep]) < len(images):
+            # Fewer images can change how the kept ones are shown (LLaVA-OneVision: a lone image gets
+            # AnyRes tiles): render the shorter sample anew, as inference would see it.
+            answers = [i for i, t in enumerate(sample.turns) if t.role == "assistant"]
+            last = answers[sum(s.answer for s in segments[:keep]) - 1]
+            shorter = dataclasses.replace(sample, turns=sample.turns[: last + 1])
+            rendered = render_sample(adapter, shorter, members, max_tokens, overlong)
+            rendered.trimmed = True
+            return rendered
     input_ids = torch.cat(ids[:keep])
     sample_media = adapter.collate_media(seg_media[:keep])
     return Rendered(input_ids=input_ids, labels=torch.cat(labels[:keep]),
@@ -165,9 +175,10 @@ def _render_whole(adapter: ModelAdapter, sample: Sample, members: dict[str, byte
     def upto(end: int) -> torch.Tensor:
         n_img = sum(len(s.images) for s in segments if s.end <= end)
         n_vid = sum(len(s.videos) for s in segments if s.end <= end)
-        return adapter.process(text[:end], images[:n_img], videos[:n_vid], first=True)["input_ids"][0]
+        return adapter.process(text[:end], images[:n_img], videos[:n_vid], first=True,
+                               sample_images=len(images))["input_ids"][0]
 
-    full = adapter.process(text, images, videos, first=True)
+    full = adapter.process(text, images, videos, first=True, sample_images=len(images))
     ids = full["input_ids"][0].to(torch.int64)
     pieces, labels, pos, answer_ends = [], [], 0, []
     for seg in segments:
@@ -193,7 +204,8 @@ def _render_whole(adapter: ModelAdapter, sample: Sample, members: dict[str, byte
             raise RenderError("too_long", f"sample {sample.key} has {len(input_ids)} tokens > max_tokens {max_tokens}")
         answers = [i for i, t in enumerate(sample.turns) if t.role == "assistant"]
         shorter = dataclasses.replace(sample, turns=sample.turns[: answers[fits[-1]] + 1])
-        rendered = render_sample(adapter, shorter, members)
+        # With fewer images the rest can take more tokens (LLaVA-OneVision): the limit applies again.
+        rendered = render_sample(adapter, shorter, members, max_tokens, overlong)
         rendered.trimmed = True
         return rendered
     media = adapter.media_of(full)

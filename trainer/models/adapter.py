@@ -116,8 +116,9 @@ class ModelAdapter:
         return self.processor.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
-    def process(self, text: str, images: list, videos: list, first: bool) -> Any:
-        """Tokenize one segment with its media, as the processor does at inference."""
+    def process(self, text: str, images: list, videos: list, first: bool, sample_images: int = 0) -> Any:
+        """Tokenize one segment with its media, as the processor does at inference. `sample_images`:
+        the images of the whole sample (LLaVA-OneVision shows an image differently when it has company)."""
         bos = self.tokenizer.bos_token
         # Like processor.apply_chat_template: special tokens only at the very start, and not
         # when the template already wrote the BOS token itself.
