@@ -177,7 +177,7 @@ class FamilyOracles:
                      f"data.packing.max_tokens={self.MAX_TOKENS}", "train.steps=2", "checkpoint.every=2",
                      "finetune.method=lora", "finetune.lora.vision=true", "finetune.freeze_vision=false", "finetune.lora.dropout=0.0",
                      "train.activation_checkpointing=full", "run.merge_lora=true", "optim.lr=1e-2"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",  # a free port
                "-m", "trainer.train", "--config", str(REPO / "configs" / "tiny-llava.yaml"), *overrides]
         proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
