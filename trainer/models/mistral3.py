@@ -6,8 +6,10 @@ within it alone (a block-diagonal mask over the images' patches). Segments and p
 therefore concatenated along the image dimension after padding to the largest height and width,
 as one processor call would have done.
 
-Turns end with </s> (the tokenizer's EOS); [IMG_BREAK] / [IMG_END] close each row of image tokens.
-The text model is a Mistral decoder with 1-D rope, so the generic restarting positions hold.
+Turns end with </s> (the tokenizer's EOS); [IMG_BREAK] / [IMG_END] close each row of image tokens
+(the processor names them, so they are media tokens, never labels).
+The text model is a Mistral decoder with 1-D rope, so the generic restarting positions hold. A sample
+without a system prompt gets the template's default one, which carries the date it is rendered on.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ class Mistral3Adapter(ModelAdapter):
     model_types = ("mistral3",)
     example = "mistralai/Mistral-Small-3.1-24B-Instruct-2503"
     media_keys = ("pixel_values", "image_sizes")
-    media_token_pattern = r"\[IMG_BREAK\]|\[IMG_END\]"
 
     def collate_media(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Concatenate images of segments or packed samples, zero-padding height and width to the
