@@ -49,7 +49,9 @@ def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, 
                      per_source: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy over the pack's target tokens (fp32). With `per_source` ([sources, 2]),
     adds each source's summed loss and target count into it."""
-    inputs = {k: v.to(device) for k, v in pack.inputs.items()}
+    # A value may be a dict of tensors: Gemma 3's ready-made attention masks, one per layer type.
+    inputs = {k: {n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device)
+              for k, v in pack.inputs.items()}
     labels = inputs.pop("labels")[0, 1:]
     logits = model(**inputs, use_cache=False).logits[0]
     token_loss = F.cross_entropy(logits[:-1].float(), labels, ignore_index=IGNORE, reduction="none")

@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     tokens = adapter.tokenizer.convert_ids_to_tokens(ids)
     tokens = [adapter.tokenizer.convert_tokens_to_string([t]) for t in tokens]
-    media = {t for t in (adapter.image_token, adapter.video_token) if t}
+    # The tokenizer's image token too: Gemma 3's processor names <start_of_image>, the run is of soft tokens.
+    media = {t for t in (adapter.image_token, adapter.video_token, getattr(adapter.tokenizer, "image_token", None))
+             if t}
     print(show(tokens, labels, media, color))
     trained = sum(label != IGNORE for label in labels)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in rendered.media.items()) or "no media"

@@ -50,6 +50,16 @@ ONEVISION_TRIM = ("llava_onevision: trimmed to its first turn the sample keeps o
                   "and more tokens than both had, so it cannot fit (tests/families/test_llava_onevision.py)")
 
 
+# PaliGemma's processor refuses a prompt without images and writes <bos> behind the last image of the
+# text, so a later turn's image moves it: earlier prompts are then no prefix of later ones. mmloom keeps
+# <bos> after the images that open the conversation (trainer/models/paligemma.py). Strict xfails.
+PALIGEMMA_NO_INFERENCE = {
+    "text_only": "paligemma: PaliGemmaProcessor raises on a prompt without images",
+    "multi_turn_multi_image_system": "paligemma: the processor writes <bos> behind the image of the second "
+                                     "prompt, so the first prompt is no prefix of it",
+}
+
+
 def images_of(sample: Sample) -> list:
     return [decode_image(PHOTOS[p.member]) for p in sample.media]
 
@@ -59,6 +69,8 @@ def images_of(sample: Sample) -> list:
 def test_prompts_match_inference_and_labels_cover_answers(tiny, family: str, name: str, request) -> None:
     if (family, name) == ("llava_onevision", "multi_turn_multi_image_system"):
         request.applymarker(pytest.mark.xfail(strict=True, reason=ONEVISION_FIRST_PROMPT))
+    if family == "paligemma" and name in PALIGEMMA_NO_INFERENCE:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=PALIGEMMA_NO_INFERENCE[name]))
     adapter = get_adapter(tiny(family))
     sample = SAMPLES[name]
     r = render_sample(adapter, sample, PHOTOS)
@@ -88,7 +100,10 @@ def test_prompts_match_inference_and_labels_cover_answers(tiny, family: str, nam
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_media_tensors_match_the_processor(tiny, family: str) -> None:
+def test_media_tensors_match_the_processor(tiny, family: str, request) -> None:
+    if family == "paligemma":
+        reason = PALIGEMMA_NO_INFERENCE["multi_turn_multi_image_system"]
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     adapter = get_adapter(tiny(family))
     sample = SAMPLES["multi_turn_multi_image_system"]
     r = render_sample(adapter, sample, PHOTOS)

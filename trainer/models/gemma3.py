@@ -1,0 +1,73 @@
+"""Gemma 3: SigLIP at 896 px pooled to 256 tokens per image, Gemma turns, and image tokens that attend
+to each other both ways (the rest of the sequence is causal).
+
+transformers builds that mask from `token_type_ids` (1 on <image_soft_token>), but not correctly for a
+packed sequence: in the sliding-window layers the bidirectional image overlay is looked up at the
+per-sample positions instead of the packed indices (masking_utils remaps q/kv indices through the
+restarting position ids before the overlay sees them), so every packed sample after the first gets
+the wrong image blocks. The adapter therefore hands the model its masks ready-made, one per layer
+type, as `attention_mask={"full_attention": ..., "sliding_attention": ...}` (the form `generate`
+uses, which the model takes as is): each packed sample is a causal sequence of its own, each run of
+image tokens is a bidirectional block inside it, and the sliding layers keep the last
+`sliding_window` positions. Those masks are boolean and dense ([1, 1, L, L], L^2 bytes each: 64 MiB
+per layer type at 8192 tokens), which is what SDPA takes; flash-attention has no way to express the
+image blocks, so the family always runs SDPA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from trainer.models.adapter import ModelAdapter, register
+
+
+def packed_attention_mask(position_ids: torch.Tensor, blocks: torch.Tensor,
+                          window: int | None = None) -> torch.Tensor:
+    """[1, 1, L, L] boolean mask (True: q may attend to kv) of a packed sequence.
+
+    A sample starts wherever the positions do not go up by one (as transformers'
+    `find_packed_sequence_indices` reads them); inside a sample attention is causal, plus both ways
+    between tokens of the same block (`blocks[i] >= 0`, -1 for none); `window` keeps, as transformers'
+    sliding window does, only keys less than `window` positions behind the query."""
+    sample = (torch.diff(position_ids, prepend=position_ids[:1] - 1) != 1).cumsum(0)
+    index = torch.arange(len(position_ids))
+    allowed = index[None, :] <= index[:, None]
+    allowed |= (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
+    allowed &= sample[:, None] == sample[None, :]
+    if window is not None:
+        allowed &= position_ids[None, :] > position_ids[:, None] - window
+    return allowed[None, None]
+
+
+def image_blocks(is_image: torch.Tensor) -> torch.Tensor:
+    """Block id per token: each run of image tokens gets its own id, other tokens -1 (as transformers'
+    `get_block_sequence_ids_for_mask` numbers them)."""
+    starts = is_image & ~torch.cat([is_image.new_zeros(1), is_image[:-1]])
+    return torch.where(is_image, starts.cumsum(0) - 1, -1)
+
+
+@register
+class Gemma3Adapter(ModelAdapter):
+    family = "gemma3"
+    model_types = ("gemma3",)
+    example = "google/gemma-3-4b-it"
+    media_keys = ("pixel_values",)
+    end_of_turn_tokens = ("<end_of_turn>",)
+    # The processor names <start_of_image> only; the soft tokens and <end_of_image> are media too.
+    media_token_pattern = r"<image_soft_token>|<end_of_image>"
+    video = ""
+
+    def attn_implementation(self) -> str:
+        return "sdpa"
+
+    def model_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
+                     media: dict[str, torch.Tensor]) -> dict[str, Any]:
+        text = self.config.get_text_config()
+        blocks = image_blocks(input_ids == self.config.image_token_id)
+        masks = {kind: packed_attention_mask(position_ids, blocks,
+                                             text.sliding_window if kind == "sliding_attention" else None)
+                 for kind in sorted(set(text.layer_types))}
+        return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None],
+                "attention_mask": masks, **media}
