@@ -22,8 +22,6 @@ def join(*lines: str) -> str:
     return "".join(line.strip() for line in lines)
 
 
-# llava-1.5 (vicuna_v1 conversation): "SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:".
-
 # ------------------------------------------------------------------------------------------------
 # Tokenizers: a small byte-level BPE learned from text generated here, with each family's special
 # tokens registered as single special tokens at the same relative places as in the real vocabulary.

@@ -11,6 +11,8 @@ from trainer.models.tiny.common import (
     padded_vocab,
 )
 
+# Idefics3-8B-Llama3: "<|begin_of_text|>User:<image>Q<end_of_utterance>\nAssistant: A<end_of_utterance>\n".
+# The role is capitalised ("System", "User", "Assistant"), parts are rendered in place, and a message
 # that starts with an image has no space after the colon.
 IDEFICS3_CHAT_TEMPLATE = join(
     "{% macro body(content) %}",
@@ -37,10 +39,6 @@ IDEFICS3_CHAT_TEMPLATE = join(
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}",
 )
 
-# llava-v1.6-mistral-7b-hf (Mistral instruct): "<s>[INST] <image>\nQ [/INST] A</s>[INST] Q2 [/INST]".
-# A system prompt goes before the first [INST] as "<<SYS>>\n...\n<</SYS>>\n\n", images of a message
-# come first ("<image>\n" each), then its text parts joined by a space. llava-hf's published template
-# writes the end of an answer as the text "<\s> " (a typo for </s>); this one writes the EOS token, as
 
 IDEFICS3_TOKENS = TokenizerSpec(
     pattern=LLAMA3_PATTERN,

@@ -14,6 +14,7 @@ from trainer.models.tiny.common import (
     padded_vocab,
 )
 
+# llava-1.5 (vicuna_v1 conversation): "SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:".
 # Images of a message come first, one "<image>\n" each, then its text parts joined by a space.
 LLAVA_CHAT_TEMPLATE = join(
     "{% macro body(content) %}",
@@ -36,8 +37,6 @@ LLAVA_CHAT_TEMPLATE = join(
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}",
 )
 
-# Qwen2-VL-Instruct ChatML: a default system prompt unless the conversation starts with one; media
-# in place, as <|vision_start|><|image_pad|><|vision_end|> (videos with <|video_pad|>), optionally
 
 LLAVA_TOKENS = TokenizerSpec(
     pattern=LLAMA3_PATTERN, head=("<unk>", "<s>", "</s>"), tail=("<image>", "<pad>"),

@@ -13,6 +13,10 @@ from trainer.models.tiny.common import (
 )
 from trainer.models.tiny.llava import LLAVA_TOKENS
 
+# llava-v1.6-mistral-7b-hf (Mistral instruct): "<s>[INST] <image>\nQ [/INST] A</s>[INST] Q2 [/INST]".
+# A system prompt goes before the first [INST] as "<<SYS>>\n...\n<</SYS>>\n\n", images of a message
+# come first ("<image>\n" each), then its text parts joined by a space. llava-hf's published template
+# writes the end of an answer as the text "<\s> " (a typo for </s>); this one writes the EOS token, as
 # the model was trained.
 LLAVA_NEXT_CHAT_TEMPLATE = join(
     "{% macro body(content) %}",

@@ -11,6 +11,8 @@ from trainer.models.tiny.common import (
     padded_vocab,
 )
 
+# Qwen2-VL-Instruct ChatML: a default system prompt unless the conversation starts with one; media
+# in place, as <|vision_start|><|image_pad|><|vision_end|> (videos with <|video_pad|>), optionally
 # numbered ("Picture 1: ") with add_vision_id=True.
 QWEN2_VL_CHAT_TEMPLATE = join(
     "{% macro body(content, counts) %}",
@@ -44,8 +46,6 @@ QWEN2_VL_CHAT_TEMPLATE = join(
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
 )
 
-# Idefics3-8B-Llama3: "<|begin_of_text|>User:<image>Q<end_of_utterance>\nAssistant: A<end_of_utterance>\n".
-# The role is capitalised ("System", "User", "Assistant"), parts are rendered in place, and a message
 
 def qwen_text_config(tokenizer, max_positions: int) -> dict:
     """The Qwen2 language model of Qwen2-VL and Qwen2.5-VL: ChatML ids, 3-D rope sections."""
@@ -64,7 +64,6 @@ def qwen_media_ids(tokenizer) -> dict:
     ids = tokenizer.convert_tokens_to_ids
     return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                 vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-
 
 
 QWEN2_VL_TOKENS = TokenizerSpec(
