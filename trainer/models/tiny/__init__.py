@@ -47,6 +47,10 @@ def build_tiny(family: str, out: str | Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         model = load_families()[family].auto_class().from_config(config, dtype=torch.float32)
+    # A family whose fresh init switches a path off (zero tanh gates) turns it on in its init_weights(model).
+    init_weights = getattr(importlib.import_module(f"{__name__}.{family}"), "init_weights", None)
+    if init_weights is not None:
+        init_weights(model)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     logger.info("wrote tiny %s (%d parameters) to %s", family, model.num_parameters(), out)
