@@ -35,6 +35,8 @@ class ModelConfig:
     path: str = ""                      # a local Hugging Face checkpoint directory (no hub downloads)
     family: str | None = None           # adapter name; None = from the checkpoint's model_type
     compose: ComposeConfig = field(default_factory=ComposeConfig)
+    trust_remote_code: bool = False     # run the checkpoint's own *.py modeling code (needs code_revision)
+    code_revision: str | None = None    # pins that code; without it the error message gives the value
 
     def __post_init__(self) -> None:
         if not self.path:

@@ -42,7 +42,7 @@ def export(model: nn.Module, adapter: ModelAdapter, cfg: Config, out: Path, merg
 
 def _write(state: dict[str, torch.Tensor], adapter: ModelAdapter, cfg: Config, out: Path, merge: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    base = adapter.auto_class().from_pretrained(adapter.path, local_files_only=True, dtype=torch.float32)
+    base = adapter.load_model(dtype=torch.float32)
     if cfg.finetune.method == "full":
         missing, unexpected = base.load_state_dict(state, strict=False)
         _check(missing, unexpected, base)
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer import checkpoint
     from trainer.config import load_config
     from trainer.model import build_model
-    from trainer.models.adapter import get_adapter
+    from trainer.models.adapter import adapter_for
     from trainer.optim import build_optimizer
 
     cfg = load_config(args.run_dir / "config.yaml")
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no checkpoint {'step-' + str(args.step) if args.step else ''} in {args.run_dir}/checkpoints",
               file=sys.stderr)
         return 2
-    adapter = get_adapter(cfg.model.path, cfg.model.family)
+    adapter = adapter_for(cfg.model)
     built = build_model(adapter, cfg, rank=0, world=1)
     optimizer = build_optimizer(built.model, adapter, cfg.optim, fused=False)
     checkpoint.load(path, built.model, optimizer)

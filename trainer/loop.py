@@ -32,7 +32,7 @@ from trainer.data.pipeline import EpochBatches, build_loader
 from trainer.data.render import IGNORE
 from trainer.metrics import Metrics
 from trainer.model import build_model
-from trainer.models.adapter import ModelAdapter, get_adapter
+from trainer.models.adapter import ModelAdapter, adapter_for
 from trainer.optim import build_optimizer, set_lr, step_progress
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Trainer:
     def __init__(self, cfg: Config, rank: int, world: int) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.run_dir = Path(cfg.run.dir)
-        self.adapter = get_adapter(cfg.model.path, cfg.model.family)
+        self.adapter = adapter_for(cfg.model)
         built = build_model(self.adapter, cfg, rank, world)
         self.model, self.device, self.fsdp = built.model, built.device, built.mesh is not None
         # FSDP's mixed-precision policy casts for bf16 compute; a single unsharded GPU uses autocast.

@@ -55,7 +55,7 @@ def load_pretrained(adapter: ModelAdapter, cfg: Config, device: torch.device, dt
             load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=adapter.quant_skip_modules())
         kwargs["device_map"] = {"": device}
-    return adapter.auto_class().from_pretrained(adapter.path, local_files_only=True, **kwargs)
+    return adapter.load_model(**kwargs)
 
 
 def freeze(model: nn.Module, adapter: ModelAdapter, cfg: Config) -> dict[str, int]:
@@ -89,8 +89,7 @@ def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Bu
         model = load_pretrained(adapter, cfg, device if quantized else torch.device("cpu"), dtype)
     else:
         with torch.device("meta"):
-            model = adapter.auto_class().from_config(adapter.config, dtype=torch.float32,
-                                                     attn_implementation=adapter.attn_implementation())
+            model = adapter.model_from_config(dtype=torch.float32, attn_implementation=adapter.attn_implementation())
     if cfg.finetune.method in ("lora", "qlora"):
         model = apply_lora(model, lora_config(adapter, model, cfg.finetune))
     counts = freeze(model, adapter, cfg)

@@ -44,10 +44,10 @@ def dry_run(cfg: Config, epoch: int) -> dict:
     """Stream one epoch on this rank; return the totals over all ranks."""
     from trainer.data.pipeline import EpochBatches, build_loader
     from trainer.dist import gather_objects, init_distributed
-    from trainer.models.adapter import get_adapter
+    from trainer.models.adapter import adapter_for
 
     rank, world = init_distributed()
-    adapter = get_adapter(cfg.model.path, cfg.model.family)
+    adapter = adapter_for(cfg.model)
     loader = build_loader(cfg.data, adapter, seed=cfg.train.seed, rank=rank, world=world)
     loader.dataset.set_epoch(epoch)
     batches = EpochBatches(loader, adapter, cfg.data.max_skip_fraction)

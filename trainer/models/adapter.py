@@ -11,6 +11,7 @@ tensors with a batch dimension, end-of-turn tokens, video decoding).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import pkgutil
@@ -46,15 +47,21 @@ class ModelAdapter:
     lora_vision: ClassVar[bool] = True       # finetune.lora.vision=true
     qlora: ClassVar[bool] = True             # finetune.method=qlora
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, trust_remote_code: bool = False) -> None:
         self.path = str(path)
+        self.trust_remote_code = trust_remote_code   # checked against model.code_revision by get_adapter
 
     def __getstate__(self) -> dict[str, Any]:
         # Dataloader workers get the path and load their own processor.
-        return {"path": self.path}
+        return {"path": self.path, "trust_remote_code": self.trust_remote_code}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"])  # type: ignore[misc]
+        self.__init__(state["path"], state.get("trust_remote_code", False))  # type: ignore[misc]
+
+    @property
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of every from_pretrained / from_config call for this checkpoint."""
+        return {"trust_remote_code": True} if self.trust_remote_code else {}
 
     # --- loading -------------------------------------------------------------------------
 
@@ -62,7 +69,7 @@ class ModelAdapter:
     def processor(self) -> Any:
         from transformers import AutoProcessor
 
-        proc = AutoProcessor.from_pretrained(self.path, local_files_only=True)
+        proc = AutoProcessor.from_pretrained(self.path, local_files_only=True, **self.load_kwargs)
         if getattr(proc, "chat_template", None) is None:
             raise ValueError(f"{self.path}: the processor has no chat template; mmloom renders conversations "
                              f"with it. Add chat_template.jinja to the checkpoint.")
@@ -72,7 +79,7 @@ class ModelAdapter:
     def config(self) -> Any:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.path, local_files_only=True)
+        return AutoConfig.from_pretrained(self.path, local_files_only=True, **self.load_kwargs)
 
     @property
     def tokenizer(self) -> Any:
@@ -149,6 +156,25 @@ class ModelAdapter:
 
     # --- the model ---------------------------------------------------------------------------
 
+    def load_model(self, **kwargs: Any) -> Any:
+        """The checkpoint's model through transformers' from_pretrained (remote code if trusted)."""
+        return self.model_class().from_pretrained(self.path, local_files_only=True, **self.load_kwargs, **kwargs)
+
+    def model_from_config(self, **kwargs: Any) -> Any:
+        """The checkpoint's architecture with fresh weights (under torch.device("meta"): no memory)."""
+        return self.model_class().from_config(self.config, **self.load_kwargs, **kwargs)
+
+    def model_class(self) -> Any:
+        """auto_class(); for trusted remote code, the auto class its config.json's auto_map names."""
+        if self.trust_remote_code:
+            import transformers
+
+            auto_map = getattr(self.config, "auto_map", None) or {}
+            for name in ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModelForCausalLM"):
+                if name in auto_map and hasattr(transformers, name):
+                    return getattr(transformers, name)
+        return self.auto_class()
+
     @classmethod
     def auto_class(cls) -> Any:
         """The transformers auto class that loads the family (from_pretrained / from_config)."""
@@ -191,7 +217,7 @@ class ModelAdapter:
     def quant_skip_modules(self) -> list[str]:
         """Full names of the modules QLoRA leaves unquantized: vision tower, projector, lm_head."""
         with torch.device("meta"):
-            skeleton = self.auto_class().from_config(self.config)
+            skeleton = self.model_from_config()
         names: list[str] = ["lm_head"]
         for name, module in skeleton.named_modules():
             params = [n for n, _ in module.named_parameters(prefix=name)]
@@ -227,19 +253,45 @@ def load_families() -> dict[str, type[ModelAdapter]]:
     return dict(sorted(_ADAPTERS.items()))
 
 
-def get_adapter(path: str | Path, family: str | None = None) -> ModelAdapter:
-    """The adapter for a checkpoint: by name, else by the checkpoint's model_type, else generic."""
-    load_families()
+def code_revision(path: str | Path) -> str:
+    """The pin of a checkpoint's own code: sha256 over its *.py files (names and bytes), 16 hex digits."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
-    if family is not None:
-        if family not in _ADAPTERS and family != "generic":
-            raise ValueError(f"model.family={family!r} is unknown; known: generic, {', '.join(sorted(_ADAPTERS))}")
-        return _ADAPTERS.get(family, ModelAdapter)(path)
+
+def get_adapter(path: str | Path, family: str | None = None, trust_remote_code: bool = False,
+                revision: str | None = None) -> ModelAdapter:
+    """The adapter for a checkpoint: by name, else by the checkpoint's model_type, else generic.
+
+    A checkpoint that ships its own modeling code (an `auto_map` in config.json: InternLM-XComposer2,
+    Phi-3-Vision, older MiniCPM-V) runs that code only with trust_remote_code and a `revision`
+    pinning it: the 16-digit code_revision() of its *.py files, or the Hub commit of a snapshot
+    directory (.../snapshots/<commit>), so code that changed since it was reviewed never runs."""
+    load_families()
     config = Path(path) / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found: model.path must be a local Hugging Face checkpoint directory")
-    model_type = json.loads(config.read_text()).get("model_type")
+    meta = json.loads(config.read_text())
+    if trust_remote_code:
+        pins = {code_revision(path)} | ({Path(path).name} if Path(path).parent.name == "snapshots" else set())
+        if revision not in pins:
+            raise ValueError(f"model.trust_remote_code=true runs the Python files in {path}; review them, then pin "
+                             f"them with model.code_revision={code_revision(path)} (got {revision!r})")
+    elif meta.get("auto_map"):
+        raise ValueError(f"{config} names its own modeling code (auto_map): mmloom does not run it unless you set "
+                         f"model.trust_remote_code=true and pin it with model.code_revision (see README)")
+    if family is not None:
+        if family not in _ADAPTERS and family != "generic":
+            raise ValueError(f"model.family={family!r} is unknown; known: generic, {', '.join(sorted(_ADAPTERS))}")
+        return _ADAPTERS.get(family, ModelAdapter)(path, trust_remote_code)
     for cls in _ADAPTERS.values():
-        if model_type in cls.model_types:
-            return cls(path)
-    return ModelAdapter(path)
+        if meta.get("model_type") in cls.model_types:
+            return cls(path, trust_remote_code)
+    return ModelAdapter(path, trust_remote_code)
+
+
+def adapter_for(model_cfg: Any) -> ModelAdapter:
+    """get_adapter for a config's `model` section."""
+    return get_adapter(model_cfg.path, model_cfg.family, model_cfg.trust_remote_code, model_cfg.code_revision)
