@@ -195,6 +195,19 @@ class FamilyOracles:
         assert torch.allclose(logits(merged, inputs), expected, atol=1e-4, rtol=1e-4)
 
 
+    def test_preview_shows_the_trained_answer(self, path: Path, capsys: pytest.CaptureFixture) -> None:
+        """`python -m trainer.preview` on the demo's two-image record: the trained tokens are its answer."""
+        from transformers import AutoTokenizer
+
+        from trainer.preview import main as preview
+
+        demo = REPO / "data_tools" / "demo" / "llava_images.json"
+        assert preview(["--model", str(path), "--sample", str(demo), "--index", "2", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        trained = [t for t, label in zip(out["input_ids"], out["labels"]) if label != -100]
+        text = AutoTokenizer.from_pretrained(path).decode(trained)
+        assert text.strip().startswith("The first one: a temple with a curved roof. The second shows a flower.")
+
     def test_qlora_step_trains_lora_on_4bit_weights(self, path: Path, overfit_shards: Path) -> None:
         """The table's QLoRA column: the language model loads in 4-bit, one real pack goes forward and
         backward, and every LoRA weight gets a finite gradient, some of them non-zero."""
