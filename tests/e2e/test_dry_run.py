@@ -40,10 +40,13 @@ def test_dry_run_counts_on_one_and_two_ranks(tiny, stream_shards: Path) -> None:
 
 
 def test_dry_run_reports_skips_by_reason(tiny, tmp_path: Path) -> None:
-    # The bundled demo has two videos, which llava cannot take yet: counted, per source.
+    # The bundled demo's two videos reach llava as 6 (the sample's num_frames) and 8 frames of 576
+    # tokens each: over 2048 tokens, counted per source; with 2 frames by default both fit.
     from data_tools.shard import main as shard_main
 
     shard_main([str(REPO / "data_tools" / "demo" / "data.txt"), "--out", str(tmp_path / "s"), "-q", "--workers", "1"])
     out = dry_run(tiny, tmp_path / "s", "data.workers=0", "data.max_skip_fraction=0.2")
-    assert out["skipped"] == {"video_unsupported": 2} and out["skipped_per_source"] == {"video_qa.json": 2}
+    assert out["skipped"] == {"too_long": 2} and out["skipped_per_source"] == {"video_qa.json": 2}
     assert out["per_source"]["video_qa.json"] == 0 and out["samples"] == 21
+    out = dry_run(tiny, tmp_path / "s", "data.workers=0", "data.packing.max_tokens=4096", "data.video.num_frames=2")
+    assert out["skipped"] == {} and out["per_source"]["video_qa.json"] == 2 and out["samples"] == 23

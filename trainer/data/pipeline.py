@@ -173,7 +173,8 @@ class _StreamIter:
                 raise RenderError("corrupt_sample", f"{raw.shard} key {raw.key}: {e}") from None
             # A sample without media must leave room for the grey image its pack will carry.
             limit = self.ds.cfg.packing.max_tokens - (0 if sample.media else self.reserve)
-            rendered = render_sample(self.ds.adapter, sample, raw.members, limit, self.ds.cfg.packing.overlong)
+            rendered = render_sample(self.ds.adapter, sample, raw.members, limit, self.ds.cfg.packing.overlong,
+                                     self.ds.cfg.video)
         except RenderError as e:
             self._skip(e.reason, raw.source, f"{raw.shard} key {raw.key}: {e.detail}")
             return None

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from data_tools.sample import ImagePart, Sample, TextPart, VideoPart
+from trainer.data.video import VideoPolicy, decode_video
 
 if TYPE_CHECKING:
     from trainer.models.adapter import ModelAdapter
@@ -66,8 +67,11 @@ class _Segment:
     videos: list[Any] = field(default_factory=list)
 
 
-def to_messages(sample: Sample) -> list[dict[str, Any]]:
-    """Canonical sample -> Hugging Face chat messages with typed content parts."""
+def to_messages(sample: Sample, frames: list[int] | None = None) -> list[dict[str, Any]]:
+    """Canonical sample -> Hugging Face chat messages with typed content parts. With `frames` (one
+    count per video, in order), each video becomes that many images: its sampled frames, for
+    families that take no video input."""
+    frames = list(frames) if frames is not None else None
     messages = []
     if sample.system:
         messages.append({"role": "system", "content": [{"type": "text", "text": sample.system}]})
@@ -78,6 +82,8 @@ def to_messages(sample: Sample) -> list[dict[str, Any]]:
                 content.append({"type": "text", "text": part.text})
             elif isinstance(part, ImagePart):
                 content.append({"type": "image"})
+            elif frames is not None:
+                content.extend({"type": "image"} for _ in range(frames.pop(0)))
             else:
                 content.append({"type": "video"})
         messages.append({"role": turn.role, "content": content})
@@ -93,24 +99,36 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def render_sample(adapter: ModelAdapter, sample: Sample, members: dict[str, bytes],
-                  max_tokens: int | None = None, overlong: str = "trim") -> Rendered:
-    """Render one canonical sample; raises RenderError (a counted skip) when it cannot be used."""
-    messages = to_messages(sample)
-    if not any(m["role"] == "assistant" for m in messages):
+                  max_tokens: int | None = None, overlong: str = "trim", video: VideoPolicy | None = None) -> Rendered:
+    """Render one canonical sample; raises RenderError (a counted skip) when it cannot be used.
+    Videos are sampled by `video` (default VideoPolicy()) and reach the model as videos, or as their
+    frames for families that declare video = "frames"."""
+    if not any(t.role == "assistant" for t in sample.turns):
         raise RenderError("no_answer", f"sample {sample.key} has no assistant turn")
     media = [p for t in sample.turns for p in t.parts if not isinstance(p, TextPart)]
-    images, videos = [], []
+    images, videos, frames = [], [], []
     for part in media:
         if part.member not in members:
             raise RenderError("missing_member", f"sample {sample.key} lacks member {part.member}")
         if isinstance(part, VideoPart):
-            videos.append(adapter.decode_video(members[part.member], part))
+            if not adapter.video:
+                raise RenderError("video_unsupported", f"{adapter.family} takes no video input")
+            try:
+                clip = decode_video(members[part.member], video or VideoPolicy(), part.num_frames)
+            except ValueError as e:
+                raise RenderError("bad_video", f"sample {sample.key} {part.member}: {e}") from None
+            if adapter.video == "frames":
+                images.extend(Image.fromarray(f) for f in clip.frames)
+                frames.append(len(clip.frames))
+            else:
+                videos.append(adapter.video_input(clip))
         else:
             try:
                 images.append(decode_image(members[part.member]))
             except Exception as e:  # noqa: BLE001 - a bad image is a counted skip, never a crash
                 raise RenderError("bad_image", f"sample {sample.key} {part.member}: {e!r}") from None
 
+    messages = to_messages(sample, frames if adapter.video == "frames" else None)
     segments, text = _segments(adapter, messages)
     _assign_media(adapter, segments, text, images, videos, sample.key)
     if not _splits_cleanly(adapter, text, segments):

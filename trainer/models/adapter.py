@@ -41,7 +41,7 @@ class ModelAdapter:
     # What the family supports, read by `python -m trainer.models --list` (the README's table).
     example: ClassVar[str] = ""              # a real Hugging Face checkpoint of the family
     multi_image: ClassVar[bool] = True       # several images in one sample
-    video: ClassVar[str] = ""                # "native" (the model takes videos), "frames" (sampled frames
+    video: ClassVar[str] = "frames"          # "native" (the model takes videos), "frames" (the sampled frames
                                              # become images), "" (videos are skipped, counted)
     packing: ClassVar[bool] = True           # several samples in one sequence with exact per-sample loss
     lora_vision: ClassVar[bool] = True       # finetune.lora.vision=true
@@ -149,10 +149,9 @@ class ModelAdapter:
     def position_ids(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.arange(input_ids.shape[0], dtype=torch.int64)
 
-    def decode_video(self, data: bytes, part: Any) -> Any:
-        from trainer.data.render import RenderError
-
-        raise RenderError("video_unsupported", f"{self.family}: video input is not supported yet")
+    def video_input(self, clip: Any) -> Any:
+        """What the processor gets for one decoded video (a trainer.data.video.Clip): its frames."""
+        return clip.frames
 
     # --- the model ---------------------------------------------------------------------------
 
