@@ -50,3 +50,29 @@ def test_dry_run_reports_skips_by_reason(tiny, tmp_path: Path) -> None:
     assert out["per_source"]["video_qa.json"] == 0 and out["samples"] == 21
     out = dry_run(tiny, tmp_path / "s", "data.workers=0", "data.packing.max_tokens=4096", "data.video.num_frames=2")
     assert out["skipped"] == {} and out["per_source"]["video_qa.json"] == 2 and out["samples"] == 23
+
+
+def test_a_video_broken_after_conversion_is_a_counted_skip_on_two_ranks(tiny, tmp_path: Path) -> None:
+    """One sample's video is damaged inside its shard after conversion: on 2 ranks the dry run counts
+    it as a bad_video skip on the rank that reads it, both ranks take the same number of steps, and
+    every other sample gets through."""
+    import tarfile
+
+    from data_tools.shard import main as shard_main
+
+    shards = tmp_path / "s"
+    shard_main([str(REPO / "data_tools" / "demo" / "data.txt"), "--out", str(shards), "-q", "--workers", "1"])
+    damaged = 0
+    for shard in sorted(shards.rglob("*.tar")):
+        with tarfile.open(shard) as tar:
+            videos = [m for m in tar.getmembers() if m.name.endswith(".mp4")]
+        if videos and not damaged:
+            with open(shard, "r+b") as f:                  # same size: the shard still reads as a tar
+                f.seek(videos[0].offset_data)
+                f.write(b"\0" * 64)                        # the container header: no decoder opens it
+            damaged = 1
+    assert damaged
+    out = dry_run(tiny, shards, "data.workers=1", "data.packing.max_tokens=4096", "data.video.num_frames=2",
+                  "data.max_skip_fraction=0.2", ranks=2)
+    assert out["skipped"] == {"bad_video": 1} and out["per_source"]["video_qa.json"] == 1
+    assert out["samples"] == 22 and len(set(out["steps_per_rank"])) == 1

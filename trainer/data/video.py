@@ -121,12 +121,11 @@ def _pyav(data: bytes, policy: VideoPolicy, num_frames: int | None) -> Clip:
                 frames[i] = frame.to_ndarray(format="rgb24")
             if i >= indices[-1]:
                 break
-    if not frames:
-        raise ValueError("no frame decoded")
-    # A stream shorter than its header said: the last decoded frame stands in for the missing ones.
-    last = frames[max(frames)]
-    stack = np.stack([frames.get(i, last) for i in indices])
-    return Clip(frames=stack, indices=indices, fps=fps, total_frames=total, decoder="pyav")
+    missing = [i for i in indices if i not in frames]
+    if missing:
+        raise ValueError(f"truncated: frame {missing[0]} of the {total} the stream declares does not decode")
+    return Clip(frames=np.stack([frames[i] for i in indices]), indices=indices, fps=fps, total_frames=total,
+                decoder="pyav")
 
 
 def decode_video(data: bytes, policy: VideoPolicy, num_frames: int | None = None) -> Clip:
