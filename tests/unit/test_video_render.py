@@ -11,7 +11,7 @@ from PIL import Image
 from data_tools.sample import Sample, TextPart, Turn, VideoPart
 from trainer.data.render import IGNORE, RenderError, render_sample, to_messages
 from trainer.data.video import VideoPolicy, decode_video
-from trainer.models.adapter import get_adapter
+from trainer.models.adapter import get_adapter, load_families
 
 
 def video_sample(num_frames: int | None) -> Sample:
@@ -58,3 +58,22 @@ def test_a_video_too_long_for_the_pack_is_dropped(tiny, media) -> None:
     with pytest.raises(RenderError) as e:
         render_sample(adapter, video_sample(8), {"v.mp4": media["carphone.mp4"].read_bytes()}, max_tokens=4096)
     assert e.value.reason == "too_long"
+
+
+FRAME_FAMILIES = sorted(f for f, cls in load_families().items() if cls.video == "frames")
+
+
+@pytest.mark.parametrize("family", FRAME_FAMILIES)
+def test_every_frames_family_renders_a_video_as_the_processor_renders_its_frames(tiny, media, family: str) -> None:
+    adapter = get_adapter(tiny(family))
+    data = media["carphone.mp4"].read_bytes()
+    policy = VideoPolicy(num_frames=2)
+    sample = video_sample(None)
+    r = render_sample(adapter, sample, {"v.mp4": data}, video=policy)
+    frames = [Image.fromarray(f) for f in decode_video(data, policy).frames]
+    messages = to_messages(sample, [len(frames)])
+    prompt = adapter.processor.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True, return_tensors="pt",
+                                                   processor_kwargs={"images": frames})["input_ids"][0]
+    assert torch.equal(r.input_ids[: len(prompt)], prompt)
+    assert adapter.tokenizer.decode(r.input_ids[r.labels != IGNORE]).strip().startswith("A man talks on a phone.")

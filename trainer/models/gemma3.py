@@ -57,7 +57,6 @@ class Gemma3Adapter(ModelAdapter):
     end_of_turn_tokens = ("<end_of_turn>",)
     # The processor names <start_of_image> only; the soft tokens and <end_of_image> are media too.
     media_token_pattern = r"<image_soft_token>|<end_of_image>"
-    video = ""
 
     def attn_implementation(self) -> str:
         return "sdpa"
