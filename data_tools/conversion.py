@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from data_tools.formats import Draft, MediaRef, parse_record
+from data_tools.frames import FrameExtraction, extract_frames, frames_record
 from data_tools.media import DEFAULT_MAX_PIXELS, media_stat, probe_image, probe_video, read_media
 from data_tools.sample import ImagePart, Rejected, Sample, TextPart, Turn, VideoPart
 from data_tools.sources import RecordReader
@@ -35,6 +36,7 @@ _IN_FLIGHT_BYTES = 256 << 20  # ...and converted bytes waiting in the parent, ab
 class ConvertOptions:
     media_root: Path | None = None      # relative media paths resolve here, else next to the JSON
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    video_frames: FrameExtraction | None = None   # store videos as their sampled frames (--video-frames)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Converted:
     reason: str | None = None
     images: int = 0
     videos: int = 0
+    frames: int = 0                     # video frames stored as images (--video-frames)
     text_chars: int = 0
     media_bytes: int = 0
 
@@ -101,6 +104,7 @@ def _materialize(draft: Draft, out: Converted, source: str,
                 new_parts.append(TextPart(text=part))
                 continue
             data = read_media(part)
+            stored = None
             if part.kind == "image":
                 info = probe_image(data, part.origin, opts.max_image_pixels)
                 member = f"img{out.images}.{info.ext}"
@@ -110,13 +114,22 @@ def _materialize(draft: Draft, out: Converted, source: str,
             else:
                 vinfo = probe_video(data, part.origin)
                 member = f"vid{out.videos}.{vinfo.ext}"
+                frames: dict[str, Any] = {}
+                if opts.video_frames is not None:
+                    # The frames training would sample, stored as images in place of the video.
+                    clip, images = extract_frames(data, part.origin, opts.video_frames, part.num_frames)
+                    names = [f"vid{out.videos}.frame{j}.{opts.video_frames.ext}" for j in range(len(images))]
+                    stored = list(zip(names, images))
+                    member, frames = names[0], frames_record(clip, names)
+                    out.frames += len(images)
                 out.videos += 1
                 new_parts.append(VideoPart(member=member, width=vinfo.width, height=vinfo.height,
                                            frames=vinfo.frames, fps=vinfo.fps, duration=vinfo.duration,
                                            format=vinfo.format, bytes=len(data),
-                                           num_frames=part.num_frames, origin=part.origin))
-            members.append((member, data))
-            out.media_bytes += len(data)
+                                           num_frames=part.num_frames, origin=part.origin, **frames))
+            for name, blob in stored or [(member, data)]:
+                members.append((name, blob))
+                out.media_bytes += len(blob)
         turns.append(Turn(role=role, parts=new_parts))  # type: ignore[arg-type]
     sample = Sample(key=out.key, source=source, index=out.index, id=out.id, system=draft.system, turns=turns)
     return sample, members

@@ -6,6 +6,7 @@
      "sources": [{"name": "coco", "path": "coco.json" (as written in data.txt),
                   "samples": 9998 (valid), "epoch_samples": 10000, "rejected": 2,
                   "rejected_by_reason": {"missing_media": 2}, "images": 9998, "videos": 0,
+                  "frames": 0 (video frames stored as images, shard.py --video-frames),
                   "text_chars": 1234567, "media_bytes": 987654321, "fingerprint": "<sha256>",
                   "shards": [{"path": "coco/coco-000000.tar", "samples": 5000,
                               "bytes": 493827072, "sha256": "<hex>"}, ...]}, ...],
@@ -47,6 +48,7 @@ class SourceEntry:
     rejected_by_reason: dict[str, int]
     images: int
     videos: int
+    frames: int = 0                 # video frames stored as images instead of videos (--video-frames)
     text_chars: int
     media_bytes: int
     fingerprint: str
@@ -77,7 +79,7 @@ class Manifest:
 
     def to_json(self) -> str:
         obj = asdict(self)
-        keys = ("samples", "rejected", "images", "videos", "text_chars", "media_bytes", "epoch_samples")
+        keys = ("samples", "rejected", "images", "videos", "frames", "text_chars", "media_bytes", "epoch_samples")
         obj["totals"] = {k: sum(getattr(s, k) for s in self.sources) for k in keys}
         obj["totals"]["shards"] = sum(len(s.shards) for s in self.sources)
         return json.dumps(obj, indent=1, ensure_ascii=False) + "\n"

@@ -4,7 +4,8 @@ A sample is an id, its source, an optional system prompt and a list of turns. Ea
 role and a list of parts; a part is text, an image or a video. Media parts name a member of the
 same sample in the tar (`<key>.img0.jpg` is named `img0.jpg`) and carry what is needed to
 estimate token counts without decoding: image width/height after EXIF orientation, video
-size, frame count, fps and duration.
+size, frame count, fps and duration. A video converted with `shard.py --video-frames` holds its
+sampled frames as image members instead (`frame_members`, see data_tools/frames.py).
 
     sample = Sample.from_json(tar_member_bytes)
     for turn in sample.turns: ...
@@ -51,6 +52,13 @@ class VideoPart:
     bytes: int
     num_frames: int | None = None   # frames to sample for training, when the input asked (lmms-finetune)
     origin: str | None = None
+    # Set when the converter stored the sampled frames instead of the video (shard.py --video-frames,
+    # data_tools/frames.py); `member` is then the first frame, the fields above stay the video's.
+    frame_members: list[str] | None = None    # image members, one per sampled frame, in order
+    frame_indices: list[int] | None = None    # which frames of the video they are
+    frame_timestamps: list[float] | None = None   # seconds: index / source_fps
+    source_fps: float | None = None           # frame rate and frame count as the decoder read the
+    source_frames: int | None = None          # video (what the indices and timestamps refer to)
     type: Literal["video"] = "video"
 
 

@@ -2,6 +2,7 @@
 
     python data_tools/shard.py data.txt --out shards/ [--media-root DIR] [--workers N]
                                [--shard-size 1G] [--shard-samples 10000] [--seed 0]
+                               [--video-frames N | --video-fps F] [--video-frame-format png]
 
 `data.txt` lists `<json path> <samples per epoch, in thousands>` lines (InternLM-XComposer).
 Every sample is validated; rejected ones go to `shards/rejected.jsonl` with a reason and the run
@@ -9,6 +10,10 @@ goes on. Output: `shards/<source>/<source>-NNNNNN.tar`, `shards/manifest.json`. 
 give byte-identical shards whatever --workers is; a re-run reuses the shards of every source
 whose JSON, media files and settings did not change. Exit codes: 0 done (rejections included),
 2 bad input (data.txt, missing or unparsable JSON) with nothing written.
+
+With --video-frames N (or --video-fps F), every video is decoded here, once, and the sample
+stores its sampled frames as images instead of the video (data_tools/frames.py): the frames
+training would sample with the same data.video settings, a sample's num_frames first.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from tqdm import tqdm  # noqa: E402
 
 from data_tools import __version__  # noqa: E402
 from data_tools.conversion import ConvertOptions, convert_source, fingerprint_source  # noqa: E402
+from data_tools.frames import FORMATS, FrameExtraction  # noqa: E402
 from data_tools.manifest import (  # noqa: E402
     MANIFEST, REJECTED, Manifest, ShardEntry, SourceEntry, summary_table, write_atomic,
 )
@@ -81,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="global seed stored in the manifest for epoch mixing")
     p.add_argument("--force", action="store_true", help="re-convert every source even if unchanged")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    video = p.add_argument_group(
+        "videos as frames: decode each video once here and store its sampled frames as images instead "
+        "of the video, so training runs no video decoder (the frames data.video would sample, set alike)")
+    how = video.add_mutually_exclusive_group()
+    how.add_argument("--video-frames", type=int, metavar="N",
+                     help="N frames spread uniformly over each video (a sample's own num_frames wins)")
+    how.add_argument("--video-fps", type=float, metavar="F",
+                     help="F frames per second of video, within --video-min-frames and --video-max-frames")
+    video.add_argument("--video-min-frames", type=int, default=FrameExtraction.min_frames, metavar="N",
+                       help="with --video-fps: at least N frames per video (default %(default)s)")
+    video.add_argument("--video-max-frames", type=int, default=None, metavar="N",
+                       help=f"at most N frames per video, a sample's num_frames included "
+                            f"(default {FrameExtraction.max_frames}, or --video-frames if larger)")
+    video.add_argument("--video-frame-format", choices=sorted(FORMATS), default="jpeg",
+                       help="jpeg (quality 95, the default) or png (lossless: exactly the decoded pixels)")
     slurm = p.add_argument_group("on SLURM: K array tasks convert a share of every source each, then a "
                                  "merge job writes the shards (byte-identical to a single-machine run)")
     slurm.add_argument("--slurm-tasks", type=int, metavar="K", help="submit K array tasks and a merge job")
@@ -98,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --workers and --shard-samples must be >= 1", file=sys.stderr)
         return 2
     try:
+        args.video_extraction = frame_extraction(args)
         if args.slurm_tasks:
             return submit(args)
         if args.task:
@@ -108,10 +130,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def frame_extraction(args: argparse.Namespace) -> FrameExtraction | None:
+    """--video-frames / --video-fps and their companions, checked; None when videos stay videos."""
+    if args.video_frames is None and args.video_fps is None:
+        if args.video_max_frames is not None or args.video_min_frames != FrameExtraction.min_frames \
+                or args.video_frame_format != "jpeg":
+            raise DataError("--video-min-frames, --video-max-frames and --video-frame-format need "
+                            "--video-frames N or --video-fps F")
+        return None
+    max_frames = args.video_max_frames
+    if max_frames is None:
+        max_frames = max(FrameExtraction.max_frames, args.video_frames or 0)
+    try:
+        return FrameExtraction(num_frames=args.video_frames, fps=args.video_fps, min_frames=args.video_min_frames,
+                               max_frames=max_frames, format="png" if args.video_frame_format == "png" else "jpeg")
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
 def _prepare(args: argparse.Namespace) -> tuple[list[SourceSpec], ConvertOptions, dict, dict]:
     specs = parse_data_txt(args.data_txt)
     opts = ConvertOptions(media_root=args.media_root.resolve() if args.media_root else None,
-                          max_image_pixels=args.max_image_pixels)
+                          max_image_pixels=args.max_image_pixels, video_frames=args.video_extraction)
     settings = {"converter": __version__, "shard_size": args.shard_size, "shard_samples": args.shard_samples}
     # Pass 1 reads every JSON file before anything is written: a syntax error in the last file
     # stops the run now, not hours in, and the fingerprints tell which sources are unchanged.
@@ -168,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = Manifest(seed=args.seed, converter=__version__, sources=entries,
                         options={**settings, "max_image_pixels": args.max_image_pixels,
-                                 "media_root": str(opts.media_root) if opts.media_root else None})
+                                 "media_root": str(opts.media_root) if opts.media_root else None,
+                                 "video_frames": asdict(opts.video_frames) if opts.video_frames else None})
     _join_rejected(out, entries)
     write_atomic(out / MANIFEST, manifest.to_json())
     print_summary(manifest, time.perf_counter() - start, converted_names, out)
@@ -203,13 +244,13 @@ def _convert(spec: SourceSpec, fingerprint: str, opts: ConvertOptions, args: arg
                 rejected.write(text + "\n")
                 continue
             writer.write(result.key, result.members)
-            stats.update(images=result.images, videos=result.videos, text_chars=result.text_chars,
-                         media_bytes=result.media_bytes, samples=1)
+            stats.update(images=result.images, videos=result.videos, frames=result.frames,
+                         text_chars=result.text_chars, media_bytes=result.media_bytes, samples=1)
     shards = [ShardEntry(**asdict(s)) for s in writer.close()]
     entry = SourceEntry(name=spec.name, path=spec.path, samples=stats["samples"],
                         epoch_samples=spec.epoch_samples, rejected=sum(reasons.values()),
                         rejected_by_reason=dict(sorted(reasons.items())), images=stats["images"],
-                        videos=stats["videos"], text_chars=stats["text_chars"],
+                        videos=stats["videos"], frames=stats["frames"], text_chars=stats["text_chars"],
                         media_bytes=stats["media_bytes"], fingerprint=fingerprint, shards=shards)
     return entry
 
@@ -267,6 +308,7 @@ def submit(args: argparse.Namespace) -> int:
                    "--shard-size", str(args.shard_size), "--shard-samples", str(args.shard_samples),
                    "--max-image-pixels", str(args.max_image_pixels), "--seed", str(args.seed), "-q",
                    *(["--media-root", str(args.media_root.resolve())] if args.media_root else []),
+                   *_video_args(args.video_extraction),
                    *(["--force"] if args.force else [])]
     script = os.path.abspath(__file__)
     base = ["sbatch", "--parsable", "--job-name", "mmloom-shard", *shlex.split(args.slurm_args),
@@ -286,6 +328,14 @@ def submit(args: argparse.Namespace) -> int:
         raise DataError(f"the merge job failed ({merge.stderr.strip()}); see {args.out / '.tasks'}")
     print(f"array job {array_id} ({k} tasks), merge job {merge.stdout.strip().split(';')[0]}", flush=True)
     return 0
+
+
+def _video_args(how: FrameExtraction | None) -> list[str]:
+    if how is None:
+        return []
+    count = ["--video-frames", str(how.num_frames)] if how.num_frames is not None else ["--video-fps", repr(how.fps)]
+    return [*count, "--video-min-frames", str(how.min_frames), "--video-max-frames", str(how.max_frames),
+            "--video-frame-format", how.format]
 
 
 def _load_previous(out: Path) -> Manifest | None:
@@ -357,6 +407,11 @@ def print_summary(manifest: Manifest, seconds: float, converted: list[str], out:
     print(f"\n{valid} samples in {sum(len(s.shards) for s in manifest.sources)} shards, {rejected} rejected "
           f"(see {out / REJECTED}); converted {n} records, {mb:.1f} MB of media in {seconds:.2f} s: "
           f"{mb / max(seconds, 1e-9):.1f} MB/s, {n / max(seconds, 1e-9):.0f} samples/s")
+    how = manifest.options.get("video_frames")
+    if how:
+        frames, videos = sum(s.frames for s in manifest.sources), sum(s.videos for s in manifest.sources)
+        print(f"videos stored as their sampled frames: {frames} frames of {videos} videos, "
+              f"{FrameExtraction(**how).describe()}; training decodes no video")
     for s in manifest.sources:
         if s.samples == 0 and s.epoch_samples > 0:
             print(f"warning: {s.path} has no valid samples but asks for {s.epoch_samples} per epoch; "

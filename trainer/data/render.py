@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image, ImageOps
 
+from data_tools.frames import stored_clip
 from data_tools.sample import ImagePart, Sample, TextPart, VideoPart
 from trainer.data.video import VideoPolicy, decode_video
 
@@ -108,13 +109,18 @@ def render_sample(adapter: ModelAdapter, sample: Sample, members: dict[str, byte
     media = [p for t in sample.turns for p in t.parts if not isinstance(p, TextPart)]
     images, videos, frames = [], [], []
     for part in media:
-        if part.member not in members:
-            raise RenderError("missing_member", f"sample {sample.key} lacks member {part.member}")
+        needed = part.frame_members if isinstance(part, VideoPart) and part.frame_members else [part.member]
+        missing = [m for m in needed if m not in members]
+        if missing:
+            raise RenderError("missing_member", f"sample {sample.key} lacks member {missing[0]}")
         if isinstance(part, VideoPart):
             if not adapter.video:
                 raise RenderError("video_unsupported", f"{adapter.family} takes no video input")
             try:
-                clip = decode_video(members[part.member], video or VideoPolicy(), part.num_frames)
+                if part.frame_members:   # frames extracted at conversion: their indices, not data.video's
+                    clip = stored_clip(part, members, (video or VideoPolicy()).max_pixels)
+                else:
+                    clip = decode_video(members[part.member], video or VideoPolicy(), part.num_frames)
             except ValueError as e:
                 raise RenderError("bad_video", f"sample {sample.key} {part.member}: {e}") from None
             if adapter.video == "frames":
