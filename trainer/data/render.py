@@ -138,7 +138,7 @@ def render_sample(adapter: ModelAdapter, sample: Sample, members: dict[str, byte
     segments, text = _segments(adapter, messages)
     _assign_media(adapter, segments, text, images, videos, sample.key)
     if not _splits_cleanly(adapter, text, segments):
-        return _render_whole(adapter, sample, members, text, segments, images, videos, max_tokens, overlong)
+        return _render_whole(adapter, sample, members, text, segments, images, videos, max_tokens, overlong, video)
     ids, labels, seg_media, ends = [], [], [], []
     for seg in segments:
         out = adapter.process(text[seg.start: seg.end], seg.images, seg.videos, first=seg.start == 0,
@@ -168,7 +168,7 @@ def render_sample(adapter: ModelAdapter, sample: Sample, members: dict[str, byte
             answers = [i for i, t in enumerate(sample.turns) if t.role == "assistant"]
             last = answers[sum(s.answer for s in segments[:keep]) - 1]
             shorter = dataclasses.replace(sample, turns=sample.turns[: last + 1])
-            rendered = render_sample(adapter, shorter, members, max_tokens, overlong)
+            rendered = render_sample(adapter, shorter, members, max_tokens, overlong, video)
             rendered.trimmed = True
             return rendered
     input_ids = torch.cat(ids[:keep])
@@ -193,7 +193,7 @@ def _splits_cleanly(adapter: ModelAdapter, text: str, segments: list[_Segment]) 
 
 def _render_whole(adapter: ModelAdapter, sample: Sample, members: dict[str, bytes], text: str,
                   segments: list[_Segment], images: list, videos: list, max_tokens: int | None,
-                  overlong: str) -> Rendered:
+                  overlong: str, video: VideoPolicy | None = None) -> Rendered:
     """The exact, slower path: the whole conversation tokenized at once (as inference does), with
     label spans found by tokenizing the text up to each turn boundary."""
     def upto(end: int) -> torch.Tensor:
@@ -229,7 +229,7 @@ def _render_whole(adapter: ModelAdapter, sample: Sample, members: dict[str, byte
         answers = [i for i, t in enumerate(sample.turns) if t.role == "assistant"]
         shorter = dataclasses.replace(sample, turns=sample.turns[: answers[fits[-1]] + 1])
         # With fewer images the rest can take more tokens (LLaVA-OneVision): the limit applies again.
-        rendered = render_sample(adapter, shorter, members, max_tokens, overlong)
+        rendered = render_sample(adapter, shorter, members, max_tokens, overlong, video)
         rendered.trimmed = True
         return rendered
     media = adapter.media_of(full)
