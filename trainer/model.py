@@ -108,7 +108,7 @@ def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Bu
         return Built(model=model.to(device), mesh=None, device=device, compute_dtype=dtype)
 
     ignored = {p for n, p in model.named_parameters() if quantized and _is_quantized(p)}
-    apply_fsdp(model, mesh, param_dtype=dtype, ignored=ignored)
+    apply_fsdp(model, mesh, param_dtype=dtype, ignored=ignored, root_block=adapter.fsdp_root_block)
     _sum_gradients(model)
     if not quantized:
         model.to_empty(device=device) if rank != 0 else model.to(device)

@@ -9,6 +9,7 @@ names its list `layer`), then the root.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -46,10 +47,12 @@ def apply_compile(model: nn.Module) -> None:
         parent[i] = torch.compile(parent[i], fullgraph=False)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, ignored: set[nn.Parameter] = frozenset()) -> None:
-    """fully_shard every block, then the root. Gradients reduce in fp32 whatever the compute dtype."""
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, ignored: set[nn.Parameter] = frozenset(),
+               root_block: Callable[[str], bool] | None = None) -> None:
+    """fully_shard every block, then the root. Gradients reduce in fp32 whatever the compute dtype.
+    Blocks of a list for which `root_block(name)` holds stay in the root unit (adapter.fsdp_root_block)."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    blocks = transformer_blocks(model)
+    blocks = [b for b in transformer_blocks(model) if root_block is None or not root_block(b[1])]
     for n, (parent, _, i) in enumerate(blocks):
         # The last block's parameters are needed right away in backward: no point resharding them.
         fully_shard(parent[i], mesh=mesh, mp_policy=mp, reshard_after_forward=n < len(blocks) - 1,

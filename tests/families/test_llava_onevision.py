@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data_tools.sample import ImagePart, Sample, TextPart, Turn
-from tests.families.oracles import FamilyOracles
+from tests.families.oracles import FamilyOracles, VideoOracles, video_members, video_sample
 from tests.unit.test_render import PHOTOS
 from trainer.data.packing import collate
 from trainer.data.render import RenderError, render_sample, to_messages
@@ -59,7 +59,7 @@ FIRST_TURN = [("user", ["img0.jpg", "Where?"]), ("assistant", ["China."])]
 TWO_TURNS = sample("2", *FIRST_TURN, ("user", ["And this one?", "img1.png"]), ("assistant", ["Coffee."]))
 
 
-class TestLlavaOnevision(FamilyOracles):
+class TestLlavaOnevision(VideoOracles, FamilyOracles):
     FAMILY = "llava_onevision"
     SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
     TOKENIZER_ROLES = (None, "<|im_end|>", "<|endoftext|>", False)
@@ -74,6 +74,7 @@ class TestLlavaOnevision(FamilyOracles):
     TEXT_ONLY_RENDER = ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
                         "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n")
     MAX_TOKENS = 8192
+    MIXED_FRAME_COUNTS = False      # one video per row of pixel_values_videos, a newline after each row
 
     def expected_image_tokens(self, image) -> int:
         return BASE + 1  # conversation() holds two images: each its base view plus one newline
@@ -193,7 +194,7 @@ class TestLlavaOnevision(FamilyOracles):
             render_sample(adapter, TWO_TURNS, PHOTOS, max_tokens=two_turns.length - 1)
 
     def test_video_keeps_the_real_frame_geometry(self, path, images) -> None:
-        # Not trained yet (a later issue): 384-px frames pooled 2x2 to 14x14 = 196 tokens, one newline per video.
+        # 384-px frames pooled 2x2 to 14x14 = 196 tokens, one newline per video.
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         proc, model = AutoProcessor.from_pretrained(path), AutoModelForImageTextToText.from_pretrained(path)
@@ -218,3 +219,30 @@ class TestLlavaOnevision(FamilyOracles):
         mixed = [{"role": "user", "content": parts}]
         assert proc.apply_chat_template(mixed) == (
             "<|im_start|>user\n<image>\n<image>\n<video>\nCompare these.<|im_end|>\n")
+
+    def expected_video_tokens(self, frames: int, height: int, width: int) -> int:
+        return frames * 14 * 14 + 1    # any frame: resized to 384x384, 27x27 features pooled to 14x14
+
+    def test_videos_of_different_frame_counts_never_share_a_pack(self, path) -> None:
+        """The model appends a newline to each row of [videos, frames, ...]: no single tensor holds a
+        6-frame and a 4-frame video. The packer asks packs_with and puts them in different packs."""
+        from trainer.data.packing import Packer
+        from trainer.models.adapter import get_adapter
+
+        adapter, members = get_adapter(path), video_members()
+        rendered = [render_sample(adapter, video_sample(k, n), members) for k, n in (("a", 6), ("b", 4), ("c", 6))]
+        assert [r.media["pixel_values_videos"].shape[1] for r in rendered] == [6, 4, 6]
+        assert adapter.packs_with(rendered[:1], rendered[2]) and not adapter.packs_with(rendered[:1], rendered[1])
+        with pytest.raises(ValueError, match="different frame counts"):
+            collate(adapter, rendered[:2])
+        packer = Packer(max_tokens=8192, buffer=3, compatible=adapter.packs_with)
+        packs = [p for r in rendered for p in packer.add(r)] + list(packer.flush())
+        assert sorted(sorted(r.key for r in p) for p in packs) == [["a", "c"], ["b"]]
+        assert [collate(adapter, p).inputs["pixel_values_videos"].shape[:2] for p in packs] == [(2, 6), (1, 4)]
+
+    def test_the_vision_tower_stays_in_the_root_fsdp_unit(self, path) -> None:
+        from trainer.models.adapter import get_adapter
+
+        adapter = get_adapter(path)
+        assert adapter.fsdp_root_block("model.vision_tower.vision_model.encoder.layers")
+        assert not adapter.fsdp_root_block("model.language_model.layers")

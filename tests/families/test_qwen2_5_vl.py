@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from tests.families.oracles import CARPHONE
 from tests.families.test_qwen2_vl import QwenVLFacts
 
 
@@ -21,3 +24,15 @@ class TestQwen2_5_VL(QwenVLFacts):
         assert type(processor).__name__ == "Qwen2_5_VLProcessor"
         assert processor.image_processor.size == {"shortest_edge": 3136, "longest_edge": 12845056}
         assert (processor.image_processor.merge_size, processor.video_processor.merge_size) == (2, 2)
+
+    def check_video_time(self, steps: torch.Tensor, ref) -> None:
+        # Absolute time: a temporal patch of 2 frames spans 2 / sampled fps seconds, the sampled fps being
+        # 6 frames over the clip's 120 frames at 29.97 fps (not the processor's 24-fps guess), and each
+        # second of video is 2 rope steps (tokens_per_second).
+        from trainer.data.video import VideoPolicy, decode_video
+
+        clip = decode_video(CARPHONE.read_bytes(), VideoPolicy(), 6)
+        seconds = 2 / clip.sample_fps
+        assert abs(seconds - 2 / (6 / 120 * 29.97)) < 1e-3
+        assert torch.allclose(ref["second_per_grid_ts"], torch.tensor([seconds]))
+        assert steps.tolist() == [int(k * seconds * 2) for k in range(3)] == [0, 2, 5]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from tests.families.oracles import FamilyOracles
+from tests.families.oracles import FamilyOracles, VideoOracles, packed_video_positions
 
 
 def grid(height: int, width: int) -> tuple[int, int]:
@@ -16,8 +18,24 @@ def grid(height: int, width: int) -> tuple[int, int]:
     return h // 14, w // 14
 
 
-class QwenVLFacts(FamilyOracles):
-    """What Qwen2-VL and Qwen2.5-VL share: the ChatML format, the tokens, the image grid."""
+def video_tokens(frames: int, height: int, width: int) -> int:
+    """Video tokens of Qwen2-VL and Qwen2.5-VL: 2 frames a temporal patch (the last frame repeated to fill
+    one), every frame resized by smart_resize with factor 28 between the video pixel limits (min
+    128*28*28, max 768*28*28 per frame; the per-frame cap of a 128000-token video budget does not bind
+    here), 2x2 patches of 14 px merged into a token."""
+    low, high = 128 * 28 * 28, 768 * 28 * 28
+    h, w = round(height / 28) * 28, round(width / 28) * 28
+    if h * w > high:
+        beta = math.sqrt(height * width / high)
+        h, w = max(28, math.floor(height / beta / 28) * 28), max(28, math.floor(width / beta / 28) * 28)
+    elif h * w < low:
+        beta = math.sqrt(low / (height * width))
+        h, w = math.ceil(height * beta / 28) * 28, math.ceil(width * beta / 28) * 28
+    return math.ceil(frames / 2) * (h // 14) * (w // 14) // 4
+
+
+class QwenVLFacts(VideoOracles, FamilyOracles):
+    """What Qwen2-VL and Qwen2.5-VL share: the ChatML format, the tokens, the image grid, the video grid."""
 
     SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
                       "<|image_pad|>", "<|video_pad|>"]
@@ -40,6 +58,20 @@ class QwenVLFacts(FamilyOracles):
 
     def check_real_images(self, out, processor) -> None:
         assert out["image_grid_thw"].tolist() == [[1, 36, 36], [1, 30, 46]]
+
+    def expected_video_tokens(self, frames: int, height: int, width: int) -> int:
+        return video_tokens(frames, height, width)
+
+    def test_packed_video_positions_are_the_models_rope(self, path) -> None:
+        """The carphone clip at 6 of its 120 frames (29.97 fps): 3 temporal patches of 22x26 patches."""
+        adapter, r, positions, ref = packed_video_positions(path)
+        assert ref["video_grid_thw"].tolist() == [[3, 22, 26]]
+        video_t = positions[1, r.input_ids == adapter.config.video_token_id].unique()
+        assert len(video_t) == 3
+        self.check_video_time(video_t - video_t[0], ref)
+
+    def check_video_time(self, steps: torch.Tensor, ref) -> None:
+        assert steps.tolist() == [0, 1, 2]             # Qwen2-VL: one rope step per temporal patch
 
     def test_vision_ids_are_numbered_on_request(self, path) -> None:
         from transformers import AutoProcessor

@@ -3,9 +3,11 @@ interleaved 3-D rope, DeepStack features; packed positions are the model's own r
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from tests.families.oracles import FamilyOracles
+from tests.families.oracles import CARPHONE, FamilyOracles, VideoOracles, packed_video_positions
 
 
 def grid(height: int, width: int) -> tuple[int, int]:
@@ -16,7 +18,23 @@ def grid(height: int, width: int) -> tuple[int, int]:
     return h // 16, w // 16
 
 
-class TestQwen3VL(FamilyOracles):
+def video_tokens(frames: int, height: int, width: int) -> int:
+    """Video tokens of Qwen3-VL: 2 frames a temporal patch, the clip resized by its smart_resize with
+    factor 32 over all its frames (published video limits: min 64*64, max 24*1024*1024 pixels, and
+    per frame at most 768 tokens' worth, the qwen-vl-utils cap), 2x2 patches of 16 px merged into a token."""
+    per_frame = max(min(768 * 32 * 32, 24 * 1024 * 1024 // frames), int(64 * 64 * 1.05))
+    low, high = 64 * 64, per_frame * frames
+    h, w, t = round(height / 32) * 32, round(width / 32) * 32, round(frames / 2) * 2
+    if t * h * w > high:
+        beta = math.sqrt(frames * height * width / high)
+        h, w = max(32, math.floor(height / beta / 32) * 32), max(32, math.floor(width / beta / 32) * 32)
+    elif t * h * w < low:
+        beta = math.sqrt(low / (frames * height * width))
+        h, w = math.ceil(height * beta / 32) * 32, math.ceil(width * beta / 32) * 32
+    return math.ceil(frames / 2) * (h // 16) * (w // 16) // 4
+
+
+class TestQwen3VL(VideoOracles, FamilyOracles):
     FAMILY = "qwen3_vl"
     SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
                       "<|image_pad|>", "<|video_pad|>", "<tool_call>", "<tool_response>", "<think>", "</think>"]
@@ -115,3 +133,34 @@ class TestQwen3VL(FamilyOracles):
                 alone = model(**ref, use_cache=False).logits[0]
             assert torch.allclose(packed[start: start + r.length], alone, atol=1e-4, rtol=1e-4)
             start += r.length
+
+    def expected_video_tokens(self, frames: int, height: int, width: int) -> int:
+        return video_tokens(frames, height, width)
+
+    def test_packed_video_positions_are_the_models_rope_and_timestamps_the_clips(self, path) -> None:
+        """6 of the carphone clip's 120 frames (29.97 fps): 3 temporal patches, each its own vision block
+        after "<t seconds>", t the mean time of its two frames in the video; time advances through that
+        text, so every patch restarts the rope's temporal row at the text position."""
+        from trainer.data.video import VideoPolicy, decode_video
+
+        adapter, r, _, ref = packed_video_positions(path)
+        clip = decode_video(CARPHONE.read_bytes(), VideoPolicy(), 6)
+        assert clip.indices == [0, 24, 48, 71, 95, 119]
+        times = [(a + b) / 2 for a, b in zip(clip.timestamps[::2], clip.timestamps[1::2])]
+        text = adapter.tokenizer.decode(r.input_ids)
+        blocks = "".join(f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * 24 + "<|vision_end|>" for t in times)
+        assert f"<|vision_start|>{blocks}<|vision_end|>What happens?" in text
+        assert [f"{t:.1f}" for t in times] == ["0.4", "2.0", "3.6"]
+        assert ref["video_grid_thw"].tolist() == [[3, 8, 12]]
+
+    def test_a_one_frame_video_is_that_frame_twice(self, path, media) -> None:
+        from tests.families.oracles import video_sample
+        from trainer.data.render import render_sample
+        from trainer.data.video import VideoPolicy
+        from trainer.models.adapter import get_adapter
+
+        adapter = get_adapter(path)
+        sample = video_sample("one", None)
+        r = render_sample(adapter, sample, {"v.mp4": media["one_frame.mp4"].read_bytes()}, video=VideoPolicy())
+        assert r.media["video_grid_thw"][0, 0] == 1
+        assert adapter.tokenizer.decode(r.input_ids).count("<0.0 seconds>") == 1

@@ -13,7 +13,7 @@ block-diagonal causal mask from the restarting positions, so no token attends ac
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 class Packer:
     """`reserve`: tokens a pack without media needs for the grey image collate appends to it."""
 
-    def __init__(self, max_tokens: int, buffer: int, reserve: int = 0) -> None:
+    def __init__(self, max_tokens: int, buffer: int, reserve: int = 0,
+                 compatible: Callable[[list[Rendered], Rendered], bool] | None = None) -> None:
         self.max_tokens, self.buffer, self.reserve = max_tokens, buffer, reserve
+        self.compatible = compatible     # adapter.packs_with: can a sample join the samples chosen so far
         self.pool: list[Rendered] = []
 
     def add(self, sample: Rendered) -> Iterator[list[Rendered]]:
@@ -49,7 +51,8 @@ class Packer:
         for i in order:
             sample = self.pool[i]
             media = has_media or bool(sample.media)
-            if used + sample.length <= self.max_tokens - (0 if media else self.reserve):
+            if used + sample.length <= self.max_tokens - (0 if media else self.reserve) and (
+                    self.compatible is None or self.compatible([self.pool[j] for j in chosen], sample)):
                 chosen.append(i)
                 used, has_media = used + sample.length, media
                 if used == self.max_tokens:

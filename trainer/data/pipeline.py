@@ -90,7 +90,8 @@ class _StreamIter:
         self.rng = np.random.default_rng([ds.seed & 0xFFFFFFFF, ds.seed >> 32, self.epoch, self.part, 0x5B0F])
         self.shuffle: list[RawSample] = []
         self.reserve = len(ds.adapter.dummy_image[0])
-        self.packer = Packer(ds.cfg.packing.max_tokens, ds.cfg.packing.buffer, reserve=self.reserve)
+        self.packer = Packer(ds.cfg.packing.max_tokens, ds.cfg.packing.buffer, reserve=self.reserve,
+                             compatible=ds.adapter.packs_with)
         self.skips: Counter[str] = Counter()
         self._restore: dict[str, Any] | None = None
         self._gen: Iterator[Pack] | None = None

@@ -16,11 +16,34 @@ import importlib
 import json
 import pkgutil
 import re
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+
+
+@dataclass
+class VideoFrames:
+    """One video as a video-native family's processor gets it: the frames trainer.data.video already
+    sampled, with the metadata transformers' VideoMetadata holds (the video's fps and frame count,
+    which frames these are), so the processor neither samples again nor guesses the frame rate:
+    Qwen2.5-VL's temporal rope spacing and Qwen3-VL's timestamps come from the real sampled frames."""
+
+    frames: Any                          # uint8 [T, H, W, 3]
+    metadata: dict[str, Any]
+
+    @classmethod
+    def of(cls, clip: Any) -> VideoFrames:
+        """From a trainer.data.video.Clip. A clip of unknown frame rate counts as one sampled frame a
+        second (Clip.sample_fps), so VideoMetadata.sampled_fps equals clip.sample_fps either way."""
+        indices = [int(i) for i in clip.indices]
+        total = max(int(clip.total_frames), max(indices) + 1)
+        fps = float(clip.fps) if clip.fps and clip.fps > 0 else total / len(indices)
+        height, width = clip.frames.shape[1:3]
+        return cls(frames=clip.frames, metadata={"total_num_frames": total, "fps": fps, "frames_indices": indices,
+                                                 "duration": total / fps, "height": height, "width": width})
 
 
 class ModelAdapter:
@@ -134,7 +157,10 @@ class ModelAdapter:
         if images:
             kwargs["images"] = images
         if videos:
-            kwargs["videos"] = videos
+            kwargs["videos"] = [v.frames if isinstance(v, VideoFrames) else v for v in videos]
+            metadata = [v.metadata for v in videos if isinstance(v, VideoFrames)]
+            if metadata:   # frames already sampled by trainer.data.video: none sampled again
+                kwargs.update(video_metadata=metadata, do_sample_frames=False)
         return self.processor(**kwargs)
 
     def media_of(self, out: Any) -> dict[str, torch.Tensor]:
@@ -150,8 +176,23 @@ class ModelAdapter:
         return torch.arange(input_ids.shape[0], dtype=torch.int64)
 
     def video_input(self, clip: Any) -> Any:
-        """What the processor gets for one decoded video (a trainer.data.video.Clip): its frames."""
-        return clip.frames
+        """What `process` gets for one decoded video (a trainer.data.video.Clip) of a family with
+        video = "native": its frames and their metadata."""
+        return VideoFrames.of(clip)
+
+    def packs_with(self, pack: list[Any], sample: Any) -> bool:
+        """Whether rendered `sample` can join the rendered samples of `pack` in one micro-batch (the
+        packer asks; a sample alone always packs). LLaVA-OneVision cannot batch videos of different
+        frame counts."""
+        return True
+
+    def fsdp_root_block(self, name: str) -> bool:
+        """Whether the transformer block list `name` stays in the root FSDP unit instead of making units
+        of its own. FSDP2 gathers a unit's parameters at every call: a tower that one forward may call
+        more than once, depending on the pack (LLaVA-NeXT-Video encodes images and videos in two
+        calls), would have ranks whose packs hold different media issue different collectives. In the
+        root unit it is gathered once per forward and once per backward, however often it runs."""
+        return False
 
     # --- the model ---------------------------------------------------------------------------
 

@@ -14,6 +14,13 @@ dimension is zero-padded as for LLaVA-NeXT.
 The per-turn prompts of a conversation whose images sit in different turns cannot all match inference:
 with one image so far the processor shows it with tiles, once a second one follows both lose them.
 mmloom renders the whole sample as inference renders the whole conversation.
+
+Videos are native: 384-px frames (`pixel_values_videos` [videos, frames, 3, 384, 384]), the frames
+trainer.data.video sampled, each pooled 2x2 to 14x14 = 196 tokens, and one newline per video. The model
+reads one video per row of that tensor and appends the newline to each row, so videos of different
+frame counts can share neither a row nor the tensor: the packer keeps them in different micro-batches
+(packs_with). Images and videos go through two calls of the vision tower: its blocks stay in the root
+FSDP unit (fsdp_root_block), so ranks whose packs hold different media issue the same collectives.
 """
 
 from __future__ import annotations
@@ -31,9 +38,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     model_types = ("llava_onevision",)
     example = "llava-hf/llava-onevision-qwen2-7b-ov-hf"
-    media_keys = ("pixel_values", "image_sizes", "batch_num_images")
+    media_keys = ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos")
     end_of_turn_tokens = ("<|im_end|>",)
-    video = ""  # videos are a later issue; the tiny processor already has the real video settings
+    video = "native"
 
     def process(self, text: str, images: list, videos: list, first: bool, sample_images: int = 0) -> Any:
         if len(images) == 1 and sample_images > 1:
@@ -53,9 +60,24 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return out
 
     def collate_media(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        media = super().collate_media(parts)
+        images = [{k: v for k, v in p.items() if k != "pixel_values_videos"} for p in parts]
+        media = super().collate_media([p for p in images if p])
         if "pixel_values" in media:
             counts = [p["batch_num_images"] for p in parts if "batch_num_images" in p]
             # Parts without a count are segments of one multi-image sample; all others are whole samples.
             media["batch_num_images"] = torch.cat(counts) if counts else torch.tensor([len(media["image_sizes"])])
+        videos = [p["pixel_values_videos"] for p in parts if "pixel_values_videos" in p]
+        if videos:
+            if len({v.shape[1] for v in videos}) > 1:
+                raise ValueError(f"LLaVA-OneVision cannot batch videos of different frame counts "
+                                 f"({sorted({v.shape[1] for v in videos})}): the packer keeps them apart")
+            media["pixel_values_videos"] = torch.cat(videos)
         return media
+
+    def packs_with(self, pack: list[Any], sample: Any) -> bool:
+        frames = {int(r.media["pixel_values_videos"].shape[1]) for r in (*pack, sample)
+                  if "pixel_values_videos" in r.media}
+        return len(frames) <= 1
+
+    def fsdp_root_block(self, name: str) -> bool:
+        return self.param_group(name + ".") == "vision"

@@ -4,6 +4,15 @@ Packed sequences carry position ids of shape [4, L]: the first row holds 1-D tex
 restart at 0 for each sample (transformers builds the block-diagonal mask from them), the other
 three the sample's own temporal/height/width rope indices, computed by the model's own
 `get_rope_index` so training and inference agree.
+
+Videos are native: the frames trainer.data.video sampled go to the processor with their metadata and
+are not sampled again; 2 frames make a temporal patch, `video_grid_thw` [videos, 3] and the patch-flattened
+`pixel_values_videos` are concatenated across segments and packed samples like the images'. The model
+encodes images and videos in two calls of its vision tower, an FSDP unit per block: two calls in one
+rank's forward and one in another's would have the ranks issue different collectives. The tower treats
+a video grid (t, h, w) exactly as it treats t frames of an image grid (attention, windows and position
+embeddings never cross a frame), so `model_inputs` hands the videos to the model as images, in sequence
+order with their tokens relabelled: one vision call per forward, whatever the pack holds, same features.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ class Qwen2VLAdapter(ModelAdapter):
     end_of_turn_tokens = ("<|im_end|>",)
     media_token_pattern = r"<\|vision_(start|end)\|>"
     rope_dims = 4
+    video = "native"
 
     def _model_class(self) -> Any:
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
@@ -55,5 +65,34 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def model_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
                      media: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        input_ids, media = self.videos_as_images(input_ids, media)
         return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[:, None],
                 **media}
+
+    def videos_as_images(self, input_ids: torch.Tensor,
+                         media: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The videos of a packed sequence as images for the model's single image path: patches and grids
+        of images and videos interleaved in the order their tokens appear, video tokens relabelled as
+        image tokens. Positions are given (computed with the videos' own grids and times), so nothing
+        else reads the video inputs."""
+        media = {k: v for k, v in media.items() if k != "second_per_grid_ts"}   # read by the rope index only
+        if "pixel_values_videos" not in media:
+            return input_ids, media
+        image_id, video_id = self.config.image_token_id, self.config.video_token_id
+        merge = self.config.vision_config.spatial_merge_size ** 2
+        grids = {image_id: media.pop("image_grid_thw", torch.zeros(0, 3, dtype=torch.int64)),
+                 video_id: media.pop("video_grid_thw")}
+        patches = {image_id: media.pop("pixel_values", None), video_id: media.pop("pixel_values_videos")}
+        chunks = {k: torch.split(patches[k], grids[k].prod(-1).tolist()) if len(grids[k]) else ()
+                  for k in grids}
+        tokens = input_ids[(input_ids == image_id) | (input_ids == video_id)].tolist()
+        order, taken, pos = [], {image_id: 0, video_id: 0}, 0
+        while pos < len(tokens):           # each image or video: a run of its grid's merged-patch count
+            kind = tokens[pos]
+            order.append((kind, taken[kind]))
+            pos += int(grids[kind][taken[kind]].prod()) // merge
+            taken[kind] += 1
+        assert taken == {k: len(g) for k, g in grids.items()}, "media tokens do not match the grids"
+        media["pixel_values"] = torch.cat([chunks[k][i] for k, i in order])
+        media["image_grid_thw"] = torch.stack([grids[k][i] for k, i in order])
+        return torch.where(input_ids == video_id, image_id, input_ids), media

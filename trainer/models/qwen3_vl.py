@@ -14,13 +14,20 @@ What differs from Qwen2-VL, and why the Qwen2-VL plumbing still holds:
   Only `visual.merger` is the projector group; the DeepStack mergers (`visual.deepstack_merger_list`)
   stay with the vision tower, as LLaMA-Factory groups them.
 - The published chat template has no default system prompt (see tiny/qwen3_vl.py).
+- Videos: the processor writes each temporal patch (2 frames) as "<t seconds>" text plus its own
+  vision block, t the mean time of its frames from the video metadata: the real timestamps of the
+  frames trainer.data.video sampled (adapter.VideoFrames), never the processor's default of 24 fps.
+  Its video resize needs 2 frames: a clip of one frame is that frame twice, what Qwen2-VL's processor
+  does to fill a temporal patch.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from trainer.models.adapter import register
+import numpy as np
+
+from trainer.models.adapter import VideoFrames, register
 from trainer.models.qwen2_vl import Qwen2VLAdapter
 
 
@@ -29,10 +36,15 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     model_types = ("qwen3_vl",)
     example = "Qwen/Qwen3-VL-8B-Instruct"
-    # Videos need the processor's per-frame timestamps (video metadata from the decoder): issue 7.
-    video = ""
 
     def _model_class(self) -> Any:
         from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
 
         return Qwen3VLModel
+
+    def video_input(self, clip: Any) -> VideoFrames:
+        video = VideoFrames.of(clip)
+        if len(video.frames) == 1:
+            video.frames = np.concatenate([video.frames, video.frames])
+            video.metadata["frames_indices"] *= 2
+        return video
