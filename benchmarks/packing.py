@@ -22,22 +22,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def llava_like_lengths(n: int, seed: int = 0) -> list[int]:
+def llava_like_mix(n: int, seed: int = 0) -> list[tuple[int, bool]]:
+    """(tokens, has an image) of `n` samples of the mix in the module docstring."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         text = int(rng.lognormvariate(4.3, 0.9))
-        out.append(min(4000, 20 + text * 3) if rng.random() < 0.12 else min(4000, 576 + 40 + text))
+        out.append((min(4000, 20 + text * 3), False) if rng.random() < 0.12 else (min(4000, 576 + 40 + text), True))
     return out
 
 
-def packed_efficiency(lengths: list[int], max_tokens: int, buffer: int) -> tuple[float, float]:
-    """(efficiency, seconds) of mmloom's packer over these lengths."""
+def llava_like_lengths(n: int, seed: int = 0) -> list[int]:
+    return [length for length, _ in llava_like_mix(n, seed)]
+
+
+def packed_efficiency(mix: list[tuple[int, bool]], max_tokens: int, buffer: int) -> tuple[float, float]:
+    """(efficiency, seconds) of mmloom's packer over these (length, has an image) samples."""
     from types import SimpleNamespace
 
     from trainer.data.packing import Packer
 
-    items = [SimpleNamespace(length=n) for n in lengths]     # the packer reads only .length
+    # The packer reads only .length and whether .media is empty.
+    items = [SimpleNamespace(length=n, media={"pixel_values": None} if image else {}) for n, image in mix]
+    lengths = [n for n, _ in mix]
     packer, packs = Packer(max_tokens, buffer), 0
     start = time.perf_counter()
     for item in items:
@@ -63,11 +70,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=100_000)
     p.add_argument("--buffer", type=int, default=128)
     args = p.parse_args()
-    lengths = llava_like_lengths(args.samples)
+    mix = llava_like_mix(args.samples)
+    lengths = [n for n, _ in mix]
     result = {"benchmark": "packing", "samples": args.samples, "mean_tokens": round(sum(lengths) / len(lengths), 1),
               "buffer": args.buffer}
     for max_tokens in (4096, 8192):
-        eff, seconds = packed_efficiency(lengths, max_tokens, args.buffer)
+        eff, seconds = packed_efficiency(mix, max_tokens, args.buffer)
         result[f"packing_efficiency_{max_tokens}"] = round(eff, 4)
         result[f"packer_s_per_1m_samples_{max_tokens}"] = round(seconds * 1e6 / len(lengths), 2)
     result["padded_bs8_random"] = round(padded_efficiency(lengths, 8, grouped=False), 4)

@@ -1,0 +1,148 @@
+"""The benchmarks run and measure what they say: `run_all.py --quick` prints one valid JSON line per
+benchmark with its keys (correctness only: no speed is asserted); the loader baseline renders
+token-for-token what mmloom renders, so the two do the same work; the GPU benchmark's model-FLOP
+count equals torch's FLOP counter on a real pack; without a GPU it says so and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+KEYS = {
+    "machine": {"cpus", "load_avg_1_5_15", "date", "torch"},
+    "packing": {"packing_efficiency_4096", "packing_efficiency_8192", "padded_bs8_random", "padded_bs8_length_grouped",
+                "packer_s_per_1m_samples_8192"},
+    "loader": {"loader_speedup_vs_baseline", "loader_speedup_vs_baseline_wall", "loader_speedup_vs_baseline_hf_mask",
+               "mmloom_samples_per_s", "baseline_samples_per_s", "baseline_hf_mask_samples_per_s",
+               "decode_only_samples_per_s", "mmloom_startup_s", "baseline_startup_s"},
+    "train": {"useful_tokens_speedup_vs_padded", "useful_tokens_speedup_vs_padded_grouped",
+              "useful_tokens_speedup_vs_padded_if_varlen", "packed_useful_tokens_per_s", "padded_useful_tokens_per_s",
+              "packed_varlen_useful_tokens_per_s", "packed_token_efficiency", "padded_token_efficiency",
+              "framework_overhead_ms_per_step", "step_ms", "fwd_bwd_ms"},
+    "shard": {"media_mb_per_s_1w", "media_samples_per_s_1w", "text_samples_per_s_1w", "text_peak_rss_mb"},
+    "resume": {"resume_to_first_step_s", "resume_load_checkpoint_s", "resume_first_batch_wait_s", "resumed_at_occurrences",
+               "epoch_samples"},
+    "video_decode": {"decord_all_frames_per_s", "pyav_all_frames_per_s", "decord_sampled_frames_per_s",
+                     "pyav_sampled_frames_per_s", "bikes", "carphone_distorted"},
+    "machine_after": {"load_avg_1_5_15"},
+}
+
+
+def test_run_all_quick_prints_every_benchmark_as_json() -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick"], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]      # every line is JSON
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [x["benchmark"] for x in lines] == list(KEYS)
+    for line in lines:
+        missing = KEYS[line["benchmark"]] - line.keys()
+        assert not missing, (line["benchmark"], missing)
+        assert "error" not in line
+    by = {x["benchmark"]: x for x in lines}
+    assert 0.9 < by["packing"]["packing_efficiency_8192"] <= 1 and by["packing"]["padded_bs8_random"] < 0.8
+    train = by["train"]
+    assert train["packed_token_efficiency"] > train["padded_token_efficiency"]
+    assert all(train[k] > 0 for k in ("packed_useful_tokens_per_s", "padded_useful_tokens_per_s", "fwd_bwd_ms"))
+    assert train["varlen_attention_pairs_per_token"] < train["padded_attention_pairs_per_token"]
+    assert all(by["loader"][k] > 0 for k in KEYS["loader"] if k.endswith("_per_s"))
+    resume = by["resume"]
+    assert resume["epoch_samples"] == 1_000_000 and 400_000 < resume["resumed_at_occurrences"] < 600_000
+    assert 0 < resume["resume_load_checkpoint_s"] < resume["resume_to_first_step_s"]
+    video = by["video_decode"]
+    assert video["bikes"]["frames"] == 250 and all(video[k] > 0 for k in KEYS["video_decode"] if k.endswith("_per_s"))
+
+
+def test_gpu_benchmark_without_a_gpu_exits_cleanly() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu" / "mfu.py")], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"benchmark": "gpu_mfu", "skipped": "no GPU"}
+    assert "no GPU" in proc.stderr
+
+
+def test_seed_style_baseline_renders_what_mmloom_renders(tiny, tmp_path: Path) -> None:
+    from benchmarks.corpus import llava_like_records
+    from benchmarks.loader import SeedStyleDataset
+    from data_tools.manifest import load_manifest, plan_epoch
+    from data_tools.sample import Sample
+    from data_tools.shard import main as shard_main
+    from tests.media import SKIMAGE, SKLEARN
+    from trainer.data.reader import read_occurrences
+    from trainer.data.render import render_sample
+    from trainer.models.adapter import get_adapter
+
+    media = tmp_path / "media"
+    media.mkdir()
+    images = []
+    for src in (SKLEARN / "china.jpg", SKIMAGE / "coffee.png"):
+        images.append(media / src.name)
+        images[-1].write_bytes(src.read_bytes())
+    (media / "mix.json").write_text(json.dumps(llava_like_records(12, images, seed=3)))
+    (tmp_path / "data.txt").write_text(f"{media / 'mix.json'} 0.012\n")
+    assert shard_main([str(tmp_path / "data.txt"), "--out", str(tmp_path / "shards"), "-q", "--workers", "1"]) == 0
+    adapter = get_adapter(tiny("llava"))
+    baseline = SeedStyleDataset(media / "mix.json", tiny("llava"))
+    hf = SeedStyleDataset(media / "mix.json", tiny("llava"), hf_mask=True)
+    plan = plan_epoch(load_manifest(tmp_path / "shards"), 0, 0)
+    kinds = set()
+    for raw in read_occurrences(tmp_path / "shards", plan, range(len(plan))):
+        sample = Sample.from_json(raw.members["json"])
+        ours, theirs, hf_item = render_sample(adapter, sample, raw.members, 8192), baseline[sample.index], hf[sample.index]
+        for item in (theirs, hf_item):
+            assert torch.equal(ours.input_ids, item["input_ids"]) and torch.equal(ours.labels, item["labels"])
+            assert ("pixel_values" in item) == bool(ours.media)
+            if ours.media:
+                assert torch.equal(ours.media["pixel_values"], item["pixel_values"])
+        kinds.add((bool(ours.media), sum(t.role == "assistant" for t in sample.turns) > 1))
+    assert kinds == {(True, True), (True, False), (False, True), (False, False)}   # images, text-only, multi-turn
+
+
+def test_model_flops_equal_torch_flop_counter(tiny) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.gpu.mfu import forward_flops, matmul_params
+    from data_tools.sample import Sample
+    from tests.media import SKIMAGE, SKLEARN
+    from trainer.data.packing import collate
+    from trainer.data.render import render_sample
+    from trainer.models.adapter import get_adapter
+
+    adapter = get_adapter(tiny("qwen2_vl"))
+    model = adapter.load_model(dtype=torch.float32, attn_implementation="sdpa").eval()
+    rendered = []
+    for i, (path, size) in enumerate(((SKLEARN / "china.jpg", (640, 427)), (SKIMAGE / "coffee.png", (600, 400)))):
+        data = path.read_bytes()
+        image = {"type": "image", "member": "img0", "width": size[0], "height": size[1], "format": "jpeg",
+                 "bytes": len(data)}
+        sample = Sample.from_json({"schema": 1, "key": str(i), "source": "s", "index": i, "turns": [
+            {"role": "user", "parts": [image, {"type": "text", "text": "What is it?"}]},
+            {"role": "assistant", "parts": [{"type": "text", "text": "A photograph " * (i + 1)}]}]})
+        rendered.append(render_sample(adapter, sample, {"img0": data}))
+    pack = collate(adapter, rendered)
+    counter = FlopCounterMode(display=False)
+    # The math kernel spells attention out as bmm, which the counter sees (the fused kernels it does not).
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(**{k: v for k, v in pack.inputs.items() if k != "labels"}, use_cache=False)
+    counted = {str(k): v for k, v in counter.flop_counts["Global"].items()}
+    ours = forward_flops(pack, matmul_params(model, adapter), adapter.config)
+    assert counted["aten.mm"] + counted["aten.addmm"] + counted["aten.convolution"] == \
+        ours["llm_linear"] + ours["vision_linear"] + ours["projector"]
+    # SDPA attends over the whole packed row; the model's work is each sample's causal half.
+    text = adapter.config.text_config
+    width = text.num_attention_heads * (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+    row = 4 * pack.length ** 2 * width * text.num_hidden_layers
+    assert counted["aten.bmm"] == ours["vision_attention"] + row
+    causal = 4 * sum(n * (n + 1) // 2 for n in pack.lengths) * width * text.num_hidden_layers
+    assert ours["llm_attention"] == causal
