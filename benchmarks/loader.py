@@ -27,8 +27,9 @@ number of dataloader workers:
 
 Throughput is samples delivered to the training process per second in steady state (while the
 20th to the 80th percent of the epoch's samples arrive); `_wall` figures cover the whole epoch,
-worker start-up included, and `startup_s` is the wait for the first batch. Trials alternate
-mmloom and baseline; every figure is the median over trials.
+worker start-up included, and `startup_s` is the wait for the first batch (mmloom's workers are
+spawned, the baseline's forked). Each trial runs the four in turn; every figure is the median
+over trials, the speedups the median of the per-trial ratios.
 """
 
 from __future__ import annotations
