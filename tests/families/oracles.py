@@ -195,7 +195,9 @@ class FamilyOracles:
         base = auto_class.from_pretrained(path).eval()
         assert not torch.allclose(logits(base, inputs), expected, atol=1e-4), "training changed nothing"
         with_adapter = PeftModel.from_pretrained(base, run / "hf").eval()
-        assert torch.allclose(logits(with_adapter, inputs), expected, atol=1e-5, rtol=1e-5)
+        # The trainer attends per sample (trainer/attention.py), plain transformers over the masked
+        # row: the same maths, summed in another order.
+        assert torch.allclose(logits(with_adapter, inputs), expected, atol=1e-4, rtol=1e-4)
         merged = auto_class.from_pretrained(run / "hf" / "merged").eval()
         assert torch.allclose(logits(merged, inputs), expected, atol=1e-4, rtol=1e-4)
 

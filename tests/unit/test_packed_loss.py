@@ -13,7 +13,7 @@ from data_tools.sample import ImagePart, Sample, TextPart, Turn
 from tests.unit.test_render import PHOTOS
 from trainer.data.packing import collate
 from trainer.data.render import render_sample
-from trainer.models.adapter import get_adapter
+from trainer.models.adapter import ModelAdapter, get_adapter
 from trainer.models.tiny import FAMILIES
 
 
@@ -107,3 +107,25 @@ def test_llava_next_packs_images_with_different_view_counts(tiny) -> None:
         alone = sum(summed_loss(model, dict(collate(adapter, [r]).inputs)) for r in rendered)
         packed = summed_loss(model, dict(pack))
     assert abs(packed.item() - alone.item()) <= 1e-6 * abs(alone.item()), (packed.item(), alone.item())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_trainers_attention_gives_the_masked_sdpa_logits(tiny, family: str) -> None:
+    """What the trainer runs on CPU (trainer/attention.py: per-sample SDPA where the model allows it)
+    gives the logits of SDPA over the block-diagonal mask, on a pack of three samples."""
+    from trainer import attention
+
+    path = tiny(family)
+    adapter = get_adapter(path)
+    implementation = adapter.attn_implementation()
+    if type(adapter).attn_implementation is ModelAdapter.attn_implementation and attention.usable(adapter.config):
+        assert implementation == attention.NAME
+    inputs = dict(collate(adapter, [render_sample(adapter, s, PHOTOS) for s in SAMPLES]).inputs)
+    inputs.pop("labels")
+    logits = {}
+    for name in (implementation, "sdpa"):
+        model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation=name).eval()
+        with torch.no_grad():
+            logits[name] = model(**inputs, use_cache=False).logits
+    assert torch.allclose(logits[implementation], logits["sdpa"], atol=1e-5, rtol=1e-5), \
+        float((logits[implementation] - logits["sdpa"]).abs().max())

@@ -247,12 +247,15 @@ class ModelAdapter:
 
     def attn_implementation(self) -> str:
         """flash_attention_2 on GPU when flash-attn is installed (packed sequences use its varlen
-        kernels through the restarting position ids), else PyTorch SDPA."""
+        kernels through the restarting position ids), else trainer/attention.py's per-sample SDPA
+        where the model's self-attention allows it, else plain SDPA over the masked packed row."""
         import importlib.util
+
+        from trainer import attention
 
         if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
-        return "sdpa"
+        return attention.register() if attention.usable(self.config) else "sdpa"
 
     def quant_skip_modules(self) -> list[str]:
         """Full names of the modules QLoRA leaves unquantized: vision tower, projector, lm_head."""
