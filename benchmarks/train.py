@@ -5,7 +5,8 @@ and the framework's own overhead per step. Prints one JSON line.
 
 The model is a tiny random-weight LLaVA-1.5 (trainer/models/tiny: the real CLIP-336 vision tower
 geometry and 576 tokens per image, 2 layers of width 64) loaded as the trainer loads it
-(fp32, the attention implementation `adapter.attn_implementation()` picks: SDPA on CPU; the vision
+(fp32, the attention implementation `adapter.attn_implementation()` picks: on CPU trainer/attention.py's
+per-sample SDPA for packed rows; the vision
 tower frozen, projector and language model trained, as finetune.* defaults to). The
 samples follow the LLaVA-665K-like length mix of benchmarks/packing.py (88% carry one 336-px
 image, random pixels; token ids random). Each micro-batch is one optimizer step (summed token
@@ -17,16 +18,15 @@ cross-entropy over the labelled tokens / their count, backward, clip, AdamW), th
   sample with an attention mask; `padded_grouped`: the same, length-grouped (sorted within
   windows of 64 batches, like `group_by_length`).
 
-- packed_varlen: the packed micro-batches again, with attention computed sample by sample inside
-  each packed row (one causal SDPA call per sample, registered as a transformers attention
-  function here) — what a varlen kernel (flash-attn on GPU) does. Not the trainer's CPU path
-  today: it shows what that path costs. The loss is checked equal to the packed one.
+- packed_masked_row: the packed micro-batches again with plain SDPA over the whole packed row and
+  its block-diagonal mask (what transformers does with packed position ids without flash-attn,
+  and what the trainer did before trainer/attention.py). The loss is checked equal.
 
 Useful tokens are the samples' own tokens (image tokens included, padding and the grey image a
 text-only pack carries excluded); useful tokens/s = useful tokens / time of all the steps.
 `attention_pairs_per_token`: causal query-key pairs per useful token within each attention call:
-SDPA attends over the whole packed row (its block-diagonal mask hides the other samples but
-does not skip them), padded batches over each row's padded length, varlen only within samples.
+the trainer attends within samples, masked-row SDPA over the whole packed row (its block-diagonal
+mask hides the other samples but does not skip them), padded batches over each row's padded length.
 
 Framework overhead: the real `Trainer.step` on one pack (global-count all-reduce, loss, backward,
 clip, AdamW, LR schedule, metrics to tensorboard) minus the forward and backward alone on the same
@@ -129,35 +129,6 @@ def padded_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
                            ignore_index=IGNORE, reduction="sum")
 
 
-def segment_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                      **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Causal attention of a packed row ([1, heads, L, dim]) within each sample, found where the
-    position ids restart at 0; anything else (the vision tower, padded batches) goes to SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    pos = kwargs.get("position_ids")
-    if not getattr(module, "is_causal", False) or pos is None or query.shape[0] != 1 or attention_mask is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    pos = pos.reshape(-1, pos.shape[-1])[0]
-    bounds = torch.nonzero(pos == 0).flatten().tolist() + [pos.shape[0]]
-    rep = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-    out = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                          scale=scaling) for a, b in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
-
-
-def register_segment_attention() -> str:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register("bench_segment_sdpa", segment_attention)
-    AttentionMaskInterface.register("bench_segment_sdpa", lambda *args, **kwargs: None)   # no mask to build
-    return "bench_segment_sdpa"
-
-
 def load_model(adapter: Any, attention: str) -> tuple[Any, Any]:
     """The checkpoint in fp32, vision tower frozen (finetune.* defaults), with its AdamW."""
     model = adapter.load_model(dtype=torch.float32, attn_implementation=attention)
@@ -229,20 +200,20 @@ def main() -> None:
         model_dir = build_tiny("llava", root / "tiny-llava")
         adapter = get_adapter(model_dir)
         model, optimizer = load_model(adapter, adapter.attn_implementation())
-        varlen_model, varlen_optimizer = load_model(adapter, register_segment_attention())
+        masked_model, masked_optimizer = load_model(adapter, "sdpa")
         samples = synth_samples(adapter, args.samples)
         useful = sum(s.length for s in samples)
         packs = packed_batches(adapter, samples, args.max_tokens)
         assert sum(pk.tokens for pk in packs) == useful
         cpu = torch.device("cpu")
         with torch.no_grad():
-            same = [float(micro_batch_loss(m, adapter, packs[0], cpu)) for m in (model, varlen_model)]
+            same = [float(micro_batch_loss(m, adapter, packs[0], cpu)) for m in (model, masked_model)]
         assert abs(same[0] - same[1]) <= 1e-4 * abs(same[0]), same
         plans = {"packed": (model, optimizer, [(lambda pk=pk: micro_batch_loss(model, adapter, pk, cpu), pk.targets)
                                                for pk in packs]),
-                 "packed_varlen": (varlen_model, varlen_optimizer,
-                                   [(lambda pk=pk: micro_batch_loss(varlen_model, adapter, pk, cpu), pk.targets)
-                                    for pk in packs])}
+                 "packed_masked_row": (masked_model, masked_optimizer,
+                                       [(lambda pk=pk: micro_batch_loss(masked_model, adapter, pk, cpu), pk.targets)
+                                        for pk in packs])}
         padded = {"padded": padded_batches(adapter, samples, grouped=False),
                   "padded_grouped": padded_batches(adapter, samples, grouped=True)}
         for name, batches in padded.items():
@@ -266,19 +237,19 @@ def main() -> None:
         result[f"{name}_steps"] = len(plans[name][2])
     slots = {"packed": sum(pk.length for pk in packs),
              **{name: sum(b["inputs"]["input_ids"].numel() for b in batches) for name, batches in padded.items()}}
-    pairs = {"packed": sum(pk.length * (pk.length + 1) // 2 for pk in packs),
-             **{name: sum(b["pairs"] for b in batches) for name, batches in padded.items()},
-             "varlen": sum(s.length * (s.length + 1) // 2 for s in samples)}
+    pairs = {"packed": sum(s.length * (s.length + 1) // 2 for s in samples),
+             "packed_masked_row": sum(pk.length * (pk.length + 1) // 2 for pk in packs),
+             **{name: sum(b["pairs"] for b in batches) for name, batches in padded.items()}}
     for name in slots:
         result[f"{name}_token_efficiency"] = round(useful / slots[name], 4)
     for name in pairs:
         result[f"{name}_attention_pairs_per_token"] = round(pairs[name] / useful)
     # Per-trial ratios (padded time / packed time for the same tokens), then the median.
-    for packed in ("packed", "packed_varlen"):
+    for packed in ("packed", "packed_masked_row"):
         for name in padded:
             ratios = [b / a for a, b in zip(times[packed], times[name])]
             key = "useful_tokens_speedup_vs_padded" + ("" if name == "padded" else "_grouped")
-            result[key + ("" if packed == "packed" else "_if_varlen")] = round(statistics.median(ratios), 3)
+            result[key + ("" if packed == "packed" else "_masked_row")] = round(statistics.median(ratios), 3)
     result.update(overhead, overhead_pack_tokens=args.overhead_tokens)
     print(json.dumps(result))
 

@@ -25,8 +25,8 @@ KEYS = {
                "mmloom_samples_per_s", "baseline_samples_per_s", "baseline_hf_mask_samples_per_s",
                "decode_only_samples_per_s", "mmloom_startup_s", "baseline_startup_s"},
     "train": {"useful_tokens_speedup_vs_padded", "useful_tokens_speedup_vs_padded_grouped",
-              "useful_tokens_speedup_vs_padded_if_varlen", "packed_useful_tokens_per_s", "padded_useful_tokens_per_s",
-              "packed_varlen_useful_tokens_per_s", "packed_token_efficiency", "padded_token_efficiency",
+              "useful_tokens_speedup_vs_padded_masked_row", "packed_useful_tokens_per_s", "padded_useful_tokens_per_s",
+              "packed_masked_row_useful_tokens_per_s", "packed_token_efficiency", "padded_token_efficiency",
               "framework_overhead_ms_per_step", "step_ms", "fwd_bwd_ms"},
     "shard": {"media_mb_per_s_1w", "media_samples_per_s_1w", "text_samples_per_s_1w", "text_peak_rss_mb"},
     "resume": {"resume_to_first_step_s", "resume_load_checkpoint_s", "resume_first_batch_wait_s", "resumed_at_occurrences",
@@ -52,7 +52,7 @@ def test_run_all_quick_prints_every_benchmark_as_json() -> None:
     train = by["train"]
     assert train["packed_token_efficiency"] > train["padded_token_efficiency"]
     assert all(train[k] > 0 for k in ("packed_useful_tokens_per_s", "padded_useful_tokens_per_s", "fwd_bwd_ms"))
-    assert train["varlen_attention_pairs_per_token"] < train["padded_attention_pairs_per_token"]
+    assert train["packed_attention_pairs_per_token"] < train["packed_masked_row_attention_pairs_per_token"]
     assert all(by["loader"][k] > 0 for k in KEYS["loader"] if k.endswith("_per_s"))
     resume = by["resume"]
     assert resume["epoch_samples"] == 1_000_000 and 400_000 < resume["resumed_at_occurrences"] < 600_000
