@@ -146,8 +146,13 @@ def test_export_from_a_checkpoint_gives_the_training_logits(tiny, overfit_shards
     checkpoint.load(checkpoint.latest(run), built.model, build_optimizer(built.model, adapter, cfg.optim, False))
     built.model.eval()
     inputs = a_pack(tiny, overfit_shards)
-    exported = AutoModelForImageTextToText.from_pretrained(run / "hf").eval()
-    assert torch.equal(logits(built.model, inputs), logits(exported, inputs))
+    expected = logits(built.model, inputs)
+    # With the trainer's attention (trainer/attention.py) the export gives the training logits to the bit;
+    # plain transformers' SDPA over the masked row sums the same attention in another order.
+    same = AutoModelForImageTextToText.from_pretrained(run / "hf", attn_implementation=adapter.attn_implementation())
+    assert torch.equal(logits(same.eval(), inputs), expected)
+    plain = AutoModelForImageTextToText.from_pretrained(run / "hf").eval()
+    assert torch.allclose(logits(plain, inputs), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("override, words", [
