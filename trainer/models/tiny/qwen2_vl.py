@@ -11,10 +11,10 @@ from trainer.models.tiny.common import (
     padded_vocab,
 )
 
-# Qwen2-VL-Instruct ChatML: a default system prompt unless the conversation starts with one; media
-# in place, as <|vision_start|><|image_pad|><|vision_end|> (videos with <|video_pad|>), optionally
-# numbered ("Picture 1: ") with add_vision_id=True.
-QWEN2_VL_CHAT_TEMPLATE = join(
+# The message body of Qwen-VL ChatML templates: media in place, as
+# <|vision_start|><|image_pad|><|vision_end|> (videos with <|video_pad|>), optionally numbered
+# ("Picture 1: ", "Video 1: ") with add_vision_id=True.
+QWEN_VL_BODY = join(
     "{% macro body(content, counts) %}",
     "  {% if content is string %}{{ content }}{% else %}",
     "    {% for part in content %}",
@@ -31,6 +31,10 @@ QWEN2_VL_CHAT_TEMPLATE = join(
     "    {% endfor %}",
     "  {% endif %}",
     "{% endmacro %}",
+)
+
+# Qwen2-VL-Instruct ChatML: a default system prompt unless the conversation starts with one.
+QWEN2_VL_CHAT_TEMPLATE = QWEN_VL_BODY + join(
     "{% set counts = namespace(images=0, videos=0) %}",
     "{% for message in messages %}",
     "  {% if loop.first and message['role'] != 'system' %}",

@@ -11,7 +11,7 @@ from trainer.models.tiny.common import (
     padded_vocab,
 )
 from trainer.models.tiny.qwen2_5_vl import QWEN2_5_VL_TOKENS
-from trainer.models.tiny.qwen2_vl import qwen_media_ids
+from trainer.models.tiny.qwen2_vl import QWEN_VL_BODY, qwen_media_ids
 
 # Qwen3-VL-8B-Instruct's ChatML differs from Qwen2-VL's: no default system prompt, and the system
 # message is rendered from its text parts only. Media are written in place as in Qwen2-VL, numbered
@@ -19,23 +19,7 @@ from trainer.models.tiny.qwen2_vl import qwen_media_ids
 # the text of assistant messages, so an image inside an answer would vanish from the text while
 # the processor still receives it; here assistant media are rendered like the user's. Conversations
 # without media in answers render exactly as the published template renders them.
-QWEN3_VL_CHAT_TEMPLATE = join(
-    "{% macro body(content, counts) %}",
-    "  {% if content is string %}{{ content }}{% else %}",
-    "    {% for part in content %}",
-    "      {% if part['type'] == 'image' %}",
-    "        {% set counts.images = counts.images + 1 %}",
-    "        {% if add_vision_id %}{{ 'Picture ' + counts.images | string + ': ' }}{% endif %}",
-    "        {{ '<|vision_start|><|image_pad|><|vision_end|>' }}",
-    "      {% elif part['type'] == 'video' %}",
-    "        {% set counts.videos = counts.videos + 1 %}",
-    "        {% if add_vision_id %}{{ 'Video ' + counts.videos | string + ': ' }}{% endif %}",
-    "        {{ '<|vision_start|><|video_pad|><|vision_end|>' }}",
-    "      {% elif part['type'] == 'text' %}{{ part['text'] }}",
-    "      {% endif %}",
-    "    {% endfor %}",
-    "  {% endif %}",
-    "{% endmacro %}",
+QWEN3_VL_CHAT_TEMPLATE = QWEN_VL_BODY + join(
     "{% macro text_of(content) %}",
     "  {% if content is string %}{{ content }}{% else %}",
     "    {% for part in content %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}",
