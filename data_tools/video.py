@@ -1,5 +1,5 @@
 """Video frame sampling and decoding from bytes in memory, no temporary files: the one
-implementation that training (trainer/data/video.py re-exports it) and the converter's frame
+implementation that training (trainer/data/render.py) and the converter's frame
 extraction (`shard.py --video-frames`, data_tools/frames.py) share, so both pick the same frames.
 
 decord reads the container from memory and seeks to the sampled frames; PyAV is the fallback for

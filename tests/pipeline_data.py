@@ -35,19 +35,26 @@ def build_shards(root: Path) -> Path:
     return out
 
 
-def build_overfit_shards(root: Path) -> Path:
-    """Four samples (two with a photograph, two text-only) that a tiny model can memorise."""
+OVERFIT_RECORDS = [
+    {"id": "a", "image": str(PHOTOS[0]), "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A temple roof."}]},
+    {"id": "b", "image": str(PHOTOS[2]), "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cup of coffee."}]},
+    {"id": "c", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"}]},
+    {"id": "d", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "Four."}]},
+]
+
+
+def shard_records(root: Path, records: list[dict]) -> Path:
+    """`records` as one source taken whole each epoch, converted by the real converter into root/shards."""
     root.mkdir(parents=True, exist_ok=True)
-    records = [
-        {"id": "a", "image": str(PHOTOS[0]), "conversations": [
-            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A temple roof."}]},
-        {"id": "b", "image": str(PHOTOS[2]), "conversations": [
-            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cup of coffee."}]},
-        {"id": "c", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"}]},
-        {"id": "d", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "Four."}]},
-    ]
     (root / "overfit.json").write_text(json.dumps(records))
-    (root / "data.txt").write_text("overfit.json 0.004\n")
+    (root / "data.txt").write_text(f"overfit.json {len(records) / 1000}\n")
     out = root / "shards"
     assert shard_main([str(root / "data.txt"), "--out", str(out), "--workers", "1", "-q"]) == 0
     return out
+
+
+def build_overfit_shards(root: Path) -> Path:
+    """Four samples (two with a photograph, two text-only) that a tiny model can memorise."""
+    return shard_records(root, OVERFIT_RECORDS)

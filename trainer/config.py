@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from trainer.data.video import VideoPolicy
+from data_tools.video import VideoPolicy
 
 
 @dataclass(kw_only=True)
@@ -66,7 +66,7 @@ class DataConfig:
     shuffle_buffer: int = 1000          # raw samples held for sample-level shuffling
     max_skip_fraction: float = 0.01     # abort when more than this share of an epoch's samples is skipped
     packing: PackingConfig = field(default_factory=PackingConfig)
-    video: VideoPolicy = field(default_factory=VideoPolicy)   # frame sampling (trainer/data/video.py)
+    video: VideoPolicy = field(default_factory=VideoPolicy)   # frame sampling (data_tools/video.py)
 
     def __post_init__(self) -> None:
         if not self.shards:

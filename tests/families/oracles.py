@@ -296,8 +296,8 @@ def inference(adapter: Any, sample: Any, members: dict[str, bytes], policy: Any,
     """What the processor gives at inference for the first `upto` messages of `sample` (with the
     generation prompt), or the whole conversation: the same photographs, and the same sampled frames
     of each video with their metadata (fps, frame count, which frames), not sampled again."""
+    from data_tools.video import decode_video
     from trainer.data.render import decode_image, to_messages
-    from trainer.data.video import decode_video
     from trainer.models.adapter import VideoFrames
 
     messages = to_messages(sample)
@@ -330,28 +330,16 @@ def summed_loss(model: Any, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
 def shard_video_overfit(root: Path) -> Path:
     """The four overfit samples plus a video (its own num_frames) and a sample with a photograph and a
     video: of two ranks, one holds the sample whose pack has both kinds of media."""
-    from data_tools.shard import main as shard_main
-    from tests.pipeline_data import PHOTOS
+    from tests.pipeline_data import OVERFIT_RECORDS, PHOTOS, shard_records
 
-    root.mkdir(parents=True, exist_ok=True)
-    records = [
-        {"id": "a", "image": str(PHOTOS[0]), "conversations": [
-            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A temple roof."}]},
-        {"id": "b", "image": str(PHOTOS[2]), "conversations": [
-            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cup of coffee."}]},
-        {"id": "c", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"}]},
-        {"id": "d", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "Four."}]},
+    return shard_records(root, [
+        *OVERFIT_RECORDS,
         {"id": "e", "video": str(CARPHONE), "num_frames": 6, "conversations": [
             {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A man phones."}]},
         {"id": "f", "image": str(PHOTOS[1]), "video": str(CARPHONE), "conversations": [
             {"from": "human", "value": "<image>\n<video>\nWhat are these?"},
             {"from": "gpt", "value": "A flower, then a call."}]},
-    ]
-    (root / "overfit.json").write_text(json.dumps(records))
-    (root / "data.txt").write_text("overfit.json 0.006\n")
-    out = root / "shards"
-    assert shard_main([str(root / "data.txt"), "--out", str(out), "--workers", "1", "-q"]) == 0
-    return out
+    ])
 
 
 def dry_run(model: Path, shards: Path, *overrides: str) -> dict:
@@ -415,8 +403,8 @@ class VideoOracles:
 
     @pytest.mark.parametrize("image", [False, True], ids=["video", "video_and_image"])
     def test_a_video_sample_renders_as_the_processor_at_inference(self, path: Path, image: bool) -> None:
+        from data_tools.video import VideoPolicy
         from trainer.data.render import IGNORE, render_sample, to_messages
-        from trainer.data.video import VideoPolicy
         from trainer.models.adapter import get_adapter
 
         adapter, members, policy = get_adapter(path), video_members(), VideoPolicy()
@@ -440,8 +428,8 @@ class VideoOracles:
         assert torch.equal(r.labels[expected], r.input_ids[expected])
 
     def test_the_whole_conversation_path_renders_videos_the_same(self, path: Path, monkeypatch) -> None:
+        from data_tools.video import VideoPolicy
         from trainer.data import render
-        from trainer.data.video import VideoPolicy
         from trainer.models.adapter import get_adapter
 
         adapter, members = get_adapter(path), video_members()
@@ -457,10 +445,10 @@ class VideoOracles:
         """A pack of a video sample, an image sample, a text sample and a sample with a photograph and a
         video (of another frame count where the model allows it): its summed loss equals the samples'
         losses, each computed by the model alone on what the processor gives at inference."""
+        from data_tools.video import VideoPolicy
         from tests.unit.test_packed_loss import SAMPLES
         from trainer.data.packing import collate
         from trainer.data.render import render_sample
-        from trainer.data.video import VideoPolicy
         from trainer.models.adapter import get_adapter
 
         adapter, members, policy = get_adapter(path), video_members(), VideoPolicy()
@@ -484,8 +472,8 @@ class VideoOracles:
         """The bundled demo (a real mp4, one sample asking for num_frames=6): every sample, nothing
         skipped. Its videos render with 6 and data.video.num_frames frames; with num_frames=2 instead the
         dry run's tokens drop by exactly the other video's difference: the sample's own 6 stay."""
+        from data_tools.video import VideoPolicy
         from trainer.data.render import render_sample
-        from trainer.data.video import VideoPolicy
         from trainer.models.adapter import get_adapter
 
         budget = f"data.packing.max_tokens={self.DEMO_MAX_TOKENS}"
@@ -517,10 +505,10 @@ def packed_video_positions(path: Path) -> tuple[Any, Any, torch.Tensor, Any]:
     adapter, the sample rendered, its [4, L] positions in the pack and the inference output."""
     from transformers import AutoModelForImageTextToText
 
+    from data_tools.video import VideoPolicy
     from tests.unit.test_packed_loss import SAMPLES
     from trainer.data.packing import collate
     from trainer.data.render import render_sample
-    from trainer.data.video import VideoPolicy
     from trainer.models.adapter import get_adapter
 
     adapter, members, policy = get_adapter(path), video_members(), VideoPolicy()

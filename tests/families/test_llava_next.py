@@ -7,21 +7,29 @@ from tests.families.oracles import FamilyOracles
 PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
 
 
-def anyres_tokens(height: int, width: int) -> int:
-    """AnyRes as the original LLaVA-NeXT code does it: the pinpoint that keeps the most pixels (then
-    wastes the least), 24x24 features per 336-px tile, rows (or columns) of pure padding removed, one
-    newline token per row, plus the 576 tokens of the 336-px base view."""
+def anyres_grid(height: int, width: int, pinpoints: list[tuple[int, int]], tile: int,
+                per_tile: int) -> tuple[int, int]:
+    """Feature rows and columns of an image's tiles, as the original LLaVA-NeXT code picks them: the
+    pinpoint that keeps the most pixels (then wastes the least), `per_tile` x `per_tile` features per
+    `tile`-px tile, rows (or columns) of pure padding removed."""
     def score(pin: tuple[int, int]) -> tuple[int, int]:
         scale = min(pin[0] / height, pin[1] / width)
         kept = min(int(height * scale) * int(width * scale), height * width)
         return kept, -(pin[0] * pin[1] - kept)
 
-    best = max(PINPOINTS, key=score)  # max keeps the first of equals, as the original does
-    rows, cols = best[0] // 336 * 24, best[1] // 336 * 24
+    best = max(pinpoints, key=score)  # max keeps the first of equals, as the original does
+    rows, cols = best[0] // tile * per_tile, best[1] // tile * per_tile
     if width / height > cols / rows:
         rows -= 2 * ((rows - int(height * cols / width)) // 2)
     elif width / height < cols / rows:
         cols -= 2 * ((cols - int(width * rows / height)) // 2)
+    return rows, cols
+
+
+def anyres_tokens(height: int, width: int) -> int:
+    """LLaVA-NeXT's AnyRes: 24x24 features per 336-px tile, one newline token per row, plus the 576
+    tokens of the 336-px base view."""
+    rows, cols = anyres_grid(height, width, PINPOINTS, 336, 24)
     return 576 + rows * (cols + 1)
 
 

@@ -7,18 +7,18 @@ import numpy as np
 import torch
 
 from tests.families.oracles import FamilyOracles, VideoOracles, video_members, video_sample
+from tests.families import test_llava, test_llava_next
 from tests.families.test_llava_next import PINPOINTS, anyres_tokens  # the same image geometry
+
+VICUNA = test_llava.TestLlava             # llava-1.5's turns (a module attribute: not collected twice)
 
 
 class TestLlavaNextVideo(VideoOracles, FamilyOracles):
     FAMILY = "llava_next_video"
     SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<video>", "<image>"]
     TOKENIZER_ROLES = ("<s>", "</s>", "<unk>", True)
-    FULL_RENDER = ("You are terse. USER: <image>\nWhat is this? ASSISTANT: An astronaut.</s>"
-                   "USER: <image>\nAnd this? ASSISTANT: A palace.</s>")
-    GENERATION_PROMPT = "ASSISTANT:"
-    ASSISTANT_TEXT = " An astronaut.</s> A palace.</s>"
-    TEXT_ONLY_RENDER = "USER: Hi ASSISTANT: Hello.</s>USER: a b ASSISTANT:"
+    FULL_RENDER, GENERATION_PROMPT = VICUNA.FULL_RENDER, VICUNA.GENERATION_PROMPT
+    ASSISTANT_TEXT, TEXT_ONLY_RENDER = VICUNA.ASSISTANT_TEXT, VICUNA.TEXT_ONLY_RENDER
     MAX_TOKENS = 8192
 
     def expected_image_tokens(self, image) -> int:
@@ -43,10 +43,7 @@ class TestLlavaNextVideo(VideoOracles, FamilyOracles):
             assert (proc.crop_size["height"], proc.crop_size["width"]) == (336, 336)
         assert processor.video_processor.num_frames == 32
 
-    def check_real_images(self, out, processor) -> None:
-        # Both pick the 672x672 pinpoint: a base view and 4 tiles each.
-        assert out["pixel_values"].shape == (2, 5, 3, 336, 336)
-        assert out["image_sizes"].tolist() == [[512, 512], [427, 640]]
+    check_real_images = test_llava_next.TestLlavaNext.check_real_images   # the same AnyRes views
 
     def test_video_keeps_the_real_frame_geometry(self, path, images) -> None:
         # 336-px frames, 24x24 CLIP features pooled 2x2 to 12x12 = 144 tokens, no newline.

@@ -14,6 +14,7 @@ from PIL import Image
 
 from data_tools.sample import ImagePart, Sample, TextPart, Turn
 from tests.families.oracles import FamilyOracles, VideoOracles, video_members, video_sample
+from tests.families.test_llava_next import anyres_grid
 from tests.unit.test_render import PHOTOS
 from trainer.data.packing import collate
 from trainer.data.render import RenderError, render_sample, to_messages
@@ -23,21 +24,10 @@ BASE = 27 * 27  # SigLIP so400m/14 at 384 px, no CLS token ("full" feature selec
 
 
 def alone_tokens(height: int, width: int) -> int:
-    """An image alone, as the original LLaVA-OneVision code shows it: the pinpoint that keeps the most pixels
-    (then wastes the least), 27x27 features per 384-px tile, rows (or columns) of pure padding removed, the
-    grid shrunk by `ratio` when it holds more than 1.1 times 9 tiles' features (anyres_max_9), one newline
-    per row, plus the base view."""
-    def score(pin: tuple[int, int]) -> tuple[int, int]:
-        scale = min(pin[0] / height, pin[1] / width)
-        kept = min(int(height * scale) * int(width * scale), height * width)
-        return kept, -(pin[0] * pin[1] - kept)
-
-    best = max(PINPOINTS, key=score)  # max keeps the first of equals, as the original does
-    rows, cols = best[0] // 384 * 27, best[1] // 384 * 27
-    if width / height > cols / rows:
-        rows -= 2 * ((rows - int(height * cols / width)) // 2)
-    elif width / height < cols / rows:
-        cols -= 2 * ((cols - int(width * rows / height)) // 2)
+    """An image alone, as the original LLaVA-OneVision code shows it: LLaVA-NeXT's AnyRes grid with 27x27
+    features per 384-px tile, shrunk by `ratio` when it holds more than 1.1 times 9 tiles' features
+    (anyres_max_9), one newline per row, plus the base view."""
+    rows, cols = anyres_grid(height, width, PINPOINTS, 384, 27)
     ratio = math.sqrt(rows * cols / (9 * BASE))
     if ratio > 1.1:
         rows, cols = int(rows // ratio), int(cols // ratio)

@@ -4,10 +4,8 @@ patches merged 2x2, longest edge up to 1540 px), a row of [IMG] per 28 px closed
 from __future__ import annotations
 
 import datetime
-import io
 import math
 
-import torch
 
 from tests.families.oracles import FamilyOracles
 
@@ -98,32 +96,17 @@ class TestMistral3(FamilyOracles):
         # A narrow crop (140x427 -> 5x16 tokens) and china (23x16): packed, the smaller image is zero-padded
         # to the larger's height and width as one processor call pads them, and the loss is still the
         # per-sample sum (the tower cuts each image back to its own size before attending within it).
-        from transformers import AutoModelForImageTextToText
-
-        from data_tools.sample import ImagePart, Sample, TextPart, Turn
-        from tests.unit.test_packed_loss import SAMPLES, summed_loss
-        from tests.unit.test_render import PHOTOS
+        from tests.unit.test_packed_loss import SAMPLES, assert_packed_equals_alone, cropped_photo
         from trainer.data.packing import collate
-        from trainer.data.render import decode_image, render_sample
+        from trainer.data.render import render_sample
         from trainer.models.adapter import get_adapter
 
         adapter = get_adapter(path)
-        narrow = io.BytesIO()
-        decode_image(PHOTOS["img0.jpg"]).crop((0, 0, 140, 427)).save(narrow, format="PNG")
-        photos = {**PHOTOS, "narrow.png": narrow.getvalue()}
-        narrow_sample = Sample(key="4", source="s", index=0, turns=[
-            Turn(role="user", parts=[ImagePart(member="narrow.png", width=0, height=0, format="", bytes=0),
-                                     TextPart(text="What is it?")]),
-            Turn(role="assistant", parts=[TextPart(text="A strip.")])])
+        narrow_sample, photos = cropped_photo((0, 0, 140, 427), "A strip.")
         rendered = [render_sample(adapter, s, photos) for s in (narrow_sample, SAMPLES[0])]
         assert [tuple(r.media["pixel_values"].shape[-2:]) for r in rendered] == [(448, 140), (448, 644)]
         pack = collate(adapter, rendered).inputs
         assert pack["pixel_values"].shape == (2, 3, 448, 644) and pack["pixel_values"][0, :, :, 140:].abs().sum() == 0
         assert pack["image_sizes"].tolist() == [[448, 140], [448, 644]]
         assert int((pack["input_ids"] == 10).sum()) == 16 * 5 + 16 * 23
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-        model.eval()
-        with torch.no_grad():
-            alone = sum(summed_loss(model, dict(collate(adapter, [r]).inputs)) for r in rendered)
-            packed = summed_loss(model, dict(pack))
-        assert abs(packed.item() - alone.item()) <= 1e-6 * abs(alone.item()), (packed.item(), alone.item())
+        assert_packed_equals_alone(path, adapter, rendered, pack)

@@ -3,7 +3,6 @@ dynamic HD of up to 36 crops of 448 px plus a global view, SigLIP-448/14 feature
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -170,21 +169,13 @@ class TestPhi4Multimodal(FamilyOracles):
         # A small crop (1 HD crop + global view) and china (2 crops + global): packed, the crop dimension is
         # padded as one processor call pads it (zero pixels, all-ones masks) and the loss is still the
         # per-sample sum (the model reads each image's crop count from image_sizes).
-        from data_tools.sample import ImagePart, Sample, TextPart, Turn
-        from tests.unit.test_packed_loss import SAMPLES, summed_loss
-        from tests.unit.test_render import PHOTOS
+        from tests.unit.test_packed_loss import SAMPLES, assert_packed_equals_alone, cropped_photo
         from trainer.data.packing import collate
-        from trainer.data.render import decode_image, render_sample
+        from trainer.data.render import render_sample
         from trainer.models.adapter import get_adapter
 
         adapter = get_adapter(path)
-        small = io.BytesIO()
-        decode_image(PHOTOS["img0.jpg"]).crop((0, 0, 300, 200)).save(small, format="PNG")
-        photos = {**PHOTOS, "small.png": small.getvalue()}
-        small_sample = Sample(key="4", source="s", index=0, turns=[
-            Turn(role="user", parts=[ImagePart(member="small.png", width=0, height=0, format="", bytes=0),
-                                     TextPart(text="What is it?")]),
-            Turn(role="assistant", parts=[TextPart(text="A corner.")])])
+        small_sample, photos = cropped_photo((0, 0, 300, 200), "A corner.")
         rendered = [render_sample(adapter, s, photos) for s in (small_sample, SAMPLES[0])]
         assert [r.media["image_pixel_values"].shape[1] for r in rendered] == [2, 3]
         pack = collate(adapter, rendered).inputs
@@ -192,9 +183,4 @@ class TestPhi4Multimodal(FamilyOracles):
         assert pack["image_pixel_values"][0, 2].abs().sum() == 0 and pack["image_attention_mask"][0, 2].all()
         assert pack["image_sizes"].tolist() == [[448, 448], [448, 896]]
         assert int((pack["input_ids"] == adapter.processor.image_token_id).sum()) == hd_tokens(200, 300) + hd_tokens(427, 640)
-        model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-        model.eval()
-        with torch.no_grad():
-            alone = sum(summed_loss(model, dict(collate(adapter, [r]).inputs)) for r in rendered)
-            packed = summed_loss(model, dict(pack))
-        assert abs(packed.item() - alone.item()) <= 1e-6 * abs(alone.item()), (packed.item(), alone.item())
+        assert_packed_equals_alone(path, adapter, rendered, pack)

@@ -29,7 +29,7 @@ class TestQwen2_5_VL(QwenVLFacts):
         # Absolute time: a temporal patch of 2 frames spans 2 / sampled fps seconds, the sampled fps being
         # 6 frames over the clip's 120 frames at 29.97 fps (not the processor's 24-fps guess), and each
         # second of video is 2 rope steps (tokens_per_second).
-        from trainer.data.video import VideoPolicy, decode_video
+        from data_tools.video import VideoPolicy, decode_video
 
         clip = decode_video(CARPHONE.read_bytes(), VideoPolicy(), 6)
         seconds = 2 / clip.sample_fps

@@ -8,6 +8,7 @@ import math
 import torch
 
 from tests.families.oracles import CARPHONE, FamilyOracles, VideoOracles, packed_video_positions
+from tests.families.test_qwen2_vl import QwenVLFacts
 
 
 def grid(height: int, width: int) -> tuple[int, int]:
@@ -39,13 +40,9 @@ class TestQwen3VL(VideoOracles, FamilyOracles):
     SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
                       "<|image_pad|>", "<|video_pad|>", "<tool_call>", "<tool_response>", "<think>", "</think>"]
     TOKENIZER_ROLES = (None, "<|im_end|>", "<|endoftext|>", False)
-    FULL_RENDER = ("<|im_start|>system\nYou are terse.<|im_end|>\n"
-                   "<|im_start|>user\nWhat is this?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
-                   "<|im_start|>assistant\nAn astronaut.<|im_end|>\n"
-                   "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>And this?<|im_end|>\n"
-                   "<|im_start|>assistant\nA palace.<|im_end|>\n")
-    GENERATION_PROMPT = "<|im_start|>assistant\n"
-    ASSISTANT_TEXT = "An astronaut.<|im_end|>A palace.<|im_end|>"
+    # Qwen2-VL's ChatML when a system message is given.
+    FULL_RENDER, GENERATION_PROMPT = QwenVLFacts.FULL_RENDER, QwenVLFacts.GENERATION_PROMPT
+    ASSISTANT_TEXT = QwenVLFacts.ASSISTANT_TEXT
     # Unlike Qwen2-VL, no default system prompt.
     TEXT_ONLY_RENDER = ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
                         "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n")
@@ -141,7 +138,7 @@ class TestQwen3VL(VideoOracles, FamilyOracles):
         """6 of the carphone clip's 120 frames (29.97 fps): 3 temporal patches, each its own vision block
         after "<t seconds>", t the mean time of its two frames in the video; time advances through that
         text, so every patch restarts the rope's temporal row at the text position."""
-        from trainer.data.video import VideoPolicy, decode_video
+        from data_tools.video import VideoPolicy, decode_video
 
         adapter, r, _, ref = packed_video_positions(path)
         clip = decode_video(CARPHONE.read_bytes(), VideoPolicy(), 6)
@@ -154,9 +151,9 @@ class TestQwen3VL(VideoOracles, FamilyOracles):
         assert ref["video_grid_thw"].tolist() == [[3, 8, 12]]
 
     def test_a_one_frame_video_is_that_frame_twice(self, path, media) -> None:
+        from data_tools.video import VideoPolicy
         from tests.families.oracles import video_sample
         from trainer.data.render import render_sample
-        from trainer.data.video import VideoPolicy
         from trainer.models.adapter import get_adapter
 
         adapter = get_adapter(path)

@@ -16,8 +16,8 @@ from PIL import Image
 from data_tools.conversion import ConvertOptions, convert_record
 from data_tools.frames import FrameExtraction, extract_frames, stored_clip
 from data_tools.sample import Rejected, Sample, TextPart, Turn, VideoPart
+from data_tools.video import VideoPolicy, decode_video, frame_indices
 from trainer.data.render import RenderError, render_sample
-from trainer.data.video import VideoPolicy, decode_video, frame_indices
 
 
 def convert(media: dict[str, Path], name: str, how: FrameExtraction | None, num_frames: int | None = None):

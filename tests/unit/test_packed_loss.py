@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForImageTextToText
 
 from data_tools.sample import ImagePart, Sample, TextPart, Turn
 from tests.unit.test_render import PHOTOS
@@ -19,7 +18,8 @@ from trainer.models.tiny import FAMILIES
 
 def sample(key: str, turns: list[tuple[str, list]], system: str | None = None) -> Sample:
     def part(p):
-        return ImagePart(member=p, width=0, height=0, format="", bytes=0) if p in PHOTOS else TextPart(text=p)
+        image = p in PHOTOS or p == "crop.png"
+        return ImagePart(member=p, width=0, height=0, format="", bytes=0) if image else TextPart(text=p)
     return Sample(key=key, source="s", index=0, system=system,
                   turns=[Turn(role=r, parts=[part(p) for p in ps]) for r, ps in turns])
 
@@ -80,33 +80,39 @@ def test_no_gradient_crosses_packed_samples(tiny, family: str) -> None:
     assert grad[:start].sum() == 0 and grad[end:].sum() == 0
 
 
-def test_llava_next_packs_images_with_different_view_counts(tiny) -> None:
-    # A tall crop picks the 672x336 pinpoint (3 views), the photos 672x672 (5 views): packed, the
-    # view dimension is zero-padded as the processor pads it, and the loss is still the per-sample sum.
+def cropped_photo(box: tuple[int, int, int, int], answer: str) -> tuple[Sample, dict[str, bytes]]:
+    """A one-turn sample about a crop of img0.jpg, and the photos with that crop among them."""
     import io
 
     from trainer.data.render import decode_image
 
+    crop = io.BytesIO()
+    decode_image(PHOTOS["img0.jpg"]).crop(box).save(crop, format="PNG")
+    return sample("4", [("user", ["crop.png", "What is it?"]), ("assistant", [answer])]), \
+        {**PHOTOS, "crop.png": crop.getvalue()}
+
+
+def assert_packed_equals_alone(path, adapter, rendered: list, pack: dict) -> None:
+    """The summed loss of `pack` equals its samples' losses one by one (fp32, relative 1e-6)."""
+    model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        alone = sum(summed_loss(model, dict(collate(adapter, [r]).inputs)) for r in rendered)
+        packed = summed_loss(model, dict(pack))
+    assert abs(packed.item() - alone.item()) <= 1e-6 * abs(alone.item()), (packed.item(), alone.item())
+
+
+def test_llava_next_packs_images_with_different_view_counts(tiny) -> None:
+    # A tall crop picks the 672x336 pinpoint (3 views), the photos 672x672 (5 views): packed, the
+    # view dimension is zero-padded as the processor pads it, and the loss is still the per-sample sum.
     path = tiny("llava_next")
     adapter = get_adapter(path)
-    tall = io.BytesIO()
-    decode_image(PHOTOS["img0.jpg"]).crop((0, 0, 140, 427)).save(tall, format="PNG")
-    photos = {**PHOTOS, "tall.png": tall.getvalue()}
-    tall_sample = Sample(key="4", source="s", index=0, turns=[
-        Turn(role="user", parts=[ImagePart(member="tall.png", width=0, height=0, format="", bytes=0),
-                                 TextPart(text="What is it?")]),
-        Turn(role="assistant", parts=[TextPart(text="A strip.")])])
+    tall_sample, photos = cropped_photo((0, 0, 140, 427), "A strip.")
     rendered = [render_sample(adapter, s, photos) for s in (tall_sample, SAMPLES[0])]
     assert [r.media["pixel_values"].shape[1] for r in rendered] == [3, 5]
     pack = collate(adapter, rendered).inputs
     assert pack["pixel_values"].shape == (2, 5, 3, 336, 336) and pack["pixel_values"][0, 3:].abs().sum() == 0
     assert pack["image_sizes"].tolist() == [[427, 140], [427, 640]]
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    model.eval()
-    with torch.no_grad():
-        alone = sum(summed_loss(model, dict(collate(adapter, [r]).inputs)) for r in rendered)
-        packed = summed_loss(model, dict(pack))
-    assert abs(packed.item() - alone.item()) <= 1e-6 * abs(alone.item()), (packed.item(), alone.item())
+    assert_packed_equals_alone(path, adapter, rendered, pack)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

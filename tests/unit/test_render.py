@@ -3,7 +3,6 @@ exactly the answers and their end-of-turn token, for llava, qwen2_vl and idefics
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Video frames for training (trainer/data/video.py): which frames each policy samples, decord and
+"""Video frames for training (data_tools/video.py): which frames each policy samples, decord and
 PyAV decoding the same frames from bytes in memory, odd videos decoding, broken ones refused."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.data.video import VideoPolicy, _decord, _pyav, decode_video, fit_budget, frame_indices
+from data_tools.video import VideoPolicy, _decord, _pyav, decode_video, fit_budget, frame_indices
 
 
 def test_fixed_count_is_uniform_and_a_samples_num_frames_wins() -> None:

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from data_tools.sample import Sample, TextPart, Turn, VideoPart
+from data_tools.video import VideoPolicy, decode_video
 from trainer.data.render import IGNORE, RenderError, render_sample, to_messages
-from trainer.data.video import VideoPolicy, decode_video
 from trainer.models.adapter import get_adapter, load_families
 
 

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 
 from data_tools.frames import stored_clip
 from data_tools.sample import ImagePart, Sample, TextPart, VideoPart
-from trainer.data.video import VideoPolicy, decode_video
+from data_tools.video import VideoPolicy, decode_video
 
 if TYPE_CHECKING:
     from trainer.models.adapter import ModelAdapter

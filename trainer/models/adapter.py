@@ -26,7 +26,7 @@ import torch
 
 @dataclass
 class VideoFrames:
-    """One video as a video-native family's processor gets it: the frames trainer.data.video already
+    """One video as a video-native family's processor gets it: the frames data_tools.video already
     sampled, with the metadata transformers' VideoMetadata holds (the video's fps and frame count,
     which frames these are), so the processor neither samples again nor guesses the frame rate:
     Qwen2.5-VL's temporal rope spacing and Qwen3-VL's timestamps come from the real sampled frames."""
@@ -36,7 +36,7 @@ class VideoFrames:
 
     @classmethod
     def of(cls, clip: Any) -> VideoFrames:
-        """From a trainer.data.video.Clip. A clip of unknown frame rate counts as one sampled frame a
+        """From a data_tools.video.Clip. A clip of unknown frame rate counts as one sampled frame a
         second (Clip.sample_fps), so VideoMetadata.sampled_fps equals clip.sample_fps either way."""
         indices = [int(i) for i in clip.indices]
         total = max(int(clip.total_frames), max(indices) + 1)
@@ -159,7 +159,7 @@ class ModelAdapter:
         if videos:
             kwargs["videos"] = [v.frames if isinstance(v, VideoFrames) else v for v in videos]
             metadata = [v.metadata for v in videos if isinstance(v, VideoFrames)]
-            if metadata:   # frames already sampled by trainer.data.video: none sampled again
+            if metadata:   # frames already sampled by data_tools.video: none sampled again
                 kwargs.update(video_metadata=metadata, do_sample_frames=False)
         return self.processor(**kwargs)
 
@@ -176,7 +176,7 @@ class ModelAdapter:
         return torch.arange(input_ids.shape[0], dtype=torch.int64)
 
     def video_input(self, clip: Any) -> Any:
-        """What `process` gets for one decoded video (a trainer.data.video.Clip) of a family with
+        """What `process` gets for one decoded video (a data_tools.video.Clip) of a family with
         video = "native": its frames and their metadata."""
         return VideoFrames.of(clip)
 

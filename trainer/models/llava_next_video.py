@@ -2,7 +2,7 @@
 336, 336] with `image_sizes`, views zero-padded when segments or packed samples are concatenated) on
 a Vicuna decoder with vicuna_v1 turns ("USER: ... ASSISTANT: ...</s>"). Videos are native: 336-px
 frames (`pixel_values_videos` [videos, frames, 3, 336, 336]) whose CLIP features are average-pooled
-2x2 to 144 tokens a frame, the frames trainer.data.video sampled and no others.
+2x2 to 144 tokens a frame, the frames data_tools.video sampled and no others.
 
 Videos of different frame counts cannot share the frame dimension. Each frame is encoded and pooled
 on its own and nothing marks where a video ends, so the frames of all videos in one row,

@@ -16,7 +16,7 @@ with one image so far the processor shows it with tiles, once a second one follo
 mmloom renders the whole sample as inference renders the whole conversation.
 
 Videos are native: 384-px frames (`pixel_values_videos` [videos, frames, 3, 384, 384]), the frames
-trainer.data.video sampled, each pooled 2x2 to 14x14 = 196 tokens, and one newline per video. The model
+data_tools.video sampled, each pooled 2x2 to 14x14 = 196 tokens, and one newline per video. The model
 reads one video per row of that tensor and appends the newline to each row, so videos of different
 frame counts can share neither a row nor the tensor: the packer keeps them in different micro-batches
 (packs_with). Images and videos go through two calls of the vision tower: its blocks stay in the root

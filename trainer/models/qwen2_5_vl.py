@@ -3,7 +3,7 @@
 The rope indices come from the model's own `get_rope_index` (modeling_qwen2_5_vl), which spaces a
 video's temporal positions by `second_per_grid_ts * tokens_per_second`; the processor's
 `second_per_grid_ts` (one value per video: temporal patch size / sampled fps, from the metadata of
-the frames trainer.data.video really sampled) therefore travels with the media tensors and is
+the frames data_tools.video really sampled) therefore travels with the media tensors and is
 concatenated across packed samples like the grids. The vision tower's window attention works
 within each image's own patch grid, so concatenating the images of packed samples changes nothing.
 """

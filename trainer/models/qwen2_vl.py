@@ -5,7 +5,7 @@ restart at 0 for each sample (transformers builds the block-diagonal mask from t
 three the sample's own temporal/height/width rope indices, computed by the model's own
 `get_rope_index` so training and inference agree.
 
-Videos are native: the frames trainer.data.video sampled go to the processor with their metadata and
+Videos are native: the frames data_tools.video sampled go to the processor with their metadata and
 are not sampled again; 2 frames make a temporal patch, `video_grid_thw` [videos, 3] and the patch-flattened
 `pixel_values_videos` are concatenated across segments and packed samples like the images'. The model
 encodes images and videos in two calls of its vision tower, an FSDP unit per block: two calls in one

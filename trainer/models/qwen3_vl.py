@@ -16,7 +16,7 @@ What differs from Qwen2-VL, and why the Qwen2-VL plumbing still holds:
 - The published chat template has no default system prompt (see tiny/qwen3_vl.py).
 - Videos: the processor writes each temporal patch (2 frames) as "<t seconds>" text plus its own
   vision block, t the mean time of its frames from the video metadata: the real timestamps of the
-  frames trainer.data.video sampled (adapter.VideoFrames), never the processor's default of 24 fps.
+  frames data_tools.video sampled (adapter.VideoFrames), never the processor's default of 24 fps.
   Its video resize needs 2 frames: a clip of one frame is that frame twice, what Qwen2-VL's processor
   does to fill a temporal patch.
 """

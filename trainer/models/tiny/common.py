@@ -22,6 +22,37 @@ def join(*lines: str) -> str:
     return "".join(line.strip() for line in lines)
 
 
+# The turn loops of two chat formats, after a family's own `body(content)` macro.
+# ChatML with no default system prompt (LLaVA-OneVision, InternVL3): every turn
+# "<|im_start|>role\n" + body + "<|im_end|>\n", the answer and its <|im_end|> trained.
+CHATML_TURNS = join(
+    "{% for message in messages %}",
+    "  {{ '<|im_start|>' + message['role'] + '\\n' }}",
+    "  {% if message['role'] == 'assistant' %}",
+    "    {% generation %}{{ body(message['content']) + '<|im_end|>' }}{% endgeneration %}",
+    "  {% else %}{{ body(message['content']) + '<|im_end|>' }}",
+    "  {% endif %}",
+    "  {{ '\\n' }}",
+    "{% endfor %}",
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+)
+
+
+def vicuna_turns(model: str) -> str:
+    """vicuna_v1 (LLaVA-1.5, LLaVA-NeXT-Video): "SYSTEM USER: Q ASSISTANT: A</s>USER: ..."."""
+    return join(
+        "{% for message in messages %}",
+        "  {% if message['role'] == 'system' %}{{ body(message['content']) + ' ' }}",
+        "  {% elif message['role'] == 'user' %}{{ 'USER: ' + body(message['content']) + ' ' }}",
+        "  {% elif message['role'] == 'assistant' %}",
+        "    {{ 'ASSISTANT:' }}{% generation %}{{ ' ' + body(message['content']) + '</s>' }}{% endgeneration %}",
+        "  {% else %}{{ raise_exception('" + model + " has no role ' + message['role']) }}",
+        "  {% endif %}",
+        "{% endfor %}",
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}",
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Tokenizers: a small byte-level BPE learned from text generated here, with each family's special
 # tokens registered as single special tokens at the same relative places as in the real vocabulary.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from trainer.models.tiny.common import TEXT_WIDTH, build_tokenizer, join, padded_vocab
+from trainer.models.tiny.common import CHATML_TURNS, TEXT_WIDTH, build_tokenizer, join, padded_vocab
 from trainer.models.tiny.qwen2_vl import QWEN2_VL_TOKENS
 
 # InternVL3-hf (transformers' conversion): ChatML with no default system prompt, media in place as
@@ -21,16 +21,7 @@ INTERNVL_CHAT_TEMPLATE = join(
     "    {% endfor %}",
     "  {% endif %}",
     "{% endmacro %}",
-    "{% for message in messages %}",
-    "  {{ '<|im_start|>' + message['role'] + '\\n' }}",
-    "  {% if message['role'] == 'assistant' %}",
-    "    {% generation %}{{ body(message['content']) + '<|im_end|>' }}{% endgeneration %}",
-    "  {% else %}{{ body(message['content']) + '<|im_end|>' }}",
-    "  {% endif %}",
-    "  {{ '\\n' }}",
-    "{% endfor %}",
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
-)
+) + CHATML_TURNS
 
 # Qwen2-VL's ChatML and vision tokens (Qwen2.5's tool and fim tokens left out), then InternVL's at
 # 151665-151673 in the real vocabulary. Naming "<video>" (video_token) makes transformers append it

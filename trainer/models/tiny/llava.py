@@ -12,6 +12,7 @@ from trainer.models.tiny.common import (
     clip_336_tower,
     join,
     padded_vocab,
+    vicuna_turns,
 )
 
 # llava-1.5 (vicuna_v1 conversation): "SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:".
@@ -26,16 +27,7 @@ LLAVA_CHAT_TEMPLATE = join(
     "    {{ content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}",
     "  {% endif %}",
     "{% endmacro %}",
-    "{% for message in messages %}",
-    "  {% if message['role'] == 'system' %}{{ body(message['content']) + ' ' }}",
-    "  {% elif message['role'] == 'user' %}{{ 'USER: ' + body(message['content']) + ' ' }}",
-    "  {% elif message['role'] == 'assistant' %}",
-    "    {{ 'ASSISTANT:' }}{% generation %}{{ ' ' + body(message['content']) + '</s>' }}{% endgeneration %}",
-    "  {% else %}{{ raise_exception('llava-1.5 has no role ' + message['role']) }}",
-    "  {% endif %}",
-    "{% endfor %}",
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}",
-)
+) + vicuna_turns("llava-1.5")
 
 
 LLAVA_TOKENS = TokenizerSpec(

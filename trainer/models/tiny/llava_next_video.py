@@ -12,6 +12,7 @@ from trainer.models.tiny.common import (
     clip_336_tower,
     join,
     padded_vocab,
+    vicuna_turns,
 )
 from trainer.models.tiny.llava import LLAVA_TOKENS
 from trainer.models.tiny.llava_next import LLAVA_NEXT_PINPOINTS
@@ -28,16 +29,7 @@ LLAVA_NEXT_VIDEO_CHAT_TEMPLATE = join(
     "    {{ content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}",
     "  {% endif %}",
     "{% endmacro %}",
-    "{% for message in messages %}",
-    "  {% if message['role'] == 'system' %}{{ body(message['content']) + ' ' }}",
-    "  {% elif message['role'] == 'user' %}{{ 'USER: ' + body(message['content']) + ' ' }}",
-    "  {% elif message['role'] == 'assistant' %}",
-    "    {{ 'ASSISTANT:' }}{% generation %}{{ ' ' + body(message['content']) + '</s>' }}{% endgeneration %}",
-    "  {% else %}{{ raise_exception('LLaVA-NeXT-Video has no role ' + message['role']) }}",
-    "  {% endif %}",
-    "{% endfor %}",
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}",
-)
+) + vicuna_turns("LLaVA-NeXT-Video")
 
 # vicuna-7b-v1.5's SentencePiece vocabulary with llava-hf's <video> (32000) and <image> (32001); the
 # padding token is <unk> (id 0).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from trainer.models.tiny.common import build_tokenizer, join
+from trainer.models.tiny.common import CHATML_TURNS, build_tokenizer, join
 from trainer.models.tiny.qwen2_vl import QWEN2_VL_TOKENS, qwen_text_config
 
 # llava-onevision-qwen2-7b-ov-hf (ChatML, no default system prompt): "<|im_start|>user\n<image>\nQ<|im_end|>\n
@@ -19,16 +19,7 @@ LLAVA_ONEVISION_CHAT_TEMPLATE = join(
     "    {{ content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') }}",
     "  {% endif %}",
     "{% endmacro %}",
-    "{% for message in messages %}",
-    "  {{ '<|im_start|>' + message['role'] + '\\n' }}",
-    "  {% if message['role'] == 'assistant' %}",
-    "    {% generation %}{{ body(message['content']) + '<|im_end|>' }}{% endgeneration %}",
-    "  {% else %}{{ body(message['content']) + '<|im_end|>' }}",
-    "  {% endif %}",
-    "  {{ '\\n' }}",
-    "{% endfor %}",
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
-)
+) + CHATML_TURNS
 
 # Qwen2's own three special tokens (151643-151645), then llava-hf's <image> (151646) and <video> (151647).
 LLAVA_ONEVISION_TOKENS = dataclasses.replace(QWEN2_VL_TOKENS, tail=(*QWEN2_VL_TOKENS.tail[:3], "<image>", "<video>"))
