@@ -41,9 +41,11 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     # find_packed_sequence_indices reads packed rows).
     starts = torch.nonzero(positions[1:] != positions[:-1] + 1).flatten().add(1).tolist()
     bounds = [0, *starts, length]
-    outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                                      dropout=dropout, scaling=scaling, is_causal=True)[0]
-               for a, b in zip(bounds, bounds[1:])]
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    # split, not slicing: a slice's backward writes its gradient into a zeroed tensor of the
+    # whole row, once per sample; split's backward is one concatenation.
+    outputs = [sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
+               for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))]
     return torch.cat(outputs, dim=1), None
 
 

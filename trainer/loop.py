@@ -10,6 +10,8 @@ rank makes every rank skip the step (or stop, `train.nonfinite=abort`).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import logging
 import math
@@ -45,6 +47,17 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+@functools.cache
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """transformers' models take `logits_to_keep`; remote code may not (peft wrappers pass it on)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in _forward_parameters(type(base))
+
+
 def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, device: torch.device,
                      per_source: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy over the pack's target tokens (fp32). With `per_source` ([sources, 2]),
@@ -52,17 +65,23 @@ def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, 
     # A value may be a dict of tensors: Gemma 3's ready-made attention masks, one per layer type.
     inputs = {k: {n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device)
               for k, v in pack.inputs.items()}
+    # Position t predicts token t+1: logits only where that token is a target. Most of a multimodal
+    # pack is image tokens and prompts, and the rest would cost a [tokens, vocab] matmul and fp32
+    # logits (5 GiB for 8192 tokens of a 152k vocabulary) for nothing.
     labels = inputs.pop("labels")[0, 1:]
+    keep = torch.nonzero(pack.inputs["labels"][0, 1:] != IGNORE).flatten().to(device)   # no device sync
+    if _takes_logits_to_keep(model):
+        inputs["logits_to_keep"] = keep
     logits = model(**inputs, use_cache=False).logits[0]
-    token_loss = F.cross_entropy(logits[:-1].float(), labels, ignore_index=IGNORE, reduction="none")
+    if logits.shape[0] != len(keep):       # remote code that computes every position's logits
+        logits = logits[keep]
+    token_loss = F.cross_entropy(logits.float(), labels[keep], reduction="none")
     if per_source is not None and pack.sources:
-        # Position t predicts token t+1, which belongs to the sample whose span holds t+1.
+        # Target token t+1 belongs to the sample whose span holds t+1.
         owner = torch.repeat_interleave(torch.tensor(pack.sources, device=device),
-                                        torch.tensor(pack.lengths, device=device))[1:]
-        n = len(owner)
-        target = (labels[:n] != IGNORE).to(per_source.dtype)
-        per_source[:, 0].index_add_(0, owner, token_loss[:n].detach().to(per_source.dtype))
-        per_source[:, 1].index_add_(0, owner, target)
+                                        torch.tensor(pack.lengths, device=device))[1:][keep]
+        per_source[:, 0].index_add_(0, owner, token_loss.detach().to(per_source.dtype))
+        per_source[:, 1].index_add_(0, owner, torch.ones_like(owner, dtype=per_source.dtype))
     return token_loss.sum()
 
 

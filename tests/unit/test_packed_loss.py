@@ -135,3 +135,73 @@ def test_the_trainers_attention_gives_the_masked_sdpa_logits(tiny, family: str) 
             logits[name] = model(**inputs, use_cache=False).logits
     assert torch.allclose(logits[implementation], logits["sdpa"], atol=1e-5, rtol=1e-5), \
         float((logits[implementation] - logits["sdpa"]).abs().max())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_trainers_loss_computes_logits_only_for_targets(tiny, family: str) -> None:
+    """trainer.loop.micro_batch_loss projects only the positions that predict a target onto the
+    vocabulary; its loss, per-source sums and gradients are those of the full logits, for a pack of
+    three samples and for a text-only pack (which carries the grey image)."""
+    from trainer.loop import micro_batch_loss
+
+    path = tiny(family)
+    adapter = get_adapter(path)
+    model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    rendered = [render_sample(adapter, s, PHOTOS) for s in SAMPLES]
+    for i, r in enumerate(rendered):
+        r.source = i
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[-2]))
+    for group in (rendered, rendered[1:2]):
+        pack = collate(adapter, group)
+        per_source = torch.zeros(len(rendered), 2, dtype=torch.float64)
+        model.zero_grad()
+        loss = micro_batch_loss(model, adapter, pack, torch.device("cpu"), per_source)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert seen.pop() == pack.targets          # only the targets reach the vocabulary projection
+
+        model.zero_grad()
+        inputs = dict(pack.inputs)
+        labels = inputs.pop("labels")[0, 1:]
+        logits = model(**inputs, use_cache=False).logits[0, :-1]
+        token_loss = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="none")
+        token_loss.sum().backward()
+        assert seen.pop() == pack.length
+        assert abs(loss.item() - token_loss.sum().item()) <= 1e-6 * token_loss.sum().item()
+        owner = torch.repeat_interleave(torch.tensor(pack.sources), torch.tensor(pack.lengths))[1:]
+        for source in range(len(rendered)):
+            mine = (owner == source) & (labels[: len(owner)] != -100)
+            assert per_source[source, 1] == mine.sum()
+            assert abs(per_source[source, 0] - token_loss[: len(owner)][mine].sum().item()) <= 1e-5
+        for name, param in model.named_parameters():
+            if param.grad is not None:
+                # fp32 sums in another order: within 1e-6 of the parameter's largest gradient
+                scale = float(param.grad.abs().max())
+                assert torch.allclose(grads[name], param.grad, atol=1e-6 * scale, rtol=1e-5), \
+                    (name, float((grads[name] - param.grad).abs().max()), scale)
+    hook.remove()
+
+
+def test_the_trainers_loss_works_for_models_without_logits_to_keep(tiny) -> None:
+    """Remote code whose forward takes no `logits_to_keep` gets every position's logits; the loss
+    picks the targets' (the same loss)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from trainer.loop import micro_batch_loss
+
+    class OldRemoteCode(LlavaForConditionalGeneration):
+        def forward(self, input_ids=None, pixel_values=None, position_ids=None, use_cache=None):
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, position_ids=position_ids,
+                                   use_cache=use_cache)
+
+    path = tiny("llava")
+    adapter = get_adapter(path)
+    pack = collate(adapter, [render_sample(adapter, s, PHOTOS) for s in SAMPLES])
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    losses = []
+    for cls in (LlavaForConditionalGeneration, OldRemoteCode):
+        model.__class__ = cls
+        with torch.no_grad():
+            losses.append(micro_batch_loss(model.eval(), adapter, pack, torch.device("cpu")).item())
+    assert abs(losses[0] - losses[1]) <= 1e-6 * losses[0], losses
