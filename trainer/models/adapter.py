@@ -153,6 +153,9 @@ class ModelAdapter:
         # Like processor.apply_chat_template: special tokens only at the very start, and not
         # when the template already wrote the BOS token itself.
         special = first and not (bos is not None and text.startswith(bos))
+        if not images and not videos and not any(t and t in text for t in (self.image_token, self.video_token)):
+            # Nothing for the processor to expand: its tokenizer alone, at a third of the cost.
+            return self.tokenizer([text], return_tensors="pt", add_special_tokens=special)
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": special}
         if images:
             kwargs["images"] = images
