@@ -21,7 +21,8 @@ apply: the vision tower is frozen, projector and language model are trained.
 
 Model FLOPs per step are counted from the packed samples themselves (the grey image a text-only
 pack carries and the activation recomputation are not counted):
-- language model and lm_head: 2 x matmul parameters per token forward, x3 with backward; causal
+- language model: 2 x matmul parameters per token forward, x3 with backward; lm_head the same,
+  for the positions that predict a target (the only ones the trainer projects); causal
   attention 4 x (L(L+1)/2) x heads x head_dim per layer for each sample of length L (not for the
   packed row: samples do not attend to each other);
 - projector (merger, trained): 2 x parameters per merged token, x3;
@@ -137,7 +138,8 @@ def forward_flops(pack: Any, params: dict[str, int], config: Any) -> dict[str, i
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     tokens = sum(pack.lengths)
     pairs = sum(n * (n + 1) // 2 for n in pack.lengths)             # causal, within each sample
-    parts = {"llm_linear": 2 * (params["llm"] + params["lm_head"]) * tokens,
+    parts = {"llm_linear": 2 * params["llm"] * tokens,
+             "lm_head": 2 * params["lm_head"] * pack.targets,            # the trainer projects targets only
              "llm_attention": 4 * pairs * text.num_attention_heads * head_dim * text.num_hidden_layers,
              "vision_linear": 0, "vision_attention": 0, "projector": 0}
     grids = pack.inputs.get("image_grid_thw")
@@ -156,7 +158,8 @@ def pack_flops(pack: Any, params: dict[str, int], config: Any, train_vision: boo
     twice the forward), x1 for a frozen vision tower (no backward runs through it)."""
     f = forward_flops(pack, params, config)
     vision = f["vision_linear"] + f["vision_attention"]
-    return float(3 * (f["llm_linear"] + f["llm_attention"] + f["projector"]) + (3 if train_vision else 1) * vision)
+    trained = f["llm_linear"] + f["lm_head"] + f["llm_attention"] + f["projector"]
+    return float(3 * trained + (3 if train_vision else 1) * vision)
 
 
 def peak_tflops(override: float | None) -> float | None:

@@ -1,6 +1,6 @@
 """The benchmarks run and measure what they say: `run_all.py --quick` prints one valid JSON line per
-benchmark with its keys (correctness only: no speed is asserted); the loader baseline renders
-token-for-token what mmloom renders, so the two do the same work; the GPU benchmark's model-FLOP
+benchmark with its keys (correctness only: no speed is asserted); both loader baselines render
+token-for-token what mmloom renders, so all do the same work; the GPU benchmark's model-FLOP
 count equals torch's FLOP counter on a real pack; without a GPU it says so and exits 0."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ KEYS = {
     "machine": {"cpus", "load_avg_1_5_15", "date", "torch"},
     "packing": {"packing_efficiency_4096", "packing_efficiency_8192", "padded_bs8_random", "padded_bs8_length_grouped",
                 "packer_s_per_1m_samples_8192"},
-    "loader": {"loader_speedup_vs_baseline", "loader_speedup_vs_baseline_wall", "loader_speedup_vs_baseline_hf_mask",
-               "mmloom_samples_per_s", "baseline_samples_per_s", "baseline_hf_mask_samples_per_s",
+    "loader": {"loader_speedup_vs_baseline", "loader_speedup_vs_baseline_wall", "loader_speedup_vs_tuned_baseline",
+               "mmloom_samples_per_s", "baseline_samples_per_s", "baseline_tuned_samples_per_s",
                "decode_only_samples_per_s", "mmloom_startup_s", "baseline_startup_s"},
     "train": {"useful_tokens_speedup_vs_padded", "useful_tokens_speedup_vs_padded_grouped",
               "useful_tokens_speedup_vs_padded_masked_row", "packed_useful_tokens_per_s", "padded_useful_tokens_per_s",
@@ -93,13 +93,13 @@ def test_seed_style_baseline_renders_what_mmloom_renders(tiny, tmp_path: Path) -
     assert shard_main([str(tmp_path / "data.txt"), "--out", str(tmp_path / "shards"), "-q", "--workers", "1"]) == 0
     adapter = get_adapter(tiny("llava"))
     baseline = SeedStyleDataset(media / "mix.json", tiny("llava"))
-    hf = SeedStyleDataset(media / "mix.json", tiny("llava"), hf_mask=True)
+    tuned = SeedStyleDataset(media / "mix.json", tiny("llava"), labels="tuned")
     plan = plan_epoch(load_manifest(tmp_path / "shards"), 0, 0)
     kinds = set()
     for raw in read_occurrences(tmp_path / "shards", plan, range(len(plan))):
         sample = Sample.from_json(raw.members["json"])
-        ours, theirs, hf_item = render_sample(adapter, sample, raw.members, 8192), baseline[sample.index], hf[sample.index]
-        for item in (theirs, hf_item):
+        ours = render_sample(adapter, sample, raw.members, 8192)
+        for item in (baseline[sample.index], tuned[sample.index]):
             assert torch.equal(ours.input_ids, item["input_ids"]) and torch.equal(ours.labels, item["labels"])
             assert ("pixel_values" in item) == bool(ours.media)
             if ours.media:
@@ -133,12 +133,14 @@ def test_model_flops_equal_torch_flop_counter(tiny) -> None:
     pack = collate(adapter, rendered)
     counter = FlopCounterMode(display=False)
     # The math kernel spells attention out as bmm, which the counter sees (the fused kernels it does not).
+    # The trainer's forward: logits only where a target is predicted (trainer.loop.micro_batch_loss).
+    keep = torch.nonzero(pack.inputs["labels"][0, 1:] != -100).flatten()
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        model(**{k: v for k, v in pack.inputs.items() if k != "labels"}, use_cache=False)
+        model(**{k: v for k, v in pack.inputs.items() if k != "labels"}, use_cache=False, logits_to_keep=keep)
     counted = {str(k): v for k, v in counter.flop_counts["Global"].items()}
     ours = forward_flops(pack, matmul_params(model, adapter), adapter.config)
     assert counted["aten.mm"] + counted["aten.addmm"] + counted["aten.convolution"] == \
-        ours["llm_linear"] + ours["vision_linear"] + ours["projector"]
+        ours["llm_linear"] + ours["lm_head"] + ours["vision_linear"] + ours["projector"]
     # SDPA attends over the whole packed row; the model's work is each sample's causal half.
     text = adapter.config.text_config
     width = text.num_attention_heads * (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
