@@ -13,10 +13,11 @@ image, random pixels; token ids random). Each micro-batch is one optimizer step 
 cross-entropy over the labelled tokens / their count, backward, clip, AdamW), the same code for:
 
 - packed: mmloom's Packer (`--max-tokens`, buffer 128) and collate, loss by trainer.loop's
-  micro_batch_loss;
+  micro_batch_loss (which projects onto the vocabulary only the positions that predict a target);
 - padded: batches of 8 in random order (the seeds' default), right-padded to their longest
-  sample with an attention mask; `padded_grouped`: the same, length-grouped (sorted within
-  windows of 64 batches, like `group_by_length`).
+  sample with an attention mask, logits at every position as transformers' models compute them
+  for a loss; `padded_grouped`: the same, length-grouped (sorted within windows of 64 batches,
+  like `group_by_length`).
 
 - packed_masked_row: the packed micro-batches again with plain SDPA over the whole packed row and
   its block-diagonal mask (what transformers does with packed position ids without flash-attn,
