@@ -1,7 +1,8 @@
 """The benchmarks run and measure what they say: `run_all.py --quick` prints one valid JSON line per
 benchmark with its keys (correctness only: no speed is asserted); both loader baselines render
 token-for-token what mmloom renders, so all do the same work; the GPU benchmark's model-FLOP
-count equals torch's FLOP counter on a real pack; without a GPU it says so and exits 0."""
+count equals torch's FLOP counter on a real pack; without a GPU it says so and exits 0, and `--smoke` runs
+its code on CPU."""
 
 from __future__ import annotations
 
@@ -69,6 +70,18 @@ def test_gpu_benchmark_without_a_gpu_exits_cleanly() -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"benchmark": "gpu_mfu", "skipped": "no GPU"}
     assert "no GPU" in proc.stderr
+
+
+def test_gpu_benchmark_runs_its_code_on_cpu_with_smoke() -> None:
+    """`--smoke`: the tiny Qwen2-VL through the GPU suite's own build, data, step and FLOP count."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu" / "mfu.py"), "--smoke", "--ac", "none"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["smoke"] and [r["ac"] for r in result["runs"]] == ["none"]
+    run = result["runs"][0]
+    assert run["steps"] > 0 and run["tokens_per_s"] > 0 and run["model_tflops_per_s_per_gpu"] is not None
+    assert 0 <= run["data_wait_fraction"] < 1
 
 
 def test_seed_style_baseline_renders_what_mmloom_renders(tiny, tmp_path: Path) -> None:
