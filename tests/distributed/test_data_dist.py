@@ -39,7 +39,7 @@ def test_two_ranks_exactly_once_and_equal_steps(tiny, stream_shards: Path, tmp_p
     epoch, counts = next((e, c) for e in range(20) if len(set(c := packs_per_rank(cfg, e))) > 1)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29517", str(REPO / "tests" / "dist" / "data_rank.py"),
+                           "--master-port", "29517", str(REPO / "tests" / "distributed" / "data_rank.py"),
                            str(tmp_path), str(epoch), *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

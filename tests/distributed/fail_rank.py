@@ -1,8 +1,8 @@
-"""Run by tests/dist/test_train_dist.py under torchrun: `python -m trainer.train` whose forward pass
+"""Run by tests/distributed/test_train_dist.py under torchrun: `python -m trainer.train` whose forward pass
 raises on rank 1 at its third micro-batch (as a CUDA out-of-memory error would), to show the job
 ends promptly with that error instead of rank 0 waiting in a collective until the timeout.
 
-    torchrun --nproc-per-node 2 tests/dist/fail_rank.py key=value ...
+    torchrun --nproc-per-node 2 tests/distributed/fail_rank.py key=value ...
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run(out: Path, tag: str, schedule: str, overrides: list[str], ranks: int) -> dict:
-    script = [str(REPO / "tests" / "dist" / "train_rank.py"), str(out), tag, schedule, *overrides]
+    script = [str(REPO / "tests" / "distributed" / "train_rank.py"), str(out), tag, schedule, *overrides]
     cmd = [sys.executable, *(["-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
                               "--master-port", "29521"] if ranks > 1 else []), *script]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -71,7 +71,7 @@ def test_an_error_on_one_rank_ends_the_job_promptly(tiny, overfit_shards: Path, 
     import time
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29522",
-           str(REPO / "tests" / "dist" / "fail_rank.py"), f"model.path={tiny('llava')}",
+           str(REPO / "tests" / "distributed" / "fail_rank.py"), f"model.path={tiny('llava')}",
            f"data.shards={overfit_shards}", f"run.dir={tmp_path / 'run'}", "data.workers=0",
            "data.packing.max_tokens=700", "train.steps=10", "checkpoint.every=1", "checkpoint.keep=10"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

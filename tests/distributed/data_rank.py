@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/dist/test_data_dist.py: one rank's epoch of packs through
+"""Run under torchrun by tests/distributed/test_data_dist.py: one rank's epoch of packs through
 EpochBatches on a real gloo process group; writes what it saw to OUT/rank<r>.json."""
 
 from __future__ import annotations

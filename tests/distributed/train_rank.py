@@ -1,7 +1,7 @@
-"""Run by tests/dist/test_train_dist.py, alone or under torchrun: one backward pass over a fixed
+"""Run by tests/distributed/test_train_dist.py, alone or under torchrun: one backward pass over a fixed
 set of packs split between the ranks, then the full gradients and the loss to OUT/<tag>.pt.
 
-    python tests/dist/train_rank.py OUT TAG SCHEDULE key=value ...
+    python tests/distributed/train_rank.py OUT TAG SCHEDULE key=value ...
 SCHEDULE: "0,1,2,3" (one rank, four micro-batches) or "0,1|2,3" (rank 0 gets packs 0-1, rank 1
 2-3); "text|image" gives rank 0 two text-only packs and rank 1 two packs with images.
 """
