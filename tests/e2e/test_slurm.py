@@ -62,7 +62,10 @@ def preempt_and_wait(env: dict, job: str) -> None:
         if not state:
             return
         if state == "PENDING" and reason == "BeginTime":
-            # A requeued job waits a while before it may start again; no need to in a test.
+            # A requeued job waits a while before it may start again; a test need not wait that long,
+            # but some: slurmd revoked the job's old credential, to the second, and refuses a new one
+            # issued within that second ("Job credential revoked", and the job ends).
+            time.sleep(2)
             subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env)
         time.sleep(1)
 
