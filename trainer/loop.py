@@ -69,7 +69,7 @@ def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, 
     # pack is image tokens and prompts, and the rest would cost a [tokens, vocab] matmul and fp32
     # logits (5 GiB for 8192 tokens of a 152k vocabulary) for nothing.
     labels = inputs.pop("labels")[0, 1:]
-    keep = torch.nonzero(pack.inputs["labels"][0, 1:] != IGNORE).flatten().to(device)   # no device sync
+    keep = torch.nonzero(pack.inputs["labels"][0, 1:] != IGNORE).flatten().to(device)   # found on the host
     if _takes_logits_to_keep(model):
         inputs["logits_to_keep"] = keep
     logits = model(**inputs, use_cache=False).logits[0]
