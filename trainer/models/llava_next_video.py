@@ -22,6 +22,13 @@ from trainer.models.adapter import register
 from trainer.models.llava_next import LlavaNextAdapter
 
 
+def split_videos(parts: list[dict[str, torch.Tensor]]) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+    """Media of segments or packed samples: each part's image tensors (parts without any left out),
+    and the parts' `pixel_values_videos`, in order."""
+    images = [{k: v for k, v in p.items() if k != "pixel_values_videos"} for p in parts]
+    return [p for p in images if p], [p["pixel_values_videos"] for p in parts if "pixel_values_videos" in p]
+
+
 def videos_in_one_row(videos: list[torch.Tensor]) -> torch.Tensor:
     """[videos, frames, ...] tensors of segments or packed samples, concatenated: on the video dimension
     while all have the same frame count, else every frame in one row."""
@@ -39,9 +46,8 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     video = "native"
 
     def collate_media(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        images = [{k: v for k, v in p.items() if k != "pixel_values_videos"} for p in parts]
-        media = super().collate_media([p for p in images if p])
-        videos = [p["pixel_values_videos"] for p in parts if "pixel_values_videos" in p]
+        images, videos = split_videos(parts)
+        media = super().collate_media(images)
         if videos:
             media["pixel_values_videos"] = videos_in_one_row(videos)
         return media

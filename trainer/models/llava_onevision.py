@@ -31,6 +31,7 @@ import torch
 
 from trainer.models.adapter import register
 from trainer.models.llava_next import LlavaNextAdapter
+from trainer.models.llava_next_video import split_videos
 
 
 @register
@@ -60,13 +61,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return out
 
     def collate_media(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        images = [{k: v for k, v in p.items() if k != "pixel_values_videos"} for p in parts]
-        media = super().collate_media([p for p in images if p])
+        images, videos = split_videos(parts)
+        media = super().collate_media(images)
         if "pixel_values" in media:
             counts = [p["batch_num_images"] for p in parts if "batch_num_images" in p]
             # Parts without a count are segments of one multi-image sample; all others are whole samples.
             media["batch_num_images"] = torch.cat(counts) if counts else torch.tensor([len(media["image_sizes"])])
-        videos = [p["pixel_values_videos"] for p in parts if "pixel_values_videos" in p]
         if videos:
             if len({v.shape[1] for v in videos}) > 1:
                 raise ValueError(f"LLaVA-OneVision cannot batch videos of different frame counts "
