@@ -9,15 +9,18 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.mmloom-installed
 DEMO   ?= runs/demo
+# The exact versions the whole suite last passed with; every install here goes through them.
+CONSTRAINTS ?= constraints.txt
+PIP     = $(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test slurm test-latest constraints clean
 
 setup: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(PIP) $(TORCH)
+	$(PIP) -e ".[dev]"
 	touch $(STAMP)
 
 # The demo: shard the bundled data, build a tiny LLaVA-1.5 (real token geometry, random weights),
@@ -36,11 +39,35 @@ demo: setup runs/tiny-llava/config.json
 runs/tiny-llava/config.json: trainer/models/tiny/common.py trainer/models/tiny/llava.py
 	$(RUN) $(BIN)/python -m trainer.models.tiny --family llava --out runs/tiny-llava
 
-test: setup
-	@# The launcher tests start a real SLURM cluster here: Debian's slurm-wlm and munge (root only).
-	@command -v slurmctld >/dev/null || [ "$$(id -u)" != 0 ] || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null)
+test: setup slurm
 	$(BIN)/python -m pytest tests
 
+# The launcher tests start a real SLURM cluster here: Debian's slurm-wlm and munge (root only).
+slurm:
+	@command -v slurmctld >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null)
+
+# The whole suite on the newest releases, in a venv of its own (.venv-latest; the pinned .venv is left
+# alone): pytest's header lists every package that differs from constraints.txt, and the failures are
+# what the next bump breaks. Once it passes, `make constraints VENV=.venv-latest` records the versions.
+LATEST       ?= .venv-latest
+TORCH_LATEST ?= torch torchvision
+test-latest: slurm
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade $(TORCH_LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+	MMLOOM_UNPINNED=1 $(LATEST)/bin/python -m pytest tests
+
+# Write constraints.txt from a venv the whole suite has just passed in (default .venv).
+constraints:
+	{ echo "# The exact versions mmloom's whole test suite (make test) last passed with: CPython \
+	$$($(BIN)/python -c 'import platform; print(platform.python_version(), platform.machine())'),"; \
+	  echo "# written $$(date +%Y-%m-%d) by 'make constraints'. make setup / demo / test and .ci/run install"; \
+	  echo "# through them (pip --constraint); setup.cfg keeps the lower bounds. Moving to newer releases:"; \
+	  echo "# make test-latest, fix what it finds, make constraints VENV=.venv-latest (README: Tested versions)."; \
+	  $(BIN)/python -m pip freeze --exclude-editable; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(LATEST) runs build *.egg-info

@@ -54,3 +54,12 @@ def overfit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.pipeline_data import build_overfit_shards
 
     return build_overfit_shards(tmp_path_factory.mktemp("overfit"))
+
+
+def pytest_report_header() -> list[str]:
+    from tests.versions import CONSTRAINTS, differences
+
+    changed = differences()
+    if not changed:
+        return [f"versions: as pinned in {CONSTRAINTS.name}"]
+    return [f"versions: {len(changed)} differ from {CONSTRAINTS.name}:", *(f"  {line}" for line in changed)]

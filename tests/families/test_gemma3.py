@@ -3,11 +3,46 @@ attending to each other both ways, 5 sliding-window layers (1024 tokens) to 1 gl
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.families.oracles import FamilyOracles
 from tests.unit.test_packed_loss import SAMPLES
 from tests.unit.test_render import PHOTOS
+
+WINDOW = 300          # a sliding window shorter than the samples, so that it bites
+PACKED_SLIDING_MASK = ("transformers 5.23-5.25: in the sliding-window layers the bidirectional image overlay "
+                       "is looked up at the restarting per-sample positions instead of the packed indices, "
+                       "so every sample after the first gets another sample's image blocks")
+
+
+def models_own_masks(path, samples) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The masks the model's own forward builds from token_type_ids and hands its language model for
+    `samples` packed into one row (positions restarting per sample), sliding window WINDOW; with the
+    row's positions and which tokens are image tokens."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from trainer.data.render import render_sample
+    from trainer.models.adapter import get_adapter
+
+    adapter = get_adapter(path)
+    rendered = [render_sample(adapter, s, PHOTOS) for s in samples]
+    input_ids = torch.cat([r.input_ids for r in rendered])
+    positions = torch.cat([r.position_ids for r in rendered])
+    config = AutoConfig.from_pretrained(path)
+    config.text_config.sliding_window = WINDOW
+    model = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=torch.float32,
+                                                        attn_implementation="sdpa")
+    is_image = input_ids == adapter.config.image_token_id
+    masks = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.update(kwargs["attention_mask"]), with_kwargs=True)
+    with torch.no_grad():
+        model.model(input_ids=input_ids[None], position_ids=positions[None],
+                    token_type_ids=is_image.long()[None], use_cache=False)
+    hook.remove()
+    assert set(masks) == {"full_attention", "sliding_attention"}
+    return masks, positions, is_image
 
 
 class TestGemma3(FamilyOracles):
@@ -57,30 +92,29 @@ class TestGemma3(FamilyOracles):
             "\n\n<start_of_image>" + "<image_soft_token>" * 256 + "<end_of_image>\n\nHi")
 
     def test_packed_masks_are_the_models_own_per_sample(self, path) -> None:
-        """For one sample the ready-made masks are exactly those transformers builds from
-        token_type_ids, sliding window included (a short window so that it bites)."""
-        from transformers import AutoConfig
-        from transformers.models.gemma3.modeling_gemma3 import (
-            create_masks_for_vision_model,
-            get_block_sequence_ids_for_mask,
-        )
-
-        from trainer.data.render import render_sample
-        from trainer.models.adapter import get_adapter
+        """For one sample the ready-made masks are exactly those the model builds itself from
+        token_type_ids, sliding window included (a short window so that it bites). The reference is
+        what the model's own forward hands its language model, not a call into transformers' mask
+        helpers, whose signatures change between releases (5.25 renamed past_key_values to cache)."""
         from trainer.models.gemma3 import image_blocks, packed_attention_mask
 
-        adapter = get_adapter(path)
-        r = render_sample(adapter, SAMPLES[2], PHOTOS)       # two images
-        text = AutoConfig.from_pretrained(path).text_config
-        text.sliding_window, text._attn_implementation = 300, "sdpa"
-        token_type_ids = (r.input_ids == adapter.config.image_token_id).long()[None]
-        ref = create_masks_for_vision_model(
-            config=text, inputs_embeds=torch.zeros(1, r.length, 8), attention_mask=None, past_key_values=None,
-            position_ids=r.position_ids[None], block_sequence_ids=get_block_sequence_ids_for_mask(token_type_ids))
-        blocks = image_blocks(token_type_ids[0].bool())
-        assert torch.equal(packed_attention_mask(r.position_ids, blocks), ref["full_attention"])
-        assert torch.equal(packed_attention_mask(r.position_ids, blocks, 300), ref["sliding_attention"])
+        ref, positions, is_image = models_own_masks(path, [SAMPLES[2]])      # two images
+        blocks = image_blocks(is_image)
+        assert torch.equal(packed_attention_mask(positions, blocks), ref["full_attention"])
+        assert torch.equal(packed_attention_mask(positions, blocks, WINDOW), ref["sliding_attention"])
+        assert ref["full_attention"][0, 0].triu(1).any()     # the image blocks attend both ways
         assert not ref["sliding_attention"].all(-1).any()    # the window cut in
+
+    @pytest.mark.xfail(strict=True, raises=AssertionError, reason=PACKED_SLIDING_MASK)
+    def test_the_models_own_masks_of_a_pack_are_per_sample(self, path) -> None:
+        """Why the adapter builds the masks itself. Strict: the release that fixes this fails here, and
+        trainer/models/gemma3.py can leave the masks to the model again."""
+        from trainer.models.gemma3 import image_blocks, packed_attention_mask
+
+        ref, positions, is_image = models_own_masks(path, [SAMPLES[0], SAMPLES[2]])
+        blocks = image_blocks(is_image)
+        assert torch.equal(packed_attention_mask(positions, blocks), ref["full_attention"])
+        assert torch.equal(packed_attention_mask(positions, blocks, WINDOW), ref["sliding_attention"])
 
     def test_image_tokens_attend_ahead_within_their_image_only(self, path) -> None:
         """Packed: the first soft token of an image sees the image's last soft token (gradient flows

@@ -10,10 +10,11 @@ import torch
 
 from tests.families.oracles import FamilyOracles
 
-# transformers 5.23 bugs the oracles meet with plain AutoProcessor / config access (see the tests below
+# transformers 5.23-5.25 bugs the oracles meet with plain AutoProcessor / config access (see the tests below
 # that run the same oracles with mmloom's workarounds).
-PROCESSOR_DROPS_TEMPLATE = ("transformers 5.23: Phi4MultimodalProcessor.__init__ does not name chat_template, so "
-                            "AutoProcessor.from_pretrained drops chat_template.jinja and apply_chat_template raises")
+PROCESSOR_DROPS_TEMPLATE = ("transformers 5.23-5.25: Phi4MultimodalProcessor.__init__ does not name "
+                            "chat_template, so AutoProcessor.from_pretrained drops chat_template.jinja and "
+                            "apply_chat_template raises")
 NO_TOP_LEVEL_IMAGE_TOKEN_ID = "Phi4MultimodalConfig keeps image_token_id in vision_config only"
 
 
@@ -85,7 +86,7 @@ class TestPhi4Multimodal(FamilyOracles):
         assert out["image_pixel_values"][1, 3:].abs().sum() == 0 and out["image_attention_mask"][1, 3:].all()
         assert int(out["image_attention_mask"][1, 2].sum()) == 32 * 16
 
-    # --- the oracles meet two transformers 5.23 bugs; the same oracles pass with mmloom's workarounds ---
+    # --- the oracles meet two transformers 5.23-5.25 bugs; the same oracles pass with mmloom's workarounds
 
     @pytest.mark.xfail(strict=True, raises=ValueError, reason=PROCESSOR_DROPS_TEMPLATE)
     def test_chat_template_format_and_prefixes(self, path) -> None:

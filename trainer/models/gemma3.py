@@ -1,8 +1,9 @@
 """Gemma 3: SigLIP at 896 px pooled to 256 tokens per image, Gemma turns, and image tokens that attend
 to each other both ways (the rest of the sequence is causal).
 
-transformers builds that mask from `token_type_ids` (1 on <image_soft_token>), but not correctly for a
-packed sequence: in the sliding-window layers the bidirectional image overlay is looked up at the
+transformers builds that mask from `token_type_ids` (1 on <image_soft_token>), but in 5.23-5.25 not
+correctly for a packed sequence (a strict xfail in tests/families/test_gemma3.py fails once a release
+fixes it): in the sliding-window layers the bidirectional image overlay is looked up at the
 per-sample positions instead of the packed indices (masking_utils remaps q/kv indices through the
 restarting position ids before the overlay sees them), so every packed sample after the first gets
 the wrong image blocks. The adapter therefore hands the model its masks ready-made, one per layer
