@@ -13,7 +13,7 @@ from packaging.utils import canonicalize_name
 from tests.versions import CONSTRAINTS, differences, pinned
 
 SETUP_CFG = CONSTRAINTS.parent / "setup.cfg"
-# What the issue asking for the pins names, beyond setup.cfg's own requirements.
+# Beyond setup.cfg's own requirements: the other packages whose releases change what the suite tests.
 ALSO_PINNED = ["tokenizers", "huggingface-hub", "safetensors", "accelerate", "numpy", "pillow", "pytest"]
 
 
