@@ -219,18 +219,20 @@ class DecodeOnly(IterableDataset):
         self.shards = shards
 
     def __iter__(self) -> Iterator[int]:
-        from data_tools.manifest import load_manifest, plan_epoch
+        from data_tools.manifest import load_manifest
+        from data_tools.plan import Generation, plan_epoch, slice_ids
         from data_tools.sample import Sample
         from trainer.data.pipeline import plan_seed
-        from trainer.data.reader import RawSample, read_occurrences
+        from trainer.data.reader import RawSample, read_slice
         from trainer.data.render import decode_image
 
         info = get_worker_info()
         part, parts = (info.id, info.num_workers) if info is not None else (0, 1)
         manifest = load_manifest(self.shards)
-        plan = plan_epoch(manifest, plan_seed(manifest, 0), 0)
+        seed = plan_seed(manifest, 0)
+        plan = plan_epoch(manifest, seed, 0)
         n = 0
-        for raw in read_occurrences(self.shards, plan, plan.slice(part, parts)):
+        for raw in read_slice(self.shards, plan, *slice_ids(plan, Generation(epoch=0), seed, part, parts)):
             assert isinstance(raw, RawSample)
             for part_ in Sample.from_json(raw.members["json"]).media:
                 decode_image(raw.members[part_.member]).load()

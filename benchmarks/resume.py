@@ -62,39 +62,31 @@ def overrides(model: Path, shards: Path, run_dir: Path, workers: int, max_tokens
             "train.activation_checkpointing=none"]
 
 
-def _held_states(tree: Any) -> list[dict]:
-    """Every pipeline worker's state (trainer.data.pipeline._StreamIter.state_dict) in a loader state."""
-    if isinstance(tree, dict):
-        if {"cursor", "shuffle", "pool", "part", "parts", "epoch"} <= tree.keys():
-            return [tree]
-        return [s for v in tree.values() for s in _held_states(v)]
-    if isinstance(tree, (list, tuple)):
-        return [s for v in tree for s in _held_states(v)]
-    return []
-
-
 def move_to_mid_epoch(checkpoint: Path, shards: Path, seed: int = 0) -> int:
     """Move every worker's position to the middle of its slice; returns the occurrences now consumed."""
     import torch
 
-    from data_tools.manifest import load_manifest, plan_epoch
-    from trainer.data.pipeline import plan_seed
+    from data_tools.manifest import load_manifest
+    from data_tools.plan import Generation, plan_epoch, read_order, slice_ids
+    from trainer.data.pipeline import plan_seed, stream_states
 
     manifest = load_manifest(shards)
     plan = plan_epoch(manifest, plan_seed(manifest, seed), 0)
     path = checkpoint / "rank0.pt"
     extra = torch.load(path, weights_only=False)
-    states = _held_states(extra["data"])
+    states = stream_states(extra["data"])
     assert states, "no pipeline state in the checkpoint"
     consumed = 0
     for state in states:
-        span = plan.slice(state["part"], state["parts"])
-        delta = span.start + len(span) // 2 - state["cursor"]
-        assert delta > 0, "the checkpoint is already past the middle of the epoch"
-        state["cursor"] += delta
-        state["shuffle"] = [o + delta for o in state["shuffle"]]
-        state["pool"] = [o + delta for o in state["pool"]]
-        consumed += state["cursor"] - span.start - len(state["shuffle"]) - len(state["pool"])
+        read = read_order(*slice_ids(plan, Generation(epoch=0), plan_seed(manifest, seed), state["part"],
+                                     state["parts"]))
+        cursor = len(read) // 2
+        assert cursor > state["cursor"], "the checkpoint is already past the middle of the epoch"
+        # The last samples read before the new cursor are the ones held in the buffers.
+        held = read[cursor - len(state["shuffle"]) - len(state["pool"]): cursor].tolist()
+        state["cursor"] = cursor
+        state["shuffle"], state["pool"] = held[: len(state["shuffle"])], held[len(state["shuffle"]):]
+        consumed += cursor - len(held)
     extra["data_consumed"] = consumed
     torch.save(extra, path)
     return consumed

@@ -63,3 +63,11 @@ def pytest_report_header() -> list[str]:
     if not changed:
         return [f"versions: as pinned in {CONSTRAINTS.name}"]
     return [f"versions: {len(changed)} differ from {CONSTRAINTS.name}:", *(f"  {line}" for line in changed)]
+
+
+@pytest.fixture(scope="session")
+def mix_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three text sources at 50 / 25 / 25 % of a 1,200-sample epoch, input sorted by length."""
+    from tests.pipeline_data import build_mix_shards
+
+    return build_mix_shards(tmp_path_factory.mktemp("mix"))

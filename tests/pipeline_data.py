@@ -58,3 +58,20 @@ def shard_records(root: Path, records: list[dict]) -> Path:
 def build_overfit_shards(root: Path) -> Path:
     """Four samples (two with a photograph, two text-only) that a tiny model can memorise."""
     return shard_records(root, OVERFIT_RECORDS)
+
+
+def build_mix_shards(root: Path) -> Path:
+    """Three text-only sources at 50 / 25 / 25 % of a 1,200-sample epoch, each JSONL written sorted by
+    answer length (as a JSON sorted by task, length or date is), in shards of 100 samples."""
+    root.mkdir(parents=True, exist_ok=True)
+    counts = {"long": 600, "mid": 300, "short": 300}
+    for name, n in counts.items():
+        records = [{"id": f"{name}{i}", "conversations": [
+            {"from": "human", "value": f"Tell me about {name} item {i}."},
+            {"from": "gpt", "value": " ".join(["word"] * (1 + i * 40 // n))}]} for i in range(n)]
+        (root / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (root / "data.txt").write_text("".join(f"{name}.jsonl {n / 1000}\n" for name, n in counts.items()))
+    out = root / "shards"
+    assert shard_main([str(root / "data.txt"), "--out", str(out), "--workers", "1", "--shard-samples", "100",
+                       "-q"]) == 0
+    return out

@@ -3,7 +3,9 @@
 Model and optimizer are saved sharded (DCP); what differs per rank (its data pipeline state,
 RNG states) goes into `rank<r>.pt` beside them, with the step, epoch and counters. A checkpoint
 is written under `.step-<N>.tmp` and renamed once every rank has finished, so a directory named
-`step-<N>` is always complete; resuming picks the newest one automatically.
+`step-<N>` is always complete; resuming picks the newest one automatically. DCP reshards model and
+optimizer for any number of ranks; a rank the checkpoint did not have takes rank 0's counters (its
+data position comes from trainer.data.pipeline.resume_generation, its RNG starts fresh).
 """
 
 from __future__ import annotations
@@ -109,9 +111,28 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=False))
     rank_file = path / f"rank{rank}.pt"
-    if not rank_file.exists():
-        raise FileNotFoundError(f"{rank_file} missing: resume with the same number of ranks the checkpoint has")
-    extra = torch.load(rank_file, weights_only=False)
-    set_rng_state(extra.pop("rng"))
+    if rank_file.exists():
+        extra = torch.load(rank_file, weights_only=False)
+        set_rng_state(extra.pop("rng"))
+    else:
+        logger.warning("%s has no rank%d.pt (it was written by %d ranks): this rank starts from rank 0's "
+                       "counters and a fresh RNG", path, rank, saved_ranks(path))
+        extra = torch.load(path / "rank0.pt", weights_only=False)
+        extra.pop("rng")
     logger.info("resumed from %s", path)
     return extra
+
+
+def saved_ranks(path: Path) -> int:
+    """How many ranks wrote the checkpoint at `path`."""
+    return len(list(path.glob("rank*.pt")))
+
+
+def rank_extras(path: Path) -> list[dict[str, Any]]:
+    """Every rank's extra state in the checkpoint at `path`, in rank order (without RNG states)."""
+    extras = []
+    for rank in range(saved_ranks(path)):
+        extra = torch.load(path / f"rank{rank}.pt", weights_only=False)
+        extra.pop("rng", None)
+        extras.append(extra)
+    return extras

@@ -27,10 +27,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data_tools.plan import Generation
 from trainer import checkpoint
 from trainer.config import Config, dump_config
 from trainer.data.packing import Pack
-from trainer.data.pipeline import EpochBatches, build_loader
+from trainer.data.pipeline import EpochBatches, build_loader, resume_generation
 from trainer.data.render import IGNORE
 from trainer.metrics import Metrics
 from trainer.model import build_model
@@ -101,8 +102,10 @@ class Trainer:
         if cfg.data.eval_shards:
             eval_cfg = dataclasses.replace(cfg.data, shards=cfg.data.eval_shards)
             self.eval_loader = build_loader(eval_cfg, self.adapter, cfg.train.seed, rank, world)
+        sources = len(self.loader.dataset.manifest.sources)
+        # per_source: samples trained from each source over the whole run (the same on every rank).
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches_in_epoch": 0,
-                                      "samples": 0, "tokens": 0, "skipped_steps": 0}
+                                      "samples": 0, "tokens": 0, "skipped_steps": 0, "per_source": [0] * sources}
         self.metrics: Metrics | None = None
         self.total_steps = cfg.train.steps
         self.batches: EpochBatches | None = None
@@ -119,12 +122,19 @@ class Trainer:
         if path is None:
             return False
         extra = checkpoint.load(path, self.model, self.optimizer)
-        self.state = extra["state"]
-        self.loader.dataset.set_epoch(self.state["epoch"])
-        self.loader.load_state_dict(extra["data"])
-        self.resumed_exhausted = extra["data_exhausted"]
-        self.resumed_skips = extra.get("data_skips", {})
-        self.resumed_consumed = extra.get("data_consumed", 0)
+        self.state = {**self.state, **extra["state"]}
+        ds = self.loader.dataset
+        ds.set_epoch(self.state["epoch"])
+        if "data_generation" in extra and extra["data_generation"]["epoch"] == self.state["epoch"]:
+            ds.generation = Generation.from_state(extra["data_generation"])
+        saved = (extra.get("data_world", self.world), extra.get("data_workers", self.cfg.data.workers))
+        if saved == (self.world, self.cfg.data.workers):
+            self.loader.load_state_dict(extra["data"])
+            self.resumed_exhausted = extra["data_exhausted"]
+            self.resumed_skips = extra.get("data_skips", {})
+            self.resumed_consumed = extra.get("data_consumed", 0)
+        else:
+            self._resume_data_elastically(path, *saved)
         self.total_steps = extra["total_steps"]
         if self.cfg.train.steps and self.cfg.train.steps != self.total_steps:
             logger.warning("train.steps is now %d (the checkpoint planned %d): the schedule follows the new value",
@@ -132,9 +142,37 @@ class Trainer:
             self.total_steps = self.cfg.train.steps
         return True
 
+    def _resume_data_elastically(self, path: Path, world: int, workers: int) -> None:
+        """The checkpoint is from another number of ranks or workers: this epoch goes on with exactly the
+        occurrences no rank had trained, split over the new ranks and workers (a new generation)."""
+        ds = self.loader.dataset
+        payload: list[Any] = [None, None]
+        if self.rank == 0:
+            extras = checkpoint.rank_extras(path)
+            generation = resume_generation(ds.manifest, ds.seed, ds.generation, [e["data"] for e in extras])
+            payload = [generation.to_state(), [e.get("data_skips", {}) for e in extras]]
+        if dist.is_initialized():
+            dist.broadcast_object_list(payload, src=0)
+        before = ds.generation
+        ds.generation = Generation.from_state(payload[0])
+        # Skip counts stay with the epoch: old rank r's go to new rank r mod world.
+        for old, skips in enumerate(payload[1]):
+            if old % self.world == self.rank:
+                for key, n in skips.items():
+                    self.resumed_skips[key] = self.resumed_skips.get(key, 0) + n
+        total = ds.epoch_occurrences()
+        logger.warning("resumed elastically: %s was written by %d ranks x %d data.workers, this run has %d x %d; "
+                       "%d of epoch %d's %d occurrences had not been trained (%d at generation %d) and are split "
+                       "over the new slices as generation %d", path, world, workers, self.world,
+                       self.cfg.data.workers, ds.generation.size(total), ds.epoch, total, before.size(total),
+                       before.index, ds.generation.index)
+
     def save(self) -> None:
+        ds = self.loader.dataset
         checkpoint.save(self.run_dir, self.state["step"], self.model, self.optimizer,
                         {"state": dict(self.state), "data": self.loader.state_dict(), "total_steps": self.total_steps,
+                         "data_generation": ds.generation.to_state(), "data_world": self.world,
+                         "data_workers": self.cfg.data.workers,
                          "data_exhausted": bool(self.batches and self.batches.exhausted),
                          # The epoch's skip counts, so the skip limit holds across requeues.
                          "data_skips": dict(self.batches.skips) if self.batches else {},
@@ -221,7 +259,9 @@ class Trainer:
 
             export(self.model, self.adapter, cfg, self.run_dir / "hf", merge=cfg.run.merge_lora)
         self.metrics.close()
+        sources = self.loader.dataset.manifest.sources
         return {"steps": self.state["step"], "epochs": self.state["epoch"], "resumed": resumed,
+                "per_source": {s.path: n for s, n in zip(sources, self.state["per_source"])},
                 "final_loss": losses[-1] if losses else None, "losses": losses, "eval_loss": self.eval_loss,
                 "skipped_steps": self.state["skipped_steps"], "preempted": preempted}
 
@@ -283,9 +323,15 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state["step"] += 1
-        tokens, samples = all_sum([sum(p.tokens for p in packs), sum(len(p.sources) for p in packs)], self.device)
+        per_source = [0] * len(self.state["per_source"])
+        for pack in packs:
+            for source in pack.sources:
+                per_source[source] += 1
+        tokens, samples, *per_source = all_sum([sum(p.tokens for p in packs), sum(len(p.sources) for p in packs),
+                                                *per_source], self.device)
         self.state["tokens"] += int(tokens)
         self.state["samples"] += int(samples)
+        self.state["per_source"] = [a + int(b) for a, b in zip(self.state["per_source"], per_source)]
         mean_loss = total_loss / max(targets, 1.0)
         if self.state["step"] % cfg.train.log_every == 0:
             elapsed = time.perf_counter() - start + wait

@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data_tools.manifest import load_manifest, plan_epoch
+from data_tools.manifest import load_manifest
+from data_tools.plan import plan_epoch
 from trainer.config import load_config
 from trainer.data.pipeline import build_loader, plan_seed
 from trainer.models.adapter import get_adapter

@@ -87,7 +87,8 @@ def test_gpu_benchmark_runs_its_code_on_cpu_with_smoke() -> None:
 def test_seed_style_baseline_renders_what_mmloom_renders(tiny, tmp_path: Path) -> None:
     from benchmarks.corpus import llava_like_records
     from benchmarks.loader import SeedStyleDataset
-    from data_tools.manifest import load_manifest, plan_epoch
+    from data_tools.manifest import load_manifest
+    from data_tools.plan import plan_epoch
     from data_tools.sample import Sample
     from data_tools.shard import main as shard_main
     from tests.media import SKIMAGE, SKLEARN

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data_tools.manifest import load_manifest, plan_epoch
+from data_tools.manifest import load_manifest
+from data_tools.plan import plan_epoch
 from trainer.config import load_config
 from trainer.data.pipeline import EpochBatches, build_loader, plan_seed
 from trainer.models.adapter import get_adapter

@@ -1,11 +1,15 @@
 """The streaming pipeline: epoch plan -> shard reads -> shuffle -> render -> pack, resumable.
 
-Each (rank, dataloader worker) takes one contiguous, equal (+-1) slice of the epoch plan, reads
-it sequentially, shuffles raw samples in a buffer, renders them with the model's processor and
-packs them. Its whole position is a small state (plan cursor, the occurrence ids held in the
-shuffle buffer and in the packer, the RNG state, skips not yet reported), saved by torchdata's
-StatefulDataLoader with every micro-batch; on restore the held samples are read again and the
-stream continues exactly where it was.
+Each (rank, dataloader worker) takes one slice of the epoch plan (data_tools/plan.py): a proportional,
+contiguous part of every source's sequence, read in a random interleaving of the sources, so the stream
+carries every source in its epoch proportion at every moment. Each source's part is read sequentially
+(one open shard per source). Raw samples are shuffled in a buffer, rendered with the model's processor
+and packed. The slice's whole position is a small state (how many samples it has read, the occurrence
+ids held in the shuffle buffer and in the packer, the RNG state, skips not yet reported), saved by
+torchdata's StatefulDataLoader with every micro-batch; on restore the held samples are read again and
+the stream continues exactly where it was. On another number of ranks or workers the checkpoint's
+states instead give the epoch's untrained occurrences, which become a new generation of the epoch,
+split over the new slices (`resume_generation`).
 
     loader = build_loader(cfg.data, adapter, seed=cfg.train.seed, rank=rank, world=world)
     for epoch in range(cfg.train.epochs):
@@ -28,15 +32,19 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_tools.manifest import EpochPlan, Manifest, load_manifest, plan_epoch
+from data_tools.manifest import Manifest, load_manifest
+from data_tools.plan import EpochPlan, Generation, plan_epoch, remaining, slice_ids, to_runs
 from data_tools.sample import Sample
 from trainer.config import DataConfig
 from trainer.data.packing import Pack, Packer, collate, empty_pack
-from trainer.data.reader import RawSample, Skip, read_occurrences
+from trainer.data.reader import RawSample, Skip, read_occurrences, read_slice
 from trainer.data.render import RenderError, render_sample
 from trainer.models.adapter import ModelAdapter
 
 logger = logging.getLogger(__name__)
+
+
+STREAM = "mmloom_stream"       # marks a reader state inside torchdata's loader state
 
 
 def plan_seed(manifest: Manifest, seed: int) -> int:
@@ -54,10 +62,13 @@ class PackedStream(IterableDataset):
         self.manifest = load_manifest(self.root)
         self.seed = plan_seed(self.manifest, seed)
         self.epoch = 0
+        self.generation = Generation(epoch=0)
 
     def set_epoch(self, epoch: int) -> None:
         """The loop owns the epoch; a restored stream state applies only to the epoch it is from."""
         self.epoch = epoch
+        if self.generation.epoch != epoch:
+            self.generation = Generation(epoch=epoch)
 
     def part(self) -> tuple[int, int]:
         """(this worker's slice index, number of slices) over all ranks and workers."""
@@ -66,12 +77,16 @@ class PackedStream(IterableDataset):
         worker = info.id if info is not None else 0
         return self.rank * workers + worker, self.world * workers
 
-    def rank_occurrences(self, epoch: int) -> int:
-        """Occurrences planned for this rank this epoch (all its workers)."""
-        n = sum(s.epoch_samples for s in self.manifest.sources)     # the plan's length, exactly
+    def epoch_occurrences(self) -> int:
+        return sum(s.epoch_samples for s in self.manifest.sources)     # the plan's length, exactly
+
+    def rank_occurrences(self) -> int:
+        """Occurrences of this epoch's generation planned for this rank (all its workers)."""
+        n = self.generation.size(self.epoch_occurrences())
         workers = max(1, self.cfg.workers)
         parts = self.world * workers
-        return sum((p + 1) * n // parts - p * n // parts for p in range(self.rank * workers, (self.rank + 1) * workers))
+        first = self.rank * workers
+        return (first + workers) * n // parts - first * n // parts
 
     def __iter__(self) -> Iterator[Pack]:
         return _StreamIter(self)
@@ -83,11 +98,14 @@ class _StreamIter:
     def __init__(self, ds: PackedStream) -> None:
         self.ds = ds
         self.epoch = ds.epoch
+        self.generation = ds.generation
         self.part, self.parts = ds.part()
         self.plan: EpochPlan = plan_epoch(ds.manifest, ds.seed, self.epoch)
-        self.span = self.plan.slice(self.part, self.parts)
-        self.cursor = self.span.start
-        self.rng = np.random.default_rng([ds.seed & 0xFFFFFFFF, ds.seed >> 32, self.epoch, self.part, 0x5B0F])
+        # Per source the ids this slice reads, and the sources in the order it reads them.
+        self.ids, self.order = slice_ids(self.plan, self.generation, ds.seed, self.part, self.parts)
+        self.cursor = 0                 # samples read so far (entries of self.order)
+        self.rng = np.random.default_rng([ds.seed & 0xFFFFFFFF, ds.seed >> 32, self.epoch, self.generation.index,
+                                          self.part, 0x5B0F])
         self.shuffle: list[RawSample] = []
         self.reserve = len(ds.adapter.dummy_image[0])
         self.packer = Packer(ds.cfg.packing.max_tokens, ds.cfg.packing.buffer, reserve=self.reserve,
@@ -99,8 +117,8 @@ class _StreamIter:
     # --- state ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "part": self.part, "parts": self.parts, "cursor": self.cursor,
-                "shuffle": [r.occurrence for r in self.shuffle],
+        return {STREAM: 1, "epoch": self.epoch, "generation": self.generation.index, "part": self.part,
+                "parts": self.parts, "cursor": self.cursor, "shuffle": [r.occurrence for r in self.shuffle],
                 "pool": [s.occurrence for s in self.packer.pool],
                 "rng": self.rng.bit_generator.state, "skips": dict(self.skips)}
 
@@ -109,9 +127,12 @@ class _StreamIter:
             # Saved in an earlier epoch (its end): this epoch starts from its beginning.
             logger.info("data state is from epoch %d; epoch %d starts fresh", state["epoch"], self.epoch)
             return
-        if (state["part"], state["parts"]) != (self.part, self.parts):
-            raise ValueError(f"data state is for slice {state['part']}/{state['parts']} but this worker is "
-                             f"{self.part}/{self.parts}: resume with the same number of ranks and data.workers")
+        if (state["part"], state["parts"], state.get("generation", 0)) != \
+                (self.part, self.parts, self.generation.index):
+            raise ValueError(f"data state is for slice {state['part']}/{state['parts']} of generation "
+                             f"{state.get('generation', 0)} but this worker reads {self.part}/{self.parts} of "
+                             f"generation {self.generation.index}: other ranks or workers resume through "
+                             f"resume_generation")
         self._restore = state
 
     # --- the stream ------------------------------------------------------------------------
@@ -127,9 +148,8 @@ class _StreamIter:
     def _run(self) -> Iterator[Pack]:
         if self._restore is not None:
             self._resume(self._restore)
-        reader = read_occurrences(self.ds.root, self.plan, range(self.cursor, self.span.stop))
-        for item in reader:
-            self.cursor = item.occurrence + 1
+        reader = read_slice(self.ds.root, self.plan, self.ids, self.order, self.cursor)
+        for self.cursor, item in enumerate(reader, self.cursor + 1):      # samples read, this one included
             if isinstance(item, Skip):
                 self._skip(item.reason, item.source, item.detail)
                 continue
@@ -226,6 +246,41 @@ def build_loader(cfg: DataConfig, adapter: ModelAdapter, seed: int, rank: int = 
                               generator=torch.Generator().manual_seed(seed))
 
 
+def stream_states(loader_state: Any) -> list[dict[str, Any]]:
+    """The reader states (one per worker that had started) inside a StatefulDataLoader's state."""
+    found: list[dict[str, Any]] = []
+    if isinstance(loader_state, dict):
+        if loader_state.get(STREAM) == 1:
+            return [loader_state]
+        for value in loader_state.values():
+            found += stream_states(value)
+    elif isinstance(loader_state, (list, tuple)):
+        for value in loader_state:
+            found += stream_states(value)
+    return found
+
+
+def resume_generation(manifest: Manifest, seed: int, generation: Generation,
+                      loader_states: list[Any]) -> Generation:
+    """The next generation of `generation`'s epoch: every occurrence that no slice of the checkpoint had
+    trained (read but held in a shuffle or packing buffer counts as untrained), to be split over another
+    number of ranks or workers. `loader_states`: every rank's loader state from the checkpoint."""
+    states, parts = {}, None
+    for state in (s for ls in loader_states for s in stream_states(ls)):
+        if state["epoch"] != generation.epoch:
+            continue                    # saved before this epoch began: that slice had read nothing of it
+        if state.get("generation", 0) != generation.index:
+            raise ValueError(f"a data state of the checkpoint is from generation {state.get('generation', 0)} "
+                             f"of epoch {generation.epoch}, the checkpoint's generation is {generation.index}")
+        parts = state["parts"]
+        states[state["part"]] = {"cursor": state["cursor"], "held": [*state["shuffle"], *state["pool"]]}
+    plan = plan_epoch(manifest, seed, generation.epoch)
+    if parts is None:                   # no slice had started the epoch
+        return Generation(epoch=generation.epoch, index=generation.index, runs=generation.runs)
+    left = remaining(plan, generation, seed, parts, states)
+    return Generation(epoch=generation.epoch, index=generation.index + 1, runs=to_runs(left))
+
+
 class SkipLimitExceeded(RuntimeError):
     pass
 
@@ -238,8 +293,9 @@ class EpochBatches:
     rank is; a rank that ran dry yields zero-weight empty packs until all are done, so no rank
     leaves a collective early. Skip counts reported by the workers are accumulated in `skips` as
     {"reason:source index": n}; samples per source in `per_source`; `progress` is the fraction of
-    the epoch's planned occurrences consumed (trained on or skipped) by the furthest rank, the same
-    on every rank, reaching 1.0 at the end of the epoch.
+    the epoch's planned occurrences consumed (trained on or skipped), by the furthest rank, the same
+    on every rank, reaching 1.0 at the end of the epoch (a resumed generation counts what earlier ones
+    consumed).
     """
 
     def __init__(self, loader: StatefulDataLoader, adapter: ModelAdapter, max_skip_fraction: float,
@@ -250,7 +306,11 @@ class EpochBatches:
         self.exhausted = exhausted
         self.max_skip_fraction = max_skip_fraction
         ds: PackedStream = loader.dataset  # type: ignore[assignment]
-        self.planned = ds.rank_occurrences(ds.epoch)
+        self.planned = ds.rank_occurrences()
+        # The share of the epoch earlier generations consumed (0 in the first one).
+        epoch_total = max(ds.epoch_occurrences(), 1)
+        self.before = 1 - ds.generation.size(epoch_total) / epoch_total
+        self.share = epoch_total / ds.world        # the skip limit counts against a rank's share of the epoch
         self.skips: Counter[str] = Counter()
         self.per_source: Counter[int] = Counter()
         self.consumed = consumed     # occurrences trained on or skipped this epoch (a checkpoint keeps it)
@@ -281,8 +341,9 @@ class EpochBatches:
                 pack = None if p.empty else p
             if pack is not None:
                 self.consumed += len(pack.sources)
-            over = sum(self.skips.values()) > self.max_skip_fraction * max(self.planned, 1)
-            done = 1_000_000 if self.exhausted else self.consumed * 1_000_000 // max(self.planned, 1)
+            over = sum(self.skips.values()) > self.max_skip_fraction * max(self.share, 1)
+            mine = 1.0 if self.exhausted else min(self.consumed / max(self.planned, 1), 1.0)
+            done = int((self.before + (1 - self.before) * mine) * 1_000_000)
             flags = torch.tensor([pack is not None, over, error is not None, done], dtype=torch.int64)
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
@@ -292,7 +353,7 @@ class EpochBatches:
             if flags[1]:
                 raise SkipLimitExceeded(
                     f"more than data.max_skip_fraction={self.max_skip_fraction} of the epoch's samples were "
-                    f"skipped on some rank (this rank: {dict(self.skips)} of {self.planned}); see the warnings "
+                    f"skipped on some rank (this rank: {dict(self.skips)} of {round(self.share)}); see the warnings "
                     f"above, fix the data, or raise data.max_skip_fraction")
             if not flags[0]:
                 return

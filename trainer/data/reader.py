@@ -1,8 +1,8 @@
 """Reading planned occurrences from WebDataset shards, sequentially, with counted failures.
 
-A slice of an epoch plan (data_tools.manifest.EpochPlan) names (shard, ordinal) pairs in
-shard-major order, so each shard is opened once and read front to back, stopping after the
-last sample it is needed for. Shards are opened with webdataset's `gopen`, so a shard path may
+A slice of an epoch plan (data_tools.plan.EpochPlan) names, per source, (shard, ordinal) pairs in
+shard-major order: each run of ordinals going up in one shard is one pass over that shard, front to
+back, stopping after the last sample it is needed for. Shards are opened with webdataset's `gopen`, so a shard path may
 also be a `pipe:` or URL spec. A tar that breaks mid-way turns its remaining planned samples into
 counted skips (`corrupt_shard`); it never stops the run.
 """
@@ -15,9 +15,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 
-from data_tools.manifest import EpochPlan
+from data_tools.plan import EpochPlan
 
 logger = logging.getLogger(__name__)
 
@@ -79,34 +80,44 @@ def iter_shard(url: str, wanted: list[int]) -> Iterator[tuple[int, str, dict[str
 
 
 def read_occurrences(root: str | Path, plan: EpochPlan, occurrences: Sequence[int]) -> Iterator[RawSample | Skip]:
-    """Read these occurrences (indices into `plan`, in plan order) and yield each as a RawSample,
-    or a Skip saying why it could not be read. Consecutive occurrences of one shard share a pass."""
+    """Read these occurrences (indices into `plan`) and yield each, in the order given, as a RawSample
+    or as a Skip saying why it could not be read. Consecutive occurrences of one shard whose ordinals go
+    up share a pass over it."""
     k = 0
     while k < len(occurrences):
         g = int(plan.shard[occurrences[k]])
-        run = [occurrences[k]]
+        run = [int(occurrences[k])]
         k += 1
-        while k < len(occurrences) and int(plan.shard[occurrences[k]]) == g:
-            run.append(occurrences[k])
+        while k < len(occurrences) and int(plan.shard[occurrences[k]]) == g \
+                and plan.pos[occurrences[k]] > plan.pos[run[-1]]:
+            run.append(int(occurrences[k]))
             k += 1
         yield from _read_run(root, plan, g, run)
 
 
+def read_slice(root: str | Path, plan: EpochPlan, ids: list[np.ndarray], order: np.ndarray,
+               start: int = 0) -> Iterator[RawSample | Skip]:
+    """Read a slice of the plan (data_tools.plan.slice_ids) from its entry `start` on: entry k of `order`
+    names the source whose next occurrence comes k-th. Each source's ids are read in order by a reader of
+    its own, so a slice keeps one shard per source open, each read front to back."""
+    done = np.bincount(order[:start], minlength=len(ids))
+    readers = [read_occurrences(root, plan, x[n:]) for x, n in zip(ids, done)]
+    for s in order[start:]:
+        yield next(readers[s])
+
+
 def _read_run(root: str | Path, plan: EpochPlan, g: int, run: list[int]) -> Iterator[RawSample | Skip]:
     source, shard = plan.shards[g]
-    by_ordinal: dict[int, list[int]] = {}
-    for occ in run:
-        by_ordinal.setdefault(int(plan.pos[occ]), []).append(occ)
-    done: set[int] = set()
+    occurrence_at = {int(plan.pos[occ]): occ for occ in run}        # ordinals go up along the run
+    done = 0
     try:
-        for ordinal, key, members in iter_shard(str(Path(root) / shard.path), list(by_ordinal)):
-            for occ in by_ordinal[ordinal]:
-                done.add(occ)
-                yield RawSample(occurrence=occ, source=source, shard=shard.path, key=key, members=members)
+        for ordinal, key, members in iter_shard(str(Path(root) / shard.path), list(occurrence_at)):
+            yield RawSample(occurrence=occurrence_at[ordinal], source=source, shard=shard.path, key=key,
+                            members=members)
+            done += 1
     except ShardBroken as e:
         logger.warning("shard %s: %s; its remaining %d planned samples are skipped",
-                       shard.path, e, len(run) - len(done))
-        for occ in run:
-            if occ not in done:
-                yield Skip(occurrence=occ, source=source, reason="corrupt_shard",
-                           detail=f"{shard.path} sample {int(plan.pos[occ])}: {e}")
+                       shard.path, e, len(run) - done)
+        for occ in run[done:]:
+            yield Skip(occurrence=occ, source=source, reason="corrupt_shard",
+                       detail=f"{shard.path} sample {int(plan.pos[occ])}: {e}")
