@@ -1,10 +1,13 @@
-"""One source file -> canonical samples with their media bytes, in input order, on N processes.
+"""One source file -> canonical samples with their media bytes, in a seeded order, on N processes.
 
 `convert_record` is the whole per-record job (parse the format, read and validate every media
 file, build the canonical sample); `convert_source` runs it over a file's records on a process
-pool with a bounded window of chunks in flight, and yields the results in input order, so the
-shards written from them do not depend on the number of workers and memory does not depend on
-the size of the file.
+pool with a bounded window of chunks in flight, and yields the results in the order it is given.
+That order is `record_order`: a permutation of the input that depends only on the seed and the
+source's name, because a JSON sorted by task, length or date must not train in that order.
+Records are read one by one at the byte spans the scan pass noted (`fingerprint_source`), so the
+shards written from the results do not depend on the number of workers or array tasks, and
+memory does not depend on the size of the file (24 bytes a record for the index aside).
 """
 
 from __future__ import annotations
@@ -13,17 +16,19 @@ import hashlib
 import logging
 import multiprocessing
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from data_tools.formats import Draft, MediaRef, parse_record
 from data_tools.frames import FrameExtraction, extract_frames, frames_record
 from data_tools.media import DEFAULT_MAX_PIXELS, media_stat, probe_image, probe_video, read_media
 from data_tools.sample import ImagePart, Rejected, Sample, TextPart, Turn, VideoPart
-from data_tools.sources import RecordReader
+from data_tools.sources import RecordIndex, RecordReader
 
 logger = logging.getLogger(__name__)
 
@@ -140,12 +145,26 @@ def _convert_chunk(chunk: list[tuple[int, int, Any]], source: str, json_dir: Pat
     return [convert_record(i, line, rec, source, json_dir, opts) for i, line, rec in chunk]
 
 
-def convert_source(file: Path, source: str, opts: ConvertOptions, workers: int,
-                   select: range | None = None) -> Iterator[Converted]:
-    """Convert every record of `file` (or those whose index is in `select`), in input order."""
-    records = iter(RecordReader(file))
-    if select is not None:
-        records = (r for r in records if r[0] in select)
+def record_order(seed: int, source: str, count: int) -> np.ndarray:
+    """The input indices of a source's records in the order they are converted and written.
+
+    A pure function of (seed, source name): never Python's hash(), which is salted per process.
+    """
+    name = int.from_bytes(hashlib.sha256(source.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, name]).permutation(count)
+
+
+def _read_records(index: RecordIndex, order: Sequence[int]) -> Iterator[tuple[int, int, Any]]:
+    with open(index.file, "rb") as f:
+        for k in order:
+            yield int(k), index.line(k), index.read(f, k)
+
+
+def convert_source(index: RecordIndex, source: str, opts: ConvertOptions, workers: int,
+                   order: Sequence[int]) -> Iterator[Converted]:
+    """Convert the records of `index.file` whose input indices are `order`, in that order."""
+    file = index.file
+    records = _read_records(index, order)
     if workers <= 1:
         for i, line, rec in records:
             yield convert_record(i, line, rec, source, file.parent, opts)
@@ -177,15 +196,15 @@ def convert_source(file: Path, source: str, opts: ConvertOptions, workers: int,
             yield from results
 
 
-def fingerprint_source(file: Path, source: str, opts: ConvertOptions, settings: dict[str, Any]) -> tuple[int, str]:
-    """(record count, fingerprint) of a source: changes when the JSON, any media file it names
-    (size, mtime) or any setting that shapes the output changes. Raises DataError on bad JSON."""
+def fingerprint_source(file: Path, source: str, opts: ConvertOptions,
+                       settings: dict[str, Any]) -> tuple[RecordIndex, str]:
+    """(where each record lies, fingerprint) of a source: the fingerprint changes when the JSON,
+    any media file it names (size, mtime) or any setting that shapes the output changes.
+    Raises DataError on bad JSON."""
     h = hashlib.sha256(repr(sorted(settings.items())).encode())
     h.update(f"{source}\0{opts}\0".encode())
-    reader = RecordReader(file)
-    count = 0
+    reader = RecordReader(file, index=True)
     for _, _, record in reader:
-        count += 1
         try:
             refs: list[MediaRef] = parse_record(record, media_root=opts.media_root or file.parent).media
         except Exception:  # noqa: BLE001 - rejected (or failing) records name no media to watch
@@ -194,4 +213,4 @@ def fingerprint_source(file: Path, source: str, opts: ConvertOptions, settings: 
             h.update(media_stat(ref).encode() + b"\0")
         h.update(b"\1")
     h.update(reader.sha256.encode())
-    return count, h.hexdigest()
+    return reader.index, h.hexdigest()

@@ -6,10 +6,16 @@
 
 `data.txt` lists `<json path> <samples per epoch, in thousands>` lines (InternLM-XComposer).
 Every sample is validated; rejected ones go to `shards/rejected.jsonl` with a reason and the run
-goes on. Output: `shards/<source>/<source>-NNNNNN.tar`, `shards/manifest.json`. The same inputs
-give byte-identical shards whatever --workers is; a re-run reuses the shards of every source
-whose JSON, media files and settings did not change. Exit codes: 0 done (rejections included),
-2 bad input (data.txt, missing or unparsable JSON) with nothing written.
+goes on. Output: `shards/<source>/<source>-NNNNNN.tar`, `shards/manifest.json`.
+
+Each source's samples are written in a random order of its input, drawn from --seed and the
+source's name (conversion.record_order): a JSON sorted by task, length or date must not train in
+that order. The scan pass notes where each record lies in its file, and conversion reads them in
+that order by seeking: memory holds 24 bytes a record, never the records. The same inputs and
+seed give byte-identical shards whatever --workers or --slurm-tasks is; a re-run reuses the shards
+of every source whose JSON, media files and settings (the seed included) did not change.
+rejected.jsonl lists each source's rejections in input order. Exit codes: 0 done (rejections
+included), 2 bad input (data.txt, missing or unparsable JSON) with nothing written.
 
 With --video-frames N (or --video-fps F), every video is decoded here, once, and the sample
 stores its sampled frames as images instead of the video (data_tools/frames.py): the frames
@@ -35,23 +41,28 @@ import re  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
+from array import array  # noqa: E402
 from collections import Counter  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from typing import IO, Any  # noqa: E402
 
+import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data_tools import __version__  # noqa: E402
-from data_tools.conversion import ConvertOptions, convert_source, fingerprint_source  # noqa: E402
+from data_tools.conversion import (  # noqa: E402
+    Converted, ConvertOptions, convert_source, fingerprint_source, record_order,
+)
 from data_tools.frames import FORMATS, FrameExtraction  # noqa: E402
 from data_tools.manifest import (  # noqa: E402
     MANIFEST, REJECTED, Manifest, ShardEntry, SourceEntry, summary_table, write_atomic,
 )
 from data_tools.media import DEFAULT_MAX_PIXELS  # noqa: E402
-from data_tools.sources import DataError, SourceSpec, parse_data_txt  # noqa: E402
+from data_tools.sources import DataError, RecordIndex, SourceSpec, parse_data_txt  # noqa: E402
 from data_tools.writer import ShardWriter  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -84,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-samples", type=int, default=10_000, help="maximum samples per shard")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="larger images are rejected as decompression bombs")
-    p.add_argument("--seed", type=int, default=0, help="global seed stored in the manifest for epoch mixing")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the order each source's samples are written in, and is stored in the "
+                        "manifest for epoch mixing")
     p.add_argument("--force", action="store_true", help="re-convert every source even if unchanged")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     video = p.add_argument_group(
@@ -115,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.workers < 1 or args.shard_samples < 1:
-        print("error: --workers and --shard-samples must be >= 1", file=sys.stderr)
+    if args.workers < 1 or args.shard_samples < 1 or args.seed < 0:
+        print("error: --workers and --shard-samples must be >= 1, --seed >= 0", file=sys.stderr)
         return 2
     try:
         args.video_extraction = frame_extraction(args)
@@ -148,13 +161,16 @@ def frame_extraction(args: argparse.Namespace) -> FrameExtraction | None:
         raise DataError(str(e)) from None
 
 
-def _prepare(args: argparse.Namespace) -> tuple[list[SourceSpec], ConvertOptions, dict, dict]:
+def _prepare(args: argparse.Namespace) -> tuple[list[SourceSpec], ConvertOptions, dict,
+                                                dict[str, tuple[RecordIndex, str]]]:
     specs = parse_data_txt(args.data_txt)
     opts = ConvertOptions(media_root=args.media_root.resolve() if args.media_root else None,
                           max_image_pixels=args.max_image_pixels, video_frames=args.video_extraction)
-    settings = {"converter": __version__, "shard_size": args.shard_size, "shard_samples": args.shard_samples}
+    settings = {"converter": __version__, "shard_size": args.shard_size, "shard_samples": args.shard_samples,
+                "seed": args.seed}
     # Pass 1 reads every JSON file before anything is written: a syntax error in the last file
     # stops the run now, not hours in, and the fingerprints tell which sources are unchanged.
+    # It also notes where each record lies, so conversion can read them in a shuffled order.
     scans = {}
     for spec in tqdm(specs, desc="scanning", unit="file", disable=args.quiet or None):
         scans[spec.name] = fingerprint_source(spec.file, spec.name, opts, {**settings, "path": spec.path})
@@ -177,19 +193,19 @@ def run(args: argparse.Namespace) -> int:
 
     entries: list[SourceEntry] = []
     converted_names: list[str] = []
-    total = sum(count for count, _ in scans.values())
+    total = sum(len(index) for index, _ in scans.values())
     try:
         with tqdm(total=total, desc="converting", unit="sample", disable=args.quiet or None) as bar:
             for spec in specs:
-                count, fingerprint = scans[spec.name]
+                index, fingerprint = scans[spec.name]
                 reused = _reusable(old, spec, fingerprint, out, args.force)
                 if reused is not None:
                     reused.path, reused.epoch_samples = spec.path, spec.epoch_samples
                     entries.append(reused)
-                    bar.update(count)
+                    bar.update(len(index))
                     logger.info("%s: unchanged, reusing %d shards", spec.name, len(reused.shards))
                     continue
-                entries.append(_convert(spec, fingerprint, opts, args, out, bar))
+                entries.append(_convert(spec, index, fingerprint, opts, args, out, bar))
                 converted_names.append(spec.name)
     except BaseException:
         _remove_partials(out, known)
@@ -219,33 +235,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(spec: SourceSpec, fingerprint: str, opts: ConvertOptions, args: argparse.Namespace,
-             out: Path, bar: tqdm) -> SourceEntry:
+def _convert(spec: SourceSpec, index: RecordIndex, fingerprint: str, opts: ConvertOptions,
+             args: argparse.Namespace, out: Path, bar: tqdm) -> SourceEntry:
     tmp = out / (spec.name + _PARTIAL)
     tmp.mkdir()
     writer = ShardWriter(tmp, spec.name, max_bytes=args.shard_size, max_samples=args.shard_samples)
     stats: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     results = _task_results(args.out, spec.name, args.merge) if args.merge else \
-        convert_source(spec.file, spec.name, opts, args.workers)
+        convert_source(index, spec.name, opts, args.workers, record_order(args.seed, spec.name, len(index)))
     # Each source keeps its own rejections beside its shards, so a reused source keeps them too.
-    with open(tmp / REJECTED, "w", encoding="utf-8") as rejected:
-        for result in results:
-            bar.update(1)
-            if result.members is None:
-                reasons[result.code or "unknown"] += 1
-                line = {"source": spec.path, "index": result.index, "line": result.line,
-                        "id": result.id, "code": result.code, "reason": result.reason}
-                try:
-                    text = json.dumps(line, ensure_ascii=False)
-                    text.encode()
-                except UnicodeEncodeError:      # an id with an unpaired surrogate: escape it
-                    text = json.dumps(line)
-                rejected.write(text + "\n")
-                continue
-            writer.write(result.key, result.members)
-            stats.update(images=result.images, videos=result.videos, frames=result.frames,
-                         text_chars=result.text_chars, media_bytes=result.media_bytes, samples=1)
+    rejected = _Rejections(tmp / REJECTED)
+    for result in results:
+        bar.update(1)
+        if result.members is None:
+            reasons[result.code or "unknown"] += 1
+            rejected.add(result.index, _rejection_line(spec, result))
+            continue
+        writer.write(result.key, result.members)
+        stats.update(images=result.images, videos=result.videos, frames=result.frames,
+                     text_chars=result.text_chars, media_bytes=result.media_bytes, samples=1)
+    rejected.close()
     shards = [ShardEntry(**asdict(s)) for s in writer.close()]
     entry = SourceEntry(name=spec.name, path=spec.path, samples=stats["samples"],
                         epoch_samples=spec.epoch_samples, rejected=sum(reasons.values()),
@@ -253,6 +263,38 @@ def _convert(spec: SourceSpec, fingerprint: str, opts: ConvertOptions, args: arg
                         videos=stats["videos"], frames=stats["frames"], text_chars=stats["text_chars"],
                         media_bytes=stats["media_bytes"], fingerprint=fingerprint, shards=shards)
     return entry
+
+
+def _rejection_line(spec: SourceSpec, result: Converted) -> bytes:
+    line = {"source": spec.path, "index": result.index, "line": result.line,
+            "id": result.id, "code": result.code, "reason": result.reason}
+    try:
+        return (json.dumps(line, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:      # an id with an unpaired surrogate: escape it
+        return (json.dumps(line) + "\n").encode()
+
+
+class _Rejections:
+    """A source's rejected.jsonl in input order, though its records arrive shuffled: people read
+    it beside their JSON. Lines go to a scratch file as they come and `close` copies them out
+    sorted by input index, so memory is 16 bytes a rejection, not the lines."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._scratch = tempfile.TemporaryFile(dir=path.parent)    # nameless: nothing to clean up
+        self._where: array[int] = array("q")                      # input index, scratch offset, ...
+
+    def add(self, index: int, line: bytes) -> None:
+        self._where.extend((index, self._scratch.tell()))
+        self._scratch.write(line)
+
+    def close(self) -> None:
+        where = np.array(self._where, dtype=np.int64).reshape(-1, 2)
+        with open(self._path, "wb") as out:
+            for offset in where[np.argsort(where[:, 0]), 1]:
+                self._scratch.seek(int(offset))
+                out.write(self._scratch.readline())
+        self._scratch.close()
 
 
 # --- conversion as SLURM array tasks ----------------------------------------------------------
@@ -263,21 +305,23 @@ def _task_dir(out: Path, name: str) -> Path:
 
 
 def run_task(args: argparse.Namespace) -> int:
-    """Array task I of K: convert records [I*n/K, (I+1)*n/K) of every source that needs it, into
-    a stream of results the merge job writes into shards in order."""
+    """Array task I of K: convert the records at positions [I*n/K, (I+1)*n/K) of every source's
+    shuffled order (not input indices) that needs it, into a stream of results; the merge job
+    writes the K streams one after the other, so the shards are those of a single-machine run."""
     i, k = (int(x) for x in args.task.split("/"))
     specs, opts, _, scans = _prepare(args)
     old = _load_previous(args.out)
     for spec in specs:
-        count, fingerprint = scans[spec.name]
+        index, fingerprint = scans[spec.name]
         if _reusable(old, spec, fingerprint, args.out, args.force) is not None:
             continue
+        n = len(index)
+        share = record_order(args.seed, spec.name, n)[i * n // k: (i + 1) * n // k]
         part = _task_dir(args.out, spec.name) / f"part-{i:05d}.pkl"
         part.parent.mkdir(parents=True, exist_ok=True)
         tmp = part.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            for result in convert_source(spec.file, spec.name, opts, args.workers,
-                                         select=range(i * count // k, (i + 1) * count // k)):
+            for result in convert_source(index, spec.name, opts, args.workers, share):
                 pickle.dump(result, f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, part)
     return 0

@@ -7,7 +7,9 @@ data.txt is the InternLM-XComposer format, one source a line:
     /abs/path/text_only.jsonl       0.25     # 250 samples per epoch
 
 JSON arrays and JSONL files are streamed record by record, so memory does not grow with the
-file; a syntax error is reported with its file, line and column.
+file; a syntax error is reported with its file, line and column. The stream can also note where
+each record lies in the file (`RecordIndex`), so a later pass can read the records in any order
+by seeking to them.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import codecs
 import hashlib
 import json
 import re
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, DecimalException, InvalidOperation
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import numpy as np
 
 _CHUNK = 1 << 20
 _MAX_RECORD_CHARS = 256 << 20   # one record bigger than this is surely a malformed file
@@ -103,36 +108,71 @@ def _unique_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
+@dataclass(frozen=True)
+class RecordIndex:
+    """Where each record of a JSON array or JSONL file lies: rows of (start byte, end byte, line),
+    in input order. 24 bytes a record: enough to read any record alone, without holding them."""
+
+    file: Path
+    spans: np.ndarray           # int64, shape (records, 3)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def line(self, k: int) -> int:
+        return int(self.spans[k, 2])
+
+    def read(self, f: BinaryIO, k: int) -> Any:
+        """Record `k` (its input index), read from `f`: this file, opened "rb"."""
+        start, end, line = (int(x) for x in self.spans[k])
+        f.seek(start)
+        try:
+            return json.loads(f.read(end - start).decode("utf-8"))
+        except ValueError as e:     # JSONDecodeError and UnicodeDecodeError alike
+            raise DataError(f"{self.file}:{line}: record {k} no longer parses ({e}); the file changed "
+                            f"after it was scanned: let it be while converting, and run again") from None
+
+
 class RecordReader:
     """Streams the records of a JSON array or JSONL file, hashing the bytes as it goes.
 
-    Iterating yields `(index, line, record)`; `sha256` is complete once iteration ends.
+    Iterating yields `(index, line, record)`; `sha256` is complete once iteration ends, and so is
+    `index` with `RecordReader(file, index=True)`.
     A file whose first character is `[` is a JSON array, anything else is JSONL.
     """
 
-    def __init__(self, file: str | Path) -> None:
+    def __init__(self, file: str | Path, index: bool = False) -> None:
         self.file = Path(file)
         self._hash = hashlib.sha256()
+        self._spans: array[int] | None = array("q") if index else None   # start, end, line, ...
 
     @property
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
+    @property
+    def index(self) -> RecordIndex:
+        assert self._spans is not None, "only RecordReader(file, index=True) notes the spans"
+        return RecordIndex(self.file, np.array(self._spans, dtype=np.int64).reshape(-1, 3))
+
     def __iter__(self) -> Iterator[tuple[int, int, Any]]:
+        if self._spans is not None:
+            self._spans = array("q")
         with open(self.file, "rb") as f:
             text = _TextStream(f, self._hash, self.file)
             first = text.peek_nonspace()
             jsonl = self.file.suffix.lower() == ".jsonl"
             if first == "" and not jsonl:
                 raise DataError(f"{self.file}:1:1: invalid JSON: the file is empty; remove it from data.txt")
-            if first == "[" and not jsonl:
-                yield from self._iter_array(text)
-            else:
-                yield from self._iter_lines(text)
+            records = self._iter_array(text) if first == "[" and not jsonl else self._iter_lines(text)
+            for index, (line, start, end, record) in enumerate(records):
+                if self._spans is not None:
+                    self._spans.extend((start, end, line))
+                yield index, line, record
 
-    def _iter_lines(self, text: _TextStream) -> Iterator[tuple[int, int, Any]]:
-        index = 0
-        for lineno, line in text.lines():
+    def _iter_lines(self, text: _TextStream) -> Iterator[tuple[int, int, int, Any]]:
+        """(line, start byte, end byte, record) of each non-blank line."""
+        for lineno, line, start, end in text.lines():
             if not line.strip():
                 continue
             try:
@@ -144,10 +184,10 @@ class RecordReader:
                 ) from None
             except (ValueError, RecursionError) as e:   # a 5000-digit number, nesting 100k deep
                 raise DataError(f"{self.file}:{lineno}: unreadable JSON value: {e}") from None
-            yield index, lineno, record
-            index += 1
+            yield lineno, start, end, record
 
-    def _iter_array(self, text: _TextStream) -> Iterator[tuple[int, int, Any]]:
+    def _iter_array(self, text: _TextStream) -> Iterator[tuple[int, int, int, Any]]:
+        """(line, start byte, end byte, record) of each element."""
         decoder = json.JSONDecoder()
         text.expect("[")
         index = 0
@@ -164,15 +204,16 @@ class RecordReader:
                     text.fail("Expecting ',' delimiter or ']'")
                 text.advance(1)
                 text.peek_nonspace()
-            line = text.line_at()
-            yield index, line, text.decode_value(decoder)
+            line, start = text.line_at(), text.byte_at()
+            record = text.decode_value(decoder)
+            yield line, start, text.byte_at(), record
             index += 1
         if text.peek_nonspace() != "":
             text.fail("Extra data after the closing ']'")
 
 
 class _TextStream:
-    """A growing window of decoded text over a binary file, with absolute line/column."""
+    """A growing window of decoded text over a binary file, with absolute line/column/byte."""
 
     def __init__(self, f: BinaryIO, hasher: Any, file: Path) -> None:
         self._f, self._hash, self._file = f, hasher, file
@@ -184,6 +225,10 @@ class _TextStream:
         self._lines = 0             # newlines before self._counted, dropped text included
         self._counted = 0
         self._col_before = 0        # characters after the last dropped newline
+        # The file offset of self._buf[self._measured]; the decoder drops a BOM, so count it here.
+        self._offset = len(codecs.BOM_UTF8) if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
+        self._measured = 0
+        f.seek(0)
 
     def _read(self, size: int = 0) -> bool:
         if self._eof:
@@ -205,7 +250,23 @@ class _TextStream:
             self.line_at(self._pos)
             nl = self._buf.rfind("\n", 0, self._pos)
             self._col_before = self._pos - nl - 1 if nl >= 0 else self._col_before + self._pos
-            self._buf, self._pos, self._counted = self._buf[self._pos:], 0, 0
+            self._drop()
+            self._counted = 0
+
+    def _drop(self) -> None:
+        """Forget the text before the current position."""
+        self.byte_at(self._pos)
+        self._buf, self._pos, self._measured = self._buf[self._pos:], 0, 0
+
+    def byte_at(self, pos: int | None = None) -> int:
+        """The file offset of the character at `pos`. The text was decoded from valid UTF-8, so
+        encoding it again gives back the file's bytes; positions only move forward, so each
+        character is encoded once."""
+        pos = self._pos if pos is None else pos
+        assert pos >= self._measured, (pos, self._measured)
+        self._offset += len(self._buf[self._measured: pos].encode("utf-8"))
+        self._measured = pos
+        return self._offset
 
     def line_at(self, pos: int | None = None) -> int:
         # Positions only move forward, so newlines are counted once, incrementally.
@@ -266,8 +327,9 @@ class _TextStream:
             self._pos = end
             return value
 
-    def lines(self) -> Iterator[tuple[int, str]]:
-        lineno = 1
+    def lines(self) -> Iterator[tuple[int, str, int, int]]:
+        """(line number, text, start byte, end byte) of each line, its newline left out."""
+        lineno = self.line_at()         # not 1: peeking at the first character skipped blank lines
         while True:
             nl = self._buf.find("\n", self._pos)
             while nl < 0 and self._read():
@@ -275,10 +337,10 @@ class _TextStream:
             if nl < 0:
                 rest = self._buf[self._pos:]
                 if rest:
-                    yield lineno, rest
+                    yield lineno, rest, self.byte_at(), self.byte_at(len(self._buf))
                 return
-            yield lineno, self._buf[self._pos: nl]
+            yield lineno, self._buf[self._pos: nl], self.byte_at(), self.byte_at(nl)
             self._pos = nl + 1
             lineno += 1
             if self._pos > _CHUNK:
-                self._buf, self._pos = self._buf[self._pos:], 0
+                self._drop()

@@ -37,6 +37,7 @@ from trainer.metrics import Metrics
 from trainer.model import build_model
 from trainer.models.adapter import ModelAdapter, adapter_for
 from trainer.optim import build_optimizer, set_lr, step_progress
+from trainer.order import OrderLog
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, 
 
 
 class Trainer:
-    def __init__(self, cfg: Config, rank: int, world: int) -> None:
+    def __init__(self, cfg: Config, rank: int, world: int, order_out: Path | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.run_dir = Path(cfg.run.dir)
         self.adapter = adapter_for(cfg.model)
@@ -107,6 +108,8 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches_in_epoch": 0,
                                       "samples": 0, "tokens": 0, "skipped_steps": 0, "per_source": [0] * sources}
         self.metrics: Metrics | None = None
+        self.order = None if order_out is None else OrderLog(
+            order_out, rank, [s.path for s in self.loader.dataset.manifest.sources], cfg.train.grad_accum)
         self.total_steps = cfg.train.steps
         self.batches: EpochBatches | None = None
         self.resumed_exhausted = False
@@ -197,6 +200,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         resumed = self.resume()
+        if self.order is not None:
+            self.order.resume(self.state["step"])       # a fresh run starts a new file
         # A resumed run continues the same curves; points after the checkpoint are replaced.
         self.metrics = Metrics(self.run_dir / "tb", enabled=self.rank == 0, purge_step=self.state["step"] + 1)
         # Steps for train.steps; epochs (fractional, from the data consumed) for train.epochs.
@@ -322,6 +327,8 @@ class Trainer:
         set_lr(self.optimizer, step, self.progress(), cfg.optim)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.order is not None:
+            self.order.log(self.state["epoch"], step, packs)
         self.state["step"] += 1
         per_source = [0] * len(self.state["per_source"])
         for pack in packs:
@@ -374,11 +381,11 @@ class Trainer:
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, order_out: Path | None = None) -> dict[str, Any]:
     from trainer.dist import init_distributed
 
     rank, world = init_distributed()
-    result = Trainer(cfg, rank, world).fit()
+    result = Trainer(cfg, rank, world, order_out).fit()
     if rank == 0:
         logger.info("done: %s", json.dumps({k: v for k, v in result.items() if k != "losses"}))
     return result

@@ -8,8 +8,12 @@ Relaunching the same command resumes from the newest complete checkpoint in run.
 
 --dry-run streams one full epoch through mixing, rendering and packing without building the
 model, and prints as its last line one JSON object with totals over all ranks: samples, samples
-per source, packs, tokens, packing efficiency and skips by reason. Run it on CPU before a
-cluster job: it finds bad samples, templates that do not fit, and wrong token budgets.
+per source, packs, tokens, packing efficiency, skips by reason, and "mix": how far the source mix
+of each 1 % of the epoch (in training order) is from the epoch's target mix, median and worst,
+next to what an i.i.d. order gives. Run it on CPU before a cluster job: it finds bad samples,
+templates that do not fit, and wrong token budgets. `--order-out FILE` writes the epoch's training
+order, one JSON line per sample: {"epoch", "step", "micro_batch", "rank", "source", "id"}; without
+--dry-run it writes what each step of the training run trains.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import logging
 import os
 import sys
 from collections import Counter
+from pathlib import Path
 
 from trainer.config import Config, load_config
 
@@ -31,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
     p.add_argument("--dry-run", action="store_true", help="stream one epoch of data without a model")
     p.add_argument("--epoch", type=int, default=0, help="with --dry-run: which epoch to plan")
+    p.add_argument("--order-out", type=Path, metavar="FILE",
+                   help="write the training order to FILE, one JSON line per sample (trainer/order.py): an "
+                        "epoch's with --dry-run, else what each step trains")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.workers=4")
     args = p.parse_args(argv)
     try:
@@ -40,11 +48,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
     return args, cfg
 
 
-def dry_run(cfg: Config, epoch: int) -> dict:
-    """Stream one epoch on this rank; return the totals over all ranks."""
+def dry_run(cfg: Config, epoch: int, order_out: Path | None = None) -> dict:
+    """Stream one epoch on this rank; return the totals over all ranks (rank 0 writes `order_out`)."""
+    from data_tools.mixing import mix_report, target_mix
     from trainer.data.pipeline import EpochBatches, build_loader
     from trainer.dist import gather_objects, init_distributed
     from trainer.models.adapter import adapter_for
+    from trainer.order import order_line, training_order
 
     rank, world = init_distributed()
     adapter = adapter_for(cfg.model)
@@ -52,7 +62,9 @@ def dry_run(cfg: Config, epoch: int) -> dict:
     loader.dataset.set_epoch(epoch)
     batches = EpochBatches(loader, adapter, cfg.data.max_skip_fraction)
     packs = tokens = samples = trimmed = 0
-    for pack in batches:
+    order = []                        # (micro-batch, source, id) of each sample, in this rank's order
+    for micro_batch, pack in enumerate(batches):
+        order += [(micro_batch, source, id_) for source, id_ in zip(pack.sources, pack.ids)]
         if pack.empty:
             continue
         packs += 1
@@ -60,9 +72,18 @@ def dry_run(cfg: Config, epoch: int) -> dict:
         samples += len(pack.sources)
         trimmed += pack.trimmed
     mine = {"samples": samples, "packs": packs, "tokens": tokens, "trimmed": trimmed, "steps": batches.steps,
-            "per_source": dict(batches.per_source), "skips": dict(batches.skips)}
+            "per_source": dict(batches.per_source), "skips": dict(batches.skips),
+            "order": order if order_out else [(m, s) for m, s, _ in order]}
     everyone = gather_objects(mine)
     manifest = loader.dataset.manifest
+    trained = training_order([r["order"] for r in everyone])
+    epoch_samples = [s.epoch_samples for s in manifest.sources]
+    mix = mix_report([row[2] for row in trained], target_mix(epoch_samples), window=sum(epoch_samples) // 100)
+    if order_out and rank == 0:
+        with open(order_out, "w", encoding="utf-8") as f:
+            for micro_batch, r, source, sample_id in trained:
+                f.write(order_line(epoch, cfg.train.grad_accum, micro_batch, r, manifest.sources[source].path,
+                                   sample_id))
     per_source: Counter[str] = Counter({s.path: 0 for s in manifest.sources})
     skipped: Counter[str] = Counter()
     skipped_per_source: Counter[str] = Counter()
@@ -79,7 +100,7 @@ def dry_run(cfg: Config, epoch: int) -> dict:
             "skipped_per_source": dict(skipped_per_source),
             "packing_efficiency": round(total["tokens"] / slots, 6) if slots else 0.0,
             "steps_per_rank": [r["steps"] for r in everyone], "ranks": world, "epoch": epoch,
-            "max_tokens": cfg.data.packing.max_tokens}
+            "max_tokens": cfg.data.packing.max_tokens, "mix": mix}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dry_run:
             from trainer.loop import train
 
-            result = train(cfg)
+            result = train(cfg, args.order_out)
             if rank == 0:
                 print(json.dumps({k: v for k, v in result.items() if k != "losses"}, sort_keys=True), flush=True)
         else:
-            result = dry_run(cfg, args.epoch)
+            result = dry_run(cfg, args.epoch, args.order_out)
             if rank == 0:
                 print(json.dumps(result, sort_keys=True), flush=True)
         ok = True

@@ -76,3 +76,24 @@ def test_a_video_broken_after_conversion_is_a_counted_skip_on_two_ranks(tiny, tm
                   "data.max_skip_fraction=0.2", ranks=2)
     assert out["skipped"] == {"bad_video": 1} and out["per_source"]["video_qa.json"] == 1
     assert out["samples"] == 22 and len(set(out["steps_per_rank"])) == 1
+
+
+def test_order_out_is_the_training_order_and_carries_the_mix(tiny, mix_shards: Path, tmp_path: Path) -> None:
+    """--order-out on 1 rank and under torchrun on 2 ranks x 2 workers: every sample of the epoch once,
+    in step order, and 1 %-of-epoch windows as close to the target mix as an i.i.d. order."""
+    for ranks, workers in ((1, 0), (2, 2)):
+        out = tmp_path / f"order-{ranks}.jsonl"
+        summary = dry_run(tiny, mix_shards, f"data.workers={workers}", "train.grad_accum=2", "--order-out", str(out),
+                          ranks=ranks)
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(rows) == summary["samples"] == 1200
+        assert {r["source"] for r in rows} == {"long.jsonl", "mid.jsonl", "short.jsonl"}
+        for source, n in (("long", 600), ("mid", 300), ("short", 300)):
+            ids = [r["id"] for r in rows if r["source"] == f"{source}.jsonl"]
+            assert sorted(ids) == sorted(f"{source}{i}" for i in range(n))
+        assert [(r["micro_batch"], r["rank"]) for r in rows] == sorted((r["micro_batch"], r["rank"]) for r in rows)
+        assert all(r["step"] == r["micro_batch"] // 2 and r["epoch"] == 0 for r in rows)
+        assert {r["rank"] for r in rows} == set(range(ranks))
+        mix = summary["mix"]
+        assert mix["window"] == 12 and mix["windows"] == 100
+        assert mix["median"] <= 1.5 * mix["iid_median"] and mix["worst"] <= 1.5 * mix["iid_worst"], mix

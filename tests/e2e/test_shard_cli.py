@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
+from data_tools.conversion import record_order
 from tests.media import write_video
 from tests.unit.test_media import ACCEPTED_IMAGES, ACCEPTED_VIDEOS
 
@@ -166,7 +167,8 @@ def test_accepted_oddities_keep_their_bytes_and_geometry(converted: tuple[Path, 
     out, _ = converted
     manifest = json.loads((out / "manifest.json").read_text())
     samples = read_samples(out, manifest["sources"][0])
-    assert [json.loads(s["json"])["id"] for s in samples] == sorted(ACCEPTED_IMAGES)
+    ids = [json.loads(s["json"])["id"] for s in samples]
+    assert sorted(ids) == sorted(ACCEPTED_IMAGES) and ids != sorted(ACCEPTED_IMAGES)   # shuffled: see below
     for s in samples:
         meta = json.loads(s["json"])
         part = meta["turns"][0]["parts"][0]
@@ -236,6 +238,59 @@ def test_output_is_byte_identical_for_1_and_2_workers(converted: tuple[Path, str
     assert len([k for k in t1 if k.endswith(".tar")]) == 4 + 1 + 2 + 2 + 3
     for name in t1:
         assert t1[name] == t2[name], name
+
+
+def shard_keys(out: Path, name: str) -> list[int]:
+    """The input index of every sample in a source's shards, in the order they were written."""
+    keys = []
+    for tar_path in sorted((out / name).glob(f"{name}-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            keys += [int(m.name.split(".")[0]) for m in tar.getmembers() if m.name.endswith(".json")]
+    return keys
+
+
+def test_samples_are_written_in_a_seeded_shuffle_of_the_input(tmp_path: Path) -> None:
+    # A JSON array (BOM, records over many lines) and a JSONL file (blank lines), both with
+    # non-ASCII text; every 7th record is rejected (empty answer).
+    def record(i: int) -> dict:
+        return {"id": f"r{i}", "conversations": [{"from": "human", "value": f"问题 {i} 😀"},
+                                                 {"from": "gpt", "value": "" if i % 7 == 3 else f"答 {i}"}]}
+
+    n = 60
+    text = json.dumps([record(i) for i in range(n)], indent=2, ensure_ascii=False)
+    (tmp_path / "sorted.json").write_bytes(("\ufeff" + text).encode())
+    blank_then = ["\n" * (i % 5 == 0) + json.dumps(record(i), ensure_ascii=False) for i in range(n)]
+    (tmp_path / "sorted_too.jsonl").write_text("\n".join(blank_then) + "\n")
+    (tmp_path / "data.txt").write_text("sorted.json 1\nsorted_too.jsonl 1\n")
+    runs = {}
+    for name, extra in [("one", ["--workers", "1"]), ("two", ["--workers", "2"]), ("seed", ["--seed", "1"])]:
+        shard(tmp_path / "data.txt", tmp_path / name, "--shard-samples", "8", *extra)
+        runs[name] = {s: shard_keys(tmp_path / name, s) for s in ("sorted", "sorted_too")}
+
+    valid = [i for i in range(n) if i % 7 != 3]
+    for source, keys in runs["one"].items():
+        assert sorted(keys) == valid and keys != valid, source                  # every valid record, shuffled
+        assert keys == [k for k in record_order(0, source, n) if k in valid]    # by (seed, name) alone
+        assert runs["seed"][source] != keys and sorted(runs["seed"][source]) == valid
+    assert runs["one"]["sorted"] != runs["one"]["sorted_too"]                  # each source its own order
+    assert runs["one"] == runs["two"]
+    for tar_path in sorted((tmp_path / "one").glob("*/*.tar")):                 # whatever --workers is
+        twin = tmp_path / "two" / tar_path.relative_to(tmp_path / "one")
+        assert tar_path.read_bytes() == twin.read_bytes()
+    for raw in wds.WebDataset(sorted(map(str, (tmp_path / "one").glob("*/*.tar"))), shardshuffle=False):
+        sample = json.loads(raw["json"])                                        # the record read at its span
+        assert sample["id"] == f"r{sample['index']}" and raw["__key__"] == f"{sample['index']:09d}"
+        assert sample["turns"][0]["parts"][0]["text"] == f"问题 {sample['index']} 😀"
+
+    # Rejections name their record's input index and line, listed in input order.
+    listed = (tmp_path / "one" / "rejected.jsonl").read_text()
+    assert (tmp_path / "seed" / "rejected.jsonl").read_text() == listed              # whatever the seed
+    rejected = [json.loads(line) for line in listed.splitlines()]
+    starts = [i + 1 for i, line in enumerate(text.splitlines()) if line == "  {"]
+    bad = [i for i in range(n) if i % 7 == 3]
+    assert [(r["source"], r["index"], r["id"], r["line"], r["code"]) for r in rejected] == \
+        [("sorted.json", i, f"r{i}", starts[i], "empty_answer") for i in bad] + \
+        [("sorted_too.jsonl", i, f"r{i}", i + 2 + i // 5, "empty_answer") for i in bad]   # + blank lines
 
 
 def test_rerun_reuses_unchanged_sources_and_redoes_changed_ones(dataset: Path, tmp_path: Path) -> None:

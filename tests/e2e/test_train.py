@@ -213,3 +213,27 @@ def test_epoch_runs_decay_the_lr_by_data_consumed_to_the_floor(tiny, overfit_sha
     a = load_file(tmp_path / "a" / "hf" / "model.safetensors")
     b = load_file(tmp_path / "b" / "hf" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_ranks_resume_on_one_and_train_the_rest_of_the_epoch_exactly_once(tiny, mix_shards: Path,
+                                                                                tmp_path: Path) -> None:
+    """2 ranks train 6 steps of an epoch and checkpoint; the run resumes on 1 rank (another world size)
+    and finishes the epoch. The training order both wrote (--order-out) holds every sample of the epoch
+    exactly once, and the final line counts every source's epoch samples."""
+    run, order = tmp_path / "run", tmp_path / "order.jsonl"
+    common = ["data.shuffle_buffer=16", "data.packing.buffer=8", "run.export=false", "checkpoint.every=3"]
+    first = train([*command(tiny, mix_shards, run, *common, "train.steps=6", ranks=2), "--order-out", str(order)])
+    assert first["steps"] == 6 and sum(first["per_source"].values()) < 1200
+    proc = subprocess.run([*command(tiny, mix_shards, run, *common, "train.epochs=1"), "--order-out", str(order)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed elastically" in proc.stderr and "2 ranks x 0 data.workers, this run has 1 x 0" in proc.stderr
+    rest = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rest["resumed"] and rest["epochs"] == 1 and rest["steps"] > 6
+    assert rest["per_source"] == {"long.jsonl": 600, "mid.jsonl": 300, "short.jsonl": 300}
+    rows = [json.loads(line) for line in order.read_text().splitlines()]
+    for source, n in (("long", 600), ("mid", 300), ("short", 300)):
+        assert sorted(r["id"] for r in rows if r["source"] == f"{source}.jsonl") == \
+            sorted(f"{source}{i}" for i in range(n))
+    assert {r["rank"] for r in rows if r["step"] < 6} == {0, 1} and {r["rank"] for r in rows if r["step"] >= 6} == {0}
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)

@@ -6,10 +6,11 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import data_tools.sources as sources
-from data_tools.sources import DataError, RecordReader, parse_data_txt
+from data_tools.sources import DataError, RecordIndex, RecordReader, parse_data_txt
 
 
 def write(path: Path, text: str) -> Path:
@@ -122,6 +123,8 @@ def test_json_array_errors(tmp_path: Path, text: str, where: str) -> None:
 def test_jsonl_error_names_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"x.jsonl:3:2: invalid JSON: Expecting property name .* one JSON object per line"):
         list(RecordReader(write(tmp_path / "x.jsonl", '{"a": 1}\n{"b": 2}\n{oops}\n')))
+    with pytest.raises(DataError, match=r"y.jsonl:4:2: invalid JSON"):         # blank lines first count too
+        list(RecordReader(write(tmp_path / "y.jsonl", ' \n\n{"a": 1}\n{oops}\n')))
 
 
 def test_unreadable_values_are_fatal_with_their_line(tmp_path: Path) -> None:
@@ -164,3 +167,69 @@ def test_memory_stays_bounded_on_a_large_jsonl(tmp_path: Path) -> None:
     tracemalloc.stop()
     assert n == 100_000
     assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB for a {path.stat().st_size / 2**20:.1f} MiB file"
+
+
+# Records that make byte offsets differ from character offsets (Chinese, emoji, a BOM), that span
+# many lines, and that hold the characters the reader splits on ("\n" escaped, ",", "]").
+ODD = [{"id": i, "text": ["你好", "😀 ok", "a,b]", "x\ny", "é"][i % 5] * (i % 4 + 1), "n": [i, {"k": None}]}
+       for i in range(300)]
+
+
+def index_and_read_back(path: Path) -> tuple[list, RecordIndex, list]:
+    """(what the stream yields, the index it built, each record read alone at its span, in a
+    shuffled order as conversion reads them, then put back in input order)."""
+    reader = RecordReader(path, index=True)
+    streamed = list(reader)
+    index = reader.index
+    assert index.spans.dtype == np.int64 and index.spans.shape == (len(streamed), 3)
+    assert [index.line(k) for k in range(len(index))] == [line for _, line, _ in streamed]
+    order = np.random.default_rng(0).permutation(len(index))
+    back = [None] * len(index)
+    with open(path, "rb") as f:
+        for k in order:
+            back[k] = index.read(f, k)
+    return streamed, index, back
+
+
+@pytest.mark.parametrize("chunk", [7, 4096, 1 << 20])
+def test_json_array_index_reads_back_every_record(tmp_path: Path, monkeypatch, chunk: int) -> None:
+    monkeypatch.setattr(sources, "_CHUNK", chunk)
+    # Elements separated every which way, some indented over many lines, some on one line.
+    parts = [json.dumps(r, ensure_ascii=False, indent=2 if i % 3 else None) for i, r in enumerate(ODD)]
+    seps = [",", " ,\n\n  ", "\t,", ",\r\n"]
+    text = "\ufeff[\n " + "".join(p + seps[i % 4] for i, p in enumerate(parts[:-1])) + parts[-1] + "\n ]\n"
+    path = tmp_path / "a.json"
+    path.write_bytes(text.encode("utf-8"))
+    streamed, index, back = index_and_read_back(path)
+    assert [r for _, _, r in streamed] == back == ODD
+    raw = path.read_bytes()
+    assert [raw[s: e] for s, e, _ in index.spans] == [p.encode() for p in parts]      # exactly the element
+    assert [line for _, _, line in index.spans] == [1 + raw.count(b"\n", 0, s) for s, _, _ in index.spans]
+    assert index.line(2) == 1 + text.count("\n", 0, text.index(parts[2])) > index.line(1) + 1
+
+
+@pytest.mark.parametrize("chunk", [7, 4096, 1 << 20])
+def test_jsonl_index_reads_back_every_record(tmp_path: Path, monkeypatch, chunk: int) -> None:
+    monkeypatch.setattr(sources, "_CHUNK", chunk)
+    lines, record_lines = [], []
+    for i, r in enumerate(ODD):
+        if i % 7 == 0:
+            lines.append("  \t")                                       # a blank line
+        lines.append(json.dumps(r, ensure_ascii=i % 2 == 0) + ("\r" if i % 5 == 0 else ""))
+        record_lines.append(len(lines))
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(("\ufeff" + "\n".join(lines)).encode("utf-8"))     # no newline at the end
+    streamed, index, back = index_and_read_back(path)
+    assert [r for _, _, r in streamed] == back == ODD
+    raw = path.read_bytes()
+    assert [raw[s: e] for s, e, _ in index.spans] == [lines[n - 1].encode() for n in record_lines]
+    assert [line for _, line, _ in streamed] == record_lines
+
+
+def test_a_file_changed_after_the_scan_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.jsonl", '{"a": 1}\n{"b": 2}\n')
+    reader = RecordReader(path, index=True)
+    list(reader)
+    path.write_text('{"a": 1}\n{"b"')
+    with open(path, "rb") as f, pytest.raises(DataError, match=r"a.jsonl:2: record 1 no longer parses"):
+        reader.index.read(f, 1)

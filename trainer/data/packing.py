@@ -72,6 +72,7 @@ class Pack:
     targets: int                         # tokens with a label
     sources: list[int]                   # source index of each sample
     keys: list[tuple[int, str, int]]     # (source, key, occurrence) of each sample
+    ids: list[str]                       # each sample's id in its input file
     lengths: list[int]
     skips: dict[str, int] = field(default_factory=dict)   # {"reason:source": n} since the previous pack
     trimmed: int = 0
@@ -112,6 +113,7 @@ def collate(adapter: ModelAdapter, samples: list[Rendered]) -> Pack:
     return Pack(inputs=adapter.model_inputs(input_ids, label, torch.cat(positions, dim=-1), media),
                 tokens=tokens, targets=int((label != IGNORE).sum()),
                 sources=[s.source for s in samples], keys=[(s.source, s.key, s.occurrence) for s in samples],
+                ids=[s.id for s in samples],
                 lengths=[s.length for s in samples], trimmed=sum(s.trimmed for s in samples), dummy=dummy)
 
 

@@ -203,7 +203,7 @@ class _StreamIter:
             logger.exception("rendering %s key %s failed", raw.shard, raw.key)
             self._skip("render_error", raw.source, f"{raw.shard} key {raw.key}: {e!r}")
             return None
-        rendered.source, rendered.occurrence = raw.source, raw.occurrence
+        rendered.source, rendered.occurrence, rendered.id = raw.source, raw.occurrence, sample.id or sample.key
         return rendered
 
     def _pack(self, raw: RawSample) -> Iterator[Pack]:

@@ -48,6 +48,7 @@ class Rendered:
     source: int = -1
     key: str = ""
     occurrence: int = -1
+    id: str = ""                            # the sample's id in its input file (its key if it had none)
     trimmed: bool = False                   # later turns were cut to fit max_tokens
 
     @property
