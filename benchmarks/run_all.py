@@ -4,7 +4,8 @@
     python benchmarks/run_all.py --quick    # tiny settings, about a minute: checks the suite runs
 
 The first line describes the machine (CPUs, load average, date, versions); then one line per
-benchmark, in order: packing, loader, train, shard, resume, video_decode. A benchmark that fails
+benchmark, in order: packing, loader, train, shard, resume, video_decode, mixing (its summary line;
+run benchmarks/mixing.py itself for one line per world size). A benchmark that fails
 prints {"benchmark": name, "error": ...} and the suite exits 1 after the others have run. The
 GPU suite (benchmarks/gpu/mfu.py) is separate: run it on a GPU machine.
 """
@@ -30,6 +31,7 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {   # name: (full arguments, --q
     "resume": ([], ["--distinct", "300", "--workers", "0", "--trials", "1", "--max-tokens", "2048",
                           "--no-fresh"]),
     "video_decode": ([], ["--repeats", "1"]),
+    "mixing": ([], ["--ranks", "1", "8", "--scale", "0.1", "--seeds", "1"]),
 }
 
 

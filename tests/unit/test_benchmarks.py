@@ -162,3 +162,19 @@ def test_model_flops_equal_torch_flop_counter(tiny) -> None:
     assert counted["aten.bmm"] == ours["vision_attention"] + row
     causal = 4 * sum(n * (n + 1) // 2 for n in pack.lengths) * width * text.num_hidden_layers
     assert ours["llm_attention"] == causal
+
+
+def test_mixing_benchmark_meets_its_bars_at_a_small_scale() -> None:
+    """benchmarks/mixing.py on a 100k-sample version of its mix, 1 and 8 ranks x 2 workers: the real
+    plan's order within 1.25x of i.i.d. for per-step and 1 %-of-epoch windows; the 10M plan's cost."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mixing.py"), "--ranks", "1", "8",
+                           "--scale", "0.1", "--seeds", "3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line.get("ranks") for line in lines] == [1, 8, None]
+    for line in lines[:2]:
+        assert line["samples"] == 100_000
+        for window in ("step", "epoch_1pct"):
+            assert line[window]["median_vs_iid"] <= 1.25 and line[window]["worst_vs_iid"] <= 1.25, line
+    assert lines[2]["mix_bar_1_25"] and lines[2]["plan_10m"]["occurrences"] == 10_000_000
+    assert lines[2]["plan_10m"]["peak_gib"] < 1
