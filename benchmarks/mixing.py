@@ -59,9 +59,9 @@ def manifest(scale: float, seed: int = 0) -> Manifest:
         sizes = [SHARD] * (valid // SHARD) + ([valid % SHARD] if valid % SHARD else [])
         shards = [ShardEntry(path=f"{name}/{name}-{i:06d}.tar", samples=n, bytes=0, sha256="")
                   for i, n in enumerate(sizes)]
-        sources.append(SourceEntry(name=name, path=f"{name}.json", samples=valid, epoch_samples=epoch, rejected=0,
-                                   rejected_by_reason={}, images=0, videos=0, text_chars=0, media_bytes=0,
-                                   fingerprint="", shards=shards))
+        sources.append(SourceEntry(name=name, path=f"{name}.json", samples=valid, epoch_samples=epoch,
+                                   rejected=0, rejected_by_reason={}, images=0, videos=0, text_chars=0,
+                                   media_bytes=0, fingerprint="", shards=shards))
     return Manifest(seed=seed, converter="benchmark", sources=sources)
 
 
@@ -124,7 +124,8 @@ def main() -> int:
     worst = 0.0
     for ranks in args.ranks:
         line = measure(args.scale, ranks, args.workers, args.seeds)
-        worst = max(worst, *(line[w][k] for w in ("step", "epoch_1pct") for k in ("median_vs_iid", "worst_vs_iid")))
+        worst = max(worst, *(line[w][k] for w in ("step", "epoch_1pct")
+                             for k in ("median_vs_iid", "worst_vs_iid")))
         print(json.dumps(line), flush=True)
     cost = plan_cost()
     print(json.dumps({"benchmark": "mixing", "worst_ratio_to_iid": worst, "mix_bar_1_25": worst <= 1.25,

@@ -6,7 +6,8 @@ proportions. The reference is an i.i.d. order, each sample's source drawn from t
 random samplers of LLaVA, lmms-finetune, MiniCPM-V and InternLM-XComposer's shuffled per-epoch draws give.
 
     report = mix_report(sources_in_training_order, target, window=len(order) // 100)
-    # {"window": 10000, "windows": 100, "median": 0.004, "worst": 0.011, "iid_median": 0.005, "iid_worst": 0.012}
+    # {"window": 10000, "windows": 100, "median": 0.004, "worst": 0.011,
+    #  "iid_median": 0.005, "iid_worst": 0.012}
 """
 
 from __future__ import annotations

@@ -44,8 +44,8 @@ def sample_counts(manifest: Manifest, seed: int, epoch: int) -> list[np.ndarray]
         n, target = source.samples, source.epoch_samples
         if n == 0:
             if target:
-                raise ValueError(f"source {source.path} has no valid samples but asks for {target} per epoch; "
-                                 f"fix its data or set its count to 0 in data.txt")
+                raise ValueError(f"source {source.path} has no valid samples but asks for {target} per "
+                                 f"epoch; fix its data or set its count to 0 in data.txt")
             counts.append(np.zeros(0, dtype=np.int32))
             continue
         c = np.full(n, target // n, dtype=np.int32)
@@ -162,7 +162,8 @@ class Generation:
         return epoch_occurrences if self.runs is None else int(self.runs[:, 1].sum())
 
     def to_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "runs": None if self.runs is None else self.runs.tolist()}
+        runs = None if self.runs is None else self.runs.tolist()
+        return {"epoch": self.epoch, "index": self.index, "runs": runs}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Generation:

@@ -105,8 +105,8 @@ class Trainer:
             self.eval_loader = build_loader(eval_cfg, self.adapter, cfg.train.seed, rank, world)
         sources = len(self.loader.dataset.manifest.sources)
         # per_source: samples trained from each source over the whole run (the same on every rank).
-        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches_in_epoch": 0,
-                                      "samples": 0, "tokens": 0, "skipped_steps": 0, "per_source": [0] * sources}
+        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_batches_in_epoch": 0, "samples": 0,
+                                      "tokens": 0, "skipped_steps": 0, "per_source": [0] * sources}
         self.metrics: Metrics | None = None
         self.order = None if order_out is None else OrderLog(
             order_out, rank, [s.path for s in self.loader.dataset.manifest.sources], cfg.train.grad_accum)
@@ -164,9 +164,9 @@ class Trainer:
                 for key, n in skips.items():
                     self.resumed_skips[key] = self.resumed_skips.get(key, 0) + n
         total = ds.epoch_occurrences()
-        logger.warning("resumed elastically: %s was written by %d ranks x %d data.workers, this run has %d x %d; "
-                       "%d of epoch %d's %d occurrences had not been trained (%d at generation %d) and are split "
-                       "over the new slices as generation %d", path, world, workers, self.world,
+        logger.warning("resumed elastically: %s was written by %d ranks x %d data.workers, this run has "
+                       "%d x %d; %d of epoch %d's %d occurrences had not been trained (%d at generation %d) "
+                       "and are split over the new slices as generation %d", path, world, workers, self.world,
                        self.cfg.data.workers, ds.generation.size(total), ds.epoch, total, before.size(total),
                        before.index, ds.generation.index)
 
@@ -334,8 +334,8 @@ class Trainer:
         for pack in packs:
             for source in pack.sources:
                 per_source[source] += 1
-        tokens, samples, *per_source = all_sum([sum(p.tokens for p in packs), sum(len(p.sources) for p in packs),
-                                                *per_source], self.device)
+        tokens, samples, *per_source = all_sum(
+            [sum(p.tokens for p in packs), sum(len(p.sources) for p in packs), *per_source], self.device)
         self.state["tokens"] += int(tokens)
         self.state["samples"] += int(samples)
         self.state["per_source"] = [a + int(b) for a, b in zip(self.state["per_source"], per_source)]

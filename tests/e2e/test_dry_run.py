@@ -83,15 +83,16 @@ def test_order_out_is_the_training_order_and_carries_the_mix(tiny, mix_shards: P
     in step order, and 1 %-of-epoch windows as close to the target mix as an i.i.d. order."""
     for ranks, workers in ((1, 0), (2, 2)):
         out = tmp_path / f"order-{ranks}.jsonl"
-        summary = dry_run(tiny, mix_shards, f"data.workers={workers}", "train.grad_accum=2", "--order-out", str(out),
-                          ranks=ranks)
+        summary = dry_run(tiny, mix_shards, f"data.workers={workers}", "train.grad_accum=2",
+                          "--order-out", str(out), ranks=ranks)
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert len(rows) == summary["samples"] == 1200
         assert {r["source"] for r in rows} == {"long.jsonl", "mid.jsonl", "short.jsonl"}
         for source, n in (("long", 600), ("mid", 300), ("short", 300)):
             ids = [r["id"] for r in rows if r["source"] == f"{source}.jsonl"]
             assert sorted(ids) == sorted(f"{source}{i}" for i in range(n))
-        assert [(r["micro_batch"], r["rank"]) for r in rows] == sorted((r["micro_batch"], r["rank"]) for r in rows)
+        where = [(r["micro_batch"], r["rank"]) for r in rows]
+        assert where == sorted(where)
         assert all(r["step"] == r["micro_batch"] // 2 and r["epoch"] == 0 for r in rows)
         assert {r["rank"] for r in rows} == set(range(ranks))
         mix = summary["mix"]

@@ -222,12 +222,15 @@ def test_two_ranks_resume_on_one_and_train_the_rest_of_the_epoch_exactly_once(ti
     exactly once, and the final line counts every source's epoch samples."""
     run, order = tmp_path / "run", tmp_path / "order.jsonl"
     common = ["data.shuffle_buffer=16", "data.packing.buffer=8", "run.export=false", "checkpoint.every=3"]
-    first = train([*command(tiny, mix_shards, run, *common, "train.steps=6", ranks=2), "--order-out", str(order)])
+    first = train([*command(tiny, mix_shards, run, *common, "train.steps=6", ranks=2),
+                   "--order-out", str(order)])
     assert first["steps"] == 6 and sum(first["per_source"].values()) < 1200
-    proc = subprocess.run([*command(tiny, mix_shards, run, *common, "train.epochs=1"), "--order-out", str(order)],
+    proc = subprocess.run([*command(tiny, mix_shards, run, *common, "train.epochs=1"),
+                           "--order-out", str(order)],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "resumed elastically" in proc.stderr and "2 ranks x 0 data.workers, this run has 1 x 0" in proc.stderr
+    assert "resumed elastically" in proc.stderr
+    assert "2 ranks x 0 data.workers, this run has 1 x 0" in proc.stderr
     rest = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rest["resumed"] and rest["epochs"] == 1 and rest["steps"] > 6
     assert rest["per_source"] == {"long.jsonl": 600, "mid.jsonl": 300, "short.jsonl": 300}
@@ -235,5 +238,6 @@ def test_two_ranks_resume_on_one_and_train_the_rest_of_the_epoch_exactly_once(ti
     for source, n in (("long", 600), ("mid", 300), ("short", 300)):
         assert sorted(r["id"] for r in rows if r["source"] == f"{source}.jsonl") == \
             sorted(f"{source}{i}" for i in range(n))
-    assert {r["rank"] for r in rows if r["step"] < 6} == {0, 1} and {r["rank"] for r in rows if r["step"] >= 6} == {0}
+    assert {r["rank"] for r in rows if r["step"] < 6} == {0, 1}
+    assert {r["rank"] for r in rows if r["step"] >= 6} == {0}
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)

@@ -168,7 +168,8 @@ def test_mixing_benchmark_meets_its_bars_at_a_small_scale() -> None:
     """benchmarks/mixing.py on a 100k-sample version of its mix, 1 and 8 ranks x 2 workers: the real
     plan's order within 1.25x of i.i.d. for per-step and 1 %-of-epoch windows; the 10M plan's cost."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mixing.py"), "--ranks", "1", "8",
-                           "--scale", "0.1", "--seeds", "3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           "--scale", "0.1", "--seeds", "3"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line.get("ranks") for line in lines] == [1, 8, None]

@@ -17,8 +17,9 @@ from trainer.models.adapter import get_adapter
 
 
 def config(tiny, shards: Path, workers: int):
-    return load_config(None, [f"model.path={tiny('llava')}", f"data.shards={shards}", f"data.workers={workers}",
-                              "data.shuffle_buffer=16", "data.packing.buffer=8", "data.packing.max_tokens=2048"])
+    return load_config(None, [f"model.path={tiny('llava')}", f"data.shards={shards}",
+                              f"data.workers={workers}", "data.shuffle_buffer=16", "data.packing.buffer=8",
+                              "data.packing.max_tokens=2048"])
 
 
 def loader(cfg, rank: int, world: int, epoch: int, generation: Generation | None = None):

@@ -104,8 +104,8 @@ class _StreamIter:
         # Per source the ids this slice reads, and the sources in the order it reads them.
         self.ids, self.order = slice_ids(self.plan, self.generation, ds.seed, self.part, self.parts)
         self.cursor = 0                 # samples read so far (entries of self.order)
-        self.rng = np.random.default_rng([ds.seed & 0xFFFFFFFF, ds.seed >> 32, self.epoch, self.generation.index,
-                                          self.part, 0x5B0F])
+        self.rng = np.random.default_rng([ds.seed & 0xFFFFFFFF, ds.seed >> 32, self.epoch,
+                                          self.generation.index, self.part, 0x5B0F])
         self.shuffle: list[RawSample] = []
         self.reserve = len(ds.adapter.dummy_image[0])
         self.packer = Packer(ds.cfg.packing.max_tokens, ds.cfg.packing.buffer, reserve=self.reserve,
@@ -130,9 +130,9 @@ class _StreamIter:
         if (state["part"], state["parts"], state.get("generation", 0)) != \
                 (self.part, self.parts, self.generation.index):
             raise ValueError(f"data state is for slice {state['part']}/{state['parts']} of generation "
-                             f"{state.get('generation', 0)} but this worker reads {self.part}/{self.parts} of "
-                             f"generation {self.generation.index}: other ranks or workers resume through "
-                             f"resume_generation")
+                             f"{state.get('generation', 0)} but this worker reads {self.part}/{self.parts} "
+                             f"of generation {self.generation.index}: other ranks or workers resume "
+                             f"through resume_generation")
         self._restore = state
 
     # --- the stream ------------------------------------------------------------------------
@@ -203,7 +203,8 @@ class _StreamIter:
             logger.exception("rendering %s key %s failed", raw.shard, raw.key)
             self._skip("render_error", raw.source, f"{raw.shard} key {raw.key}: {e!r}")
             return None
-        rendered.source, rendered.occurrence, rendered.id = raw.source, raw.occurrence, sample.id or sample.key
+        rendered.source, rendered.occurrence = raw.source, raw.occurrence
+        rendered.id = sample.id or sample.key
         return rendered
 
     def _pack(self, raw: RawSample) -> Iterator[Pack]:
@@ -270,8 +271,9 @@ def resume_generation(manifest: Manifest, seed: int, generation: Generation,
         if state["epoch"] != generation.epoch:
             continue                    # saved before this epoch began: that slice had read nothing of it
         if state.get("generation", 0) != generation.index:
-            raise ValueError(f"a data state of the checkpoint is from generation {state.get('generation', 0)} "
-                             f"of epoch {generation.epoch}, the checkpoint's generation is {generation.index}")
+            raise ValueError(f"a data state of the checkpoint is from generation "
+                             f"{state.get('generation', 0)} of epoch {generation.epoch}, the checkpoint's "
+                             f"generation is {generation.index}")
         parts = state["parts"]
         states[state["part"]] = {"cursor": state["cursor"], "held": [*state["shuffle"], *state["pool"]]}
     plan = plan_epoch(manifest, seed, generation.epoch)
@@ -353,7 +355,8 @@ class EpochBatches:
             if flags[1]:
                 raise SkipLimitExceeded(
                     f"more than data.max_skip_fraction={self.max_skip_fraction} of the epoch's samples were "
-                    f"skipped on some rank (this rank: {dict(self.skips)} of {round(self.share)}); see the warnings "
+                    f"skipped on some rank (this rank: {dict(self.skips)} of {round(self.share)}); see the "
+                    f"warnings "
                     f"above, fix the data, or raise data.max_skip_fraction")
             if not flags[0]:
                 return

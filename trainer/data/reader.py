@@ -2,9 +2,9 @@
 
 A slice of an epoch plan (data_tools.plan.EpochPlan) names, per source, (shard, ordinal) pairs in
 shard-major order: each run of ordinals going up in one shard is one pass over that shard, front to
-back, stopping after the last sample it is needed for. Shards are opened with webdataset's `gopen`, so a shard path may
-also be a `pipe:` or URL spec. A tar that breaks mid-way turns its remaining planned samples into
-counted skips (`corrupt_shard`); it never stops the run.
+back, stopping after the last sample it is needed for. Shards are opened with webdataset's `gopen`,
+so a shard path may also be a `pipe:` or URL spec. A tar that breaks mid-way turns its remaining
+planned samples into counted skips (`corrupt_shard`); it never stops the run.
 """
 
 from __future__ import annotations
