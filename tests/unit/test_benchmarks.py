@@ -34,6 +34,7 @@ KEYS = {
                "epoch_samples"},
     "video_decode": {"decord_all_frames_per_s", "pyav_all_frames_per_s", "decord_sampled_frames_per_s",
                      "pyav_sampled_frames_per_s", "bikes", "carphone_distorted"},
+    "mixing": {"worst_ratio_to_iid", "mix_bar_1_25", "plan_10m", "plan_bar_5s_1gib"},
     "machine_after": {"load_avg_1_5_15"},
 }
 
