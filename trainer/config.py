@@ -85,6 +85,11 @@ class TrainConfig:
     epochs: int = 1                     # used when steps is 0
     steps: int = 0                      # optimizer steps in all; 0 = as many as `epochs` take
     grad_accum: int = 1                 # micro-batches (packs) per optimizer step on each rank
+    # FSDP with grad_accum > 1: "micro_batch" reduce-scatters after every micro-batch, so gradients
+    # stay sharded (otherwise a rank holds the whole model's fp32 gradients between micro-batches:
+    # +30 GB for a 7B full finetune); "step" once per step (less communication); "auto": "step" for
+    # LoRA/QLoRA, whose trained weights are small, else "micro_batch".
+    grad_reduce: Literal["auto", "micro_batch", "step"] = "auto"
     dtype: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 compute on GPU, fp32 on CPU
     activation_checkpointing: Literal["none", "full", "selective"] = "full"
     compile: bool = False               # torch.compile each layer (GPU only)

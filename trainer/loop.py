@@ -96,6 +96,9 @@ class Trainer:
         self.model, self.device, self.fsdp = built.model, built.device, built.mesh is not None
         # FSDP's mixed-precision policy casts for bf16 compute; a single unsharded GPU uses autocast.
         self.autocast = not self.fsdp and built.compute_dtype != torch.float32
+        reduce = cfg.train.grad_reduce
+        small = cfg.finetune.method in ("lora", "qlora")       # unsharded gradients of LoRA weights only
+        self.reduce_per_step = reduce == "step" or (reduce == "auto" and small)
         self.compute_dtype = built.compute_dtype
         self.optimizer = build_optimizer(self.model, self.adapter, cfg.optim, fused=self.device.type == "cuda")
         self.loader = build_loader(cfg.data, self.adapter, cfg.train.seed, rank, world)
@@ -296,8 +299,9 @@ class Trainer:
         self.source_loss = torch.zeros((len(self.loader.dataset.manifest.sources), 2), dtype=torch.float64,
                                        device=self.device)
         for i, pack in enumerate(packs):
-            if self.fsdp:
-                # Reduce-scatter once per step, after the last micro-batch's backward.
+            if self.fsdp and self.reduce_per_step:
+                # Reduce-scatter once per step, after the last micro-batch's backward; until then every
+                # rank holds the unsharded gradients (train.grad_reduce).
                 self.model.set_requires_gradient_sync(i == len(packs) - 1)
             with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.autocast):
                 loss = micro_batch_loss(self.model, self.adapter, pack, self.device, self.source_loss)

@@ -1,10 +1,11 @@
 """The loss normalisation and FSDP2 oracles on real gloo ranks (fp32, CPU): one process with 4
 micro-batches == 2 FSDP2 ranks with 2 each == 4 ranks with 1 each (opt-in: 4 processes) on the loss
 and every gradient (relative 1e-6); text-only packs on one rank beside image packs on the other
-never hang; an error on one rank ends the job promptly."""
+never hang; an error on one rank ends the job promptly; gradients stay sharded between micro-batches."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -85,3 +86,26 @@ def test_an_error_on_one_rank_ends_the_job_promptly(tiny, overfit_shards: Path, 
     assert took < 120, f"the job took {took:.0f} s to end"
     steps = sorted(int(d.name.split("-")[1]) for d in (tmp_path / "run" / "checkpoints").glob("step-*"))
     assert steps == [1, 2]                               # the third step failed on rank 1: never saved
+
+
+@pytest.mark.parametrize("reduce", ["auto", "step"])
+def test_gradients_stay_sharded_between_micro_batches(tiny, stream_shards: Path, tmp_path: Path,
+                                                      reduce: str) -> None:
+    """Full finetuning with 2 micro-batches on 2 FSDP2 ranks: by default (auto) each micro-batch's
+    gradients are reduce-scattered at once, so between micro-batches a rank holds only its shard of the
+    gradients; with train.grad_reduce=step it holds the whole model's unsharded gradients instead."""
+    args = [*overrides(tiny, stream_shards, tmp_path / "run"), "train.grad_accum=2",
+            f"train.grad_reduce={reduce}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           str(REPO / "tests" / "distributed" / "grad_memory_rank.py"), str(tmp_path), reduce, *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in range(2):
+        mem = json.loads((tmp_path / f"{reduce}-rank{rank}.json").read_text())
+        after, between = mem["after"], mem["between"]
+        assert after["unsharded"] == 0 and 0 < after["sharded"] < 0.6 * after["full"]     # about half each
+        if reduce == "auto":
+            assert between == after                      # already reduced: only this rank's shard
+        else:
+            assert between["unsharded"] == after["full"] and between["sharded"] == 0
