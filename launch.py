@@ -6,8 +6,9 @@
     python launch.py --nodes 2 --dry-run --config C.yaml                      # print what would run
 
 One task per node runs `torchrun` for that node; the nodes meet at a c10d rendezvous on the first
-node. Before the time limit (or on `scancel --signal=USR2`) every rank checkpoints at the next step
-and submitit requeues the job, which resumes from that checkpoint. Logs: run.dir/submitit/.
+node. Before the time limit (`--signal-margin` seconds before, or on `scancel --signal=USR2`) every
+rank checkpoints at the next step and submitit requeues the job, which resumes from that checkpoint.
+A preemption by SIGTERM is handled the same way within `--grace` seconds. Logs: run.dir/submitit/.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def _ignore_usr2() -> None:
 class TrainJob:
     """What submitit runs on each node: this node's torchrun, checkpointable."""
 
-    def __init__(self, config: str, overrides: list[str], gpus_per_node: int) -> None:
-        self.config, self.overrides, self.gpus_per_node = config, overrides, gpus_per_node
+    def __init__(self, config: str, overrides: list[str], gpus_per_node: int, grace: int = 120) -> None:
+        self.config, self.overrides, self.gpus_per_node, self.grace = config, overrides, gpus_per_node, grace
         self.proc: subprocess.Popen | None = None
         self.marker: Path | None = None
 
@@ -77,7 +78,8 @@ class TrainJob:
         self.marker = Path(os.environ.get("SLURM_SUBMIT_DIR", ".")) / f".mmloom-requeue-{env.job_id}"
         self.marker.unlink(missing_ok=True)
         self.proc = subprocess.Popen(cmd, cwd=REPO, preexec_fn=_ignore_usr2,
-                                     env={**os.environ, "MMLOOM_REQUEUE_FILE": str(self.marker)})
+                                     env={**os.environ, "MMLOOM_REQUEUE_FILE": str(self.marker),
+                                          "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(self.grace)})
         # poll, not wait(): submitit's signal handler calls checkpoint(), which polls too, and
         # Popen.wait holds a lock that a handler running on top of it could never take.
         while self.proc.poll() is None:
@@ -96,7 +98,8 @@ class TrainJob:
         if self.marker is None or not self.marker.exists():
             return None                         # finished (or failed) anyway: do not requeue
         self.marker.unlink()
-        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides, self.gpus_per_node))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.overrides, self.gpus_per_node,
+                                                           self.grace))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc-per-node", type=int, default=None, help="with --local: ranks on this machine")
     p.add_argument("--partition", default=None, help="default: the cluster's default partition")
     p.add_argument("--time", default="4:00:00", help="time limit, e.g. 90 (minutes) or 24:00:00")
+    p.add_argument("--signal-margin", type=int, default=120, metavar="S",
+                   help="SIGUSR2 S seconds before the time limit: enough for a step and a checkpoint")
+    p.add_argument("--grace", type=int, default=120, metavar="S",
+                   help="after a SIGTERM (preemption), S seconds for the ranks to checkpoint before torchrun "
+                        "kills them: the cluster's GraceTime")
     p.add_argument("--cpus-per-node", type=int, default=None)
     p.add_argument("--wait", action="store_true", help="block until the job ends; exit with its status")
     p.add_argument("--local", action="store_true", help="run torchrun on this machine instead of SLURM")
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     # --kill-on-bad-exit: a node whose torchrun fails ends the whole job at once, instead of the
     # other nodes waiting in a collective until its timeout.
     params = dict(nodes=args.nodes, tasks_per_node=1, timeout_min=parse_time(args.time), name="mmloom",
-                  slurm_signal_delay_s=120, slurm_additional_parameters={"requeue": True},
+                  slurm_signal_delay_s=args.signal_margin, slurm_additional_parameters={"requeue": True},
                   slurm_srun_args=["--kill-on-bad-exit=1"])
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.partition:
         params["slurm_partition"] = args.partition
     executor.update_parameters(**params)
-    job_fn = TrainJob(config, args.overrides, args.gpus_per_node)
+    job_fn = TrainJob(config, args.overrides, args.gpus_per_node, args.grace)
     if args.dry_run:
         print(f"submitit folder {folder}: {params}")
         print(" ".join(torchrun_command(config, args.overrides, args.nodes, max(1, args.gpus_per_node), 0,

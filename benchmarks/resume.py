@@ -73,7 +73,7 @@ def move_to_mid_epoch(checkpoint: Path, shards: Path, seed: int = 0) -> int:
     manifest = load_manifest(shards)
     plan = plan_epoch(manifest, plan_seed(manifest, seed), 0)
     path = checkpoint / "rank0.pt"
-    extra = torch.load(path, weights_only=False)
+    extra = torch.load(path, weights_only=True)
     states = stream_states(extra["data"])
     assert states, "no pipeline state in the checkpoint"
     consumed = 0

@@ -1,11 +1,13 @@
 """Checkpoints: `run.dir/checkpoints/step-<N>/`, written with torch.distributed.checkpoint.
 
 Model and optimizer are saved sharded (DCP); what differs per rank (its data pipeline state,
-RNG states) goes into `rank<r>.pt` beside them, with the step, epoch and counters. A checkpoint
-is written under `.step-<N>.tmp` and renamed once every rank has finished, so a directory named
-`step-<N>` is always complete; resuming picks the newest one automatically. DCP reshards model and
-optimizer for any number of ranks; a rank the checkpoint did not have takes rank 0's counters (its
-data position comes from trainer.data.pipeline.resume_generation, its RNG starts fresh).
+RNG states) goes into `rank<r>.pt` beside them, with the step, epoch and counters: tensors,
+numbers, strings and containers only, read back with `torch.load(weights_only=True)` (nothing is
+unpickled). A checkpoint is written under `.step-<N>.tmp` and renamed once every rank has finished,
+so a directory named `step-<N>` is always complete; resuming picks the newest one automatically.
+DCP reshards model and optimizer for any number of ranks; a rank the checkpoint did not have takes
+rank 0's counters (its data position comes from trainer.data.pipeline.resume_generation, its RNG
+starts fresh).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ def _barrier() -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # numpy's key array as a list: the rank files hold only what torch.load(weights_only=True) reads.
+    name, keys, *rest = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, keys.tolist(), *rest)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -45,7 +50,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -112,12 +118,12 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
                    options=StateDictOptions(strict=False))
     rank_file = path / f"rank{rank}.pt"
     if rank_file.exists():
-        extra = torch.load(rank_file, weights_only=False)
+        extra = torch.load(rank_file, weights_only=True)
         set_rng_state(extra.pop("rng"))
     else:
         logger.warning("%s has no rank%d.pt (it was written by %d ranks): this rank starts from rank 0's "
                        "counters and a fresh RNG", path, rank, saved_ranks(path))
-        extra = torch.load(path / "rank0.pt", weights_only=False)
+        extra = torch.load(path / "rank0.pt", weights_only=True)
         extra.pop("rng")
     logger.info("resumed from %s", path)
     return extra
@@ -132,7 +138,7 @@ def rank_extras(path: Path) -> list[dict[str, Any]]:
     """Every rank's extra state in the checkpoint at `path`, in rank order (without RNG states)."""
     extras = []
     for rank in range(saved_ranks(path)):
-        extra = torch.load(path / f"rank{rank}.pt", weights_only=False)
+        extra = torch.load(path / f"rank{rank}.pt", weights_only=True)
         extra.pop("rng", None)
         extras.append(extra)
     return extras

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import resource
 import signal
 import threading
 import time
@@ -31,7 +32,7 @@ from data_tools.plan import Generation
 from trainer import checkpoint
 from trainer.config import Config, dump_config
 from trainer.data.packing import Pack
-from trainer.data.pipeline import EpochBatches, build_loader, resume_generation
+from trainer.data.pipeline import PREEMPTION, EpochBatches, build_loader, resume_generation
 from trainer.data.render import IGNORE
 from trainer.metrics import Metrics
 from trainer.model import build_model
@@ -119,7 +120,7 @@ class Trainer:
         self.resumed_skips: dict[str, int] = {}
         self.resumed_consumed = 0
         self.eval_loss: float | None = None
-        self.stop_requested = False             # set by SIGUSR2: preemption or the time limit is near
+        self.stop_requested = False     # set by SIGUSR2 or SIGTERM: preemption or the time limit is near
 
     # --- set-up ----------------------------------------------------------------------------
 
@@ -216,7 +217,10 @@ class Trainer:
         done = preempted = False
         skipped_in_a_row = 0
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGUSR2, self._on_preempt)
+            # SLURM's --signal=USR2@margin before the time limit; SIGTERM from a preemption
+            # (PreemptMode=REQUEUE with a GraceTime), `scancel`, or torchrun passing one on.
+            for sig in PREEMPTION:
+                signal.signal(sig, self._on_preempt)
         while not done:
             self.loader.dataset.set_epoch(self.state["epoch"])
             self.batches = EpochBatches(self.loader, self.adapter, cfg.data.max_skip_fraction,
@@ -277,6 +281,8 @@ class Trainer:
 
     def _on_preempt(self, signum: int, frame: Any) -> None:
         # Only a flag: the ranks agree at the next step boundary, then checkpoint together.
+        if not self.stop_requested:
+            logger.warning("%s received: checkpointing after this step", signal.Signals(signum).name)
         self.stop_requested = True
 
     def _agree_to_stop(self) -> bool:
@@ -361,6 +367,8 @@ class Trainer:
                     values[f"train/loss_by_source/{source.name}"] = loss_sum_s / n
             if torch.cuda.is_available():
                 values["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            else:                       # the process's peak resident memory (Linux reports KiB)
+                values["mem/peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             self.metrics.log(self.state["step"], values)
         return mean_loss
 

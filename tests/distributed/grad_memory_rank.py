@@ -28,7 +28,8 @@ def held(model) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, FSDPModule) and (group := module._get_fsdp_state()._fsdp_param_group):
             for p in group.fsdp_params:
-                for g in (p.unsharded_accumulated_grad, getattr(getattr(p, "_unsharded_param", None), "grad", None)):
+                autograd = getattr(getattr(p, "_unsharded_param", None), "grad", None)
+                for g in (p.unsharded_accumulated_grad, autograd):
                     unsharded += 0 if g is None else g.numel() * g.element_size()
     with_grad = [p for p in model.parameters() if p.grad is not None]
     return {"unsharded": unsharded,
@@ -53,7 +54,8 @@ def main() -> None:
     loop.micro_batch_loss = measured
     trainer.backward(packs)
     # After the step's last reduce-scatter every gradient is sharded: its shard and full sizes.
-    (out / f"{tag}-rank{rank}.json").write_text(json.dumps({"between": seen[1], "after": held(trainer.model)}))
+    result = {"between": seen[1], "after": held(trainer.model)}
+    (out / f"{tag}-rank{rank}.json").write_text(json.dumps(result))
     shutdown()
 
 

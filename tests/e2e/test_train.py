@@ -73,7 +73,8 @@ def test_full_finetuning_overfits_and_exports(tiny, overfit_shards: Path, tmp_pa
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr/llm", "train/lr/projector", "train/grad_norm", "perf/tokens_per_s",
-            "data/packing_efficiency", "eval/loss", "train/loss_by_source/overfit"} <= tags
+            "data/packing_efficiency", "eval/loss", "train/loss_by_source/overfit", "mem/peak_gib"} <= tags
+    assert 0.1 < events.Scalars("mem/peak_gib")[-1].value < 16          # peak RSS on CPU: a tiny model
     curve = [e.value for e in events.Scalars("train/loss")]
     assert len(curve) == 30 and curve[-1] < curve[0] / 10
     # The export is a plain transformers checkpoint: it generates the memorised answer.
@@ -241,3 +242,27 @@ def test_two_ranks_resume_on_one_and_train_the_rest_of_the_epoch_exactly_once(ti
     assert {r["rank"] for r in rows if r["step"] < 6} == {0, 1}
     assert {r["rank"] for r in rows if r["step"] >= 6} == {0}
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+
+
+def test_sigterm_checkpoints_and_exits_for_requeue(tiny, overfit_shards: Path, tmp_path: Path) -> None:
+    """A preemption by SIGTERM, sent to torchrun and both ranks (and the data workers) as SLURM does:
+    the ranks agree at the next step, checkpoint, leave the requeue marker and exit; relaunching
+    resumes from that checkpoint."""
+    run, marker, log = tmp_path / "run", tmp_path / "requeue", tmp_path / "log"
+    extra = ["train.steps=500", "checkpoint.every=2", "data.workers=1", "run.export=false"]
+    env = {**ENV, "MMLOOM_REQUEUE_FILE": str(marker), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
+    with open(log, "w") as err:
+        proc = subprocess.Popen(command(tiny, overfit_shards, run, *extra, ranks=2), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline = time.time() + 300
+        started = run / "checkpoints" / "step-2"
+        while not started.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=300)
+    stderr = log.read_text()
+    assert "SIGTERM received: checkpointing after this step" in stderr
+    step = int(marker.read_text())
+    assert 2 <= step < 500 and (run / "checkpoints" / f"step-{step}").is_dir()
+    resumed = train(command(tiny, overfit_shards, run, *extra[1:], f"train.steps={step + 2}", ranks=2))
+    assert resumed["resumed"] and resumed["steps"] == step + 2 and not resumed["preempted"]

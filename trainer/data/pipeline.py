@@ -228,11 +228,16 @@ class _StreamIter:
         return skips
 
 
+PREEMPTION = (signal.SIGUSR2, signal.SIGTERM)   # the training process checkpoints, then exits
+
+
 def _ignore_preemption(worker_id: int) -> None:
-    # SIGUSR2 is for the training process (checkpoint, then exit); a worker must not die of it.
-    # The parent blocks it while starting workers (see EpochBatches), so none arrives before this.
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+    # Preemption signals are for the training process (checkpoint, then exit); a worker must not die
+    # of one. The parent blocks them while starting workers (see EpochBatches), so none arrives before
+    # this; the workers end with the training process.
+    for sig in PREEMPTION:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(PREEMPTION))
 
 
 def build_loader(cfg: DataConfig, adapter: ModelAdapter, seed: int, rank: int = 0, world: int = 1) -> StatefulDataLoader:
@@ -320,9 +325,9 @@ class EpochBatches:
         self.steps = 0
 
     def __iter__(self) -> Iterator[Pack]:
-        # Workers start with the parent's signal mask: keep SIGUSR2 blocked until they have set it
-        # to ignored, else one arriving during their start-up would kill them.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        # Workers start with the parent's signal mask: keep the preemption signals blocked until they
+        # have set them to ignored, else one arriving during their start-up would kill them.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set(PREEMPTION))
         try:
             it = iter(self.loader) if not self.exhausted else iter(())
         finally:
