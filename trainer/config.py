@@ -90,7 +90,15 @@ class TrainConfig:
     # +30 GB for a 7B full finetune); "step" once per step (less communication); "auto": "step" for
     # LoRA/QLoRA, whose trained weights are small, else "micro_batch".
     grad_reduce: Literal["auto", "micro_batch", "step"] = "auto"
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 compute on GPU, fp32 on CPU
+    # Compute dtype (auto: bf16 on GPU, fp32 on CPU). Weights are held as loaded: trained ones in fp32
+    # (master weights), frozen ones in the checkpoint's dtype (4-bit for QLoRA's base).
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"     # FSDP's gradient reduce-scatter / all-reduce
+    # HSDP: shard parameters, gradients and optimizer state within groups of this many ranks (e.g. a
+    # node's 8 GPUs) and replicate across groups; 0 = shard over all ranks (FSDP).
+    shard_group: int = 0
+    loss_chunk: int = 1024              # target positions per cross-entropy chunk (bounds logits memory); 0 = all
+    dist_timeout_s: int = 1800          # collective timeout, and how long ranks wait for rank 0 to load or export
     activation_checkpointing: Literal["none", "full", "selective"] = "full"
     compile: bool = False               # torch.compile each layer (GPU only)
     nonfinite: Literal["skip", "abort"] = "skip"     # a NaN/inf loss on any rank: skip the step everywhere, or stop
@@ -108,6 +116,9 @@ class TrainConfig:
             raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
         if self.log_every < 1 or self.eval_every < 0:
             raise ValueError("train.log_every must be >= 1 and train.eval_every >= 0")
+        if self.shard_group < 0 or self.loss_chunk < 0 or self.dist_timeout_s < 1:
+            raise ValueError(f"train.shard_group and train.loss_chunk must be >= 0 and train.dist_timeout_s >= 1, "
+                             f"got {self.shard_group}, {self.loss_chunk}, {self.dist_timeout_s}")
 
 
 @dataclass(kw_only=True)

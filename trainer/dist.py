@@ -26,6 +26,29 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+_waits = 0
+
+
+def wait_for_rank0(what: str, timeout_s: int) -> None:
+    """Rank 0 calls this when it has done `what` alone (loading, writing an export); the other ranks
+    wait on the rendezvous store until then, not inside a collective, whose watchdog would kill a
+    rank waiting longer than its timeout. Every rank must call it the same number of times."""
+    global _waits
+    if not dist.is_initialized():
+        return
+    _waits += 1
+    key = f"mmloom/rank0/{_waits}"
+    store = dist.distributed_c10d._get_default_store()
+    if dist.get_rank() == 0:
+        store.set(key, what)
+    else:
+        try:
+            store.wait([key], timedelta(seconds=timeout_s))
+        except RuntimeError as e:   # the store's timeout error
+            raise TimeoutError(f"rank 0 did not finish {what} within train.dist_timeout_s={timeout_s} s; "
+                               f"raise it for slow filesystems") from e
+
+
 def setup_logging(rank: int) -> None:
     """One format for every rank, the rank in every line; rank 0 at INFO, the others at WARNING."""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,

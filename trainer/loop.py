@@ -184,7 +184,7 @@ class Trainer:
                          # The epoch's skip counts, so the skip limit holds across requeues.
                          "data_skips": dict(self.batches.skips) if self.batches else {},
                          "data_consumed": self.batches.consumed if self.batches else 0},
-                        keep=self.cfg.checkpoint.keep)
+                        self.metrics)
 
     def progress(self) -> float:
         """The fraction of the run after warmup that is done, for the LR schedule: by optimizer steps
@@ -396,7 +396,7 @@ class Trainer:
 def train(cfg: Config, order_out: Path | None = None) -> dict[str, Any]:
     from trainer.dist import init_distributed
 
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.train.dist_timeout_s)
     result = Trainer(cfg, rank, world, order_out).fit()
     if rank == 0:
         logger.info("done: %s", json.dumps({k: v for k, v in result.items() if k != "losses"}))

@@ -1,9 +1,15 @@
-"""Building the training model: load, freeze, LoRA/QLoRA, activation checkpointing, FSDP2, weights.
+"""Building the training model: load, freeze, LoRA/QLoRA, dtypes, activation checkpointing, FSDP2.
 
-The torchtune order: rank 0 loads the checkpoint with `from_pretrained` (so every key conversion
-transformers knows applies), the other ranks build the same module tree on the meta device (no
-memory), everyone shards, and the full weights are broadcast from rank 0 into the shards. A node
-holds about one copy of the weights in host RAM however many ranks it runs.
+The torchtune order: every rank builds the module tree on the meta device (no memory) and shards it;
+rank 0 alone loads the checkpoint with `from_pretrained` (so every key conversion transformers knows
+applies), in the checkpoint's own dtype, and its tensors are broadcast one at a time into the shards.
+A node holds about one copy of the checkpoint in host RAM, on rank 0's node only; the other ranks
+wait for rank 0 on the rendezvous store, not inside a collective with a watchdog.
+
+Dtypes: trained parameters are fp32 master weights; frozen ones stay in the checkpoint's dtype (a
+LoRA base, a frozen vision tower); FSDP's mixed-precision policy computes in `train.dtype` (bf16 on
+GPU, fp32 on CPU) and reduces gradients in `train.reduce_dtype`. Without FSDP, CPU runs hold
+everything in fp32 (nothing else would cast the frozen bf16 weights for fp32 compute).
 
 QLoRA keeps the 4-bit frozen base weights out of sharding (bitsandbytes' packed Params4bit are not
 DTensor-shardable); each rank quantizes its own copy, and only the LoRA weights and the unquantized
@@ -13,6 +19,7 @@ parameters are sharded.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from trainer.config import Config
+from trainer.dist import wait_for_rank0
 from trainer.lora import apply_lora, lora_config
 from trainer.models.adapter import ModelAdapter
 from trainer.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp
@@ -37,20 +45,32 @@ class Built:
     compute_dtype: torch.dtype
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     if cfg.train.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.train.dtype]
+    return DTYPES[cfg.train.dtype]
+
+
+def checkpoint_dtype(adapter: ModelAdapter) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in (config.json's `dtype`; fp32 when unset)."""
+    value = getattr(adapter.config, "dtype", None) or getattr(adapter.config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
 
 
 def load_pretrained(adapter: ModelAdapter, cfg: Config, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The checkpoint through transformers' own loading path (fp32 master weights)."""
+    """The checkpoint through transformers' own loading path, in the checkpoint's dtype; QLoRA
+    quantizes the base to 4 bits on `device` as it loads, computing in `dtype`."""
     from transformers import BitsAndBytesConfig
 
-    kwargs: dict = {"dtype": torch.float32, "attn_implementation": adapter.attn_implementation()}
+    kwargs: dict = {"dtype": checkpoint_dtype(adapter), "attn_implementation": adapter.attn_implementation()}
     if cfg.finetune.method == "qlora":
         q = cfg.finetune.qlora
-        compute = dtype if q.compute_dtype == "auto" else {"bf16": torch.bfloat16, "fp32": torch.float32}[q.compute_dtype]
+        compute = dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=adapter.quant_skip_modules())
@@ -79,28 +99,68 @@ def freeze(model: nn.Module, adapter: ModelAdapter, cfg: Config) -> dict[str, in
     return counts
 
 
-def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Built:
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dtype = compute_dtype(cfg, device)
-    mesh = init_device_mesh(device.type, (world,)) if world > 1 else None
-    quantized = cfg.finetune.method == "qlora"
-    torch.manual_seed(cfg.train.seed)         # LoRA initialisation is the same on every rank
-    if rank == 0 or quantized or mesh is None:
-        model = load_pretrained(adapter, cfg, device if quantized else torch.device("cpu"), dtype)
-    else:
-        with torch.device("meta"):
-            model = adapter.model_from_config(dtype=torch.float32, attn_implementation=adapter.attn_implementation())
+def set_dtypes(model: nn.Module, frozen_dtype: torch.dtype | None = None) -> None:
+    """Trained parameters to fp32 (master weights); frozen floating-point ones to `frozen_dtype`, or
+    left as loaded when None. Quantized weights are never touched."""
+    for p in model.parameters():
+        want = torch.float32 if p.requires_grad else frozen_dtype
+        if want is not None and p.is_floating_point() and p.dtype != want and not _is_quantized(p):
+            p.data = p.data.to(want)
+
+
+def _prepare(model: nn.Module, adapter: ModelAdapter, cfg: Config) -> tuple[nn.Module, dict[str, int]]:
+    """LoRA adapters and the freeze flags, the same on a loaded and on a meta-device model."""
     if cfg.finetune.method in ("lora", "qlora"):
         model = apply_lora(model, lora_config(adapter, model, cfg.finetune))
     counts = freeze(model, adapter, cfg)
-    logger.info("trainable parameters: %s", {k: f"{v:,}" for k, v in counts.items()})
     model.train()                             # from_pretrained returns eval mode: no dropout
     if hasattr(model, "config"):
         model.config.use_cache = False
-    # Rank 0's full weights, keyed as the state dict of the sharded model will be: before
-    # checkpoint wrappers and torch.compile rename modules.
-    full = model.state_dict() if rank == 0 and mesh is not None and not quantized else None
-    buffers = _non_persistent_buffers(model) if mesh is not None else []
+    return model, counts
+
+
+def build_mesh(cfg: Config, device: torch.device, world: int) -> DeviceMesh | None:
+    """FSDP over all ranks, or HSDP (train.shard_group): shard within groups, replicate across them."""
+    if world == 1:
+        return None
+    group = cfg.train.shard_group or world
+    if world % group:
+        raise ValueError(f"train.shard_group={group} does not divide the {world} ranks")
+    if group == world:
+        return init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))
+
+
+def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Built:
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = compute_dtype(cfg, device)
+    mesh = build_mesh(cfg, device, world)
+    quantized = cfg.finetune.method == "qlora"
+    torch.manual_seed(cfg.train.seed)         # LoRA initialisation is the same on every rank
+    full: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    if quantized or mesh is None:
+        model = load_pretrained(adapter, cfg, device if quantized else torch.device("cpu"), dtype)
+    else:
+        if rank == 0:
+            # The weights to broadcast, keyed as the sharded model's state dict will be (after LoRA,
+            # before checkpoint wrappers and torch.compile rename modules).
+            start = time.perf_counter()
+            loaded, _ = _prepare(load_pretrained(adapter, cfg, torch.device("cpu"), dtype), adapter, cfg)
+            full = loaded.state_dict()
+            buffers = {name: buf for name, buf in loaded.named_buffers() if name in _non_persistent_buffers(loaded)}
+            del loaded
+            logger.info("rank 0 loaded %s in %.0f s (%.1f GiB in host memory)", adapter.path,
+                        time.perf_counter() - start, sum(t.nbytes for t in full.values()) / 2**30)
+        wait_for_rank0("loading the checkpoint", cfg.train.dist_timeout_s)
+        with torch.device("meta"):
+            model = adapter.model_from_config(dtype=checkpoint_dtype(adapter),
+                                              attn_implementation=adapter.attn_implementation())
+    model, counts = _prepare(model, adapter, cfg)
+    logger.info("trainable parameters: %s", {k: f"{v:,}" for k, v in counts.items()})
+    # Without FSDP's mixed-precision policy nothing casts bf16 frozen weights for fp32 compute.
+    set_dtypes(model, frozen_dtype=torch.float32 if mesh is None and dtype == torch.float32 else None)
+    names = _non_persistent_buffers(model)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if cfg.train.compile and device.type == "cuda":
         apply_compile(model)
@@ -108,15 +168,18 @@ def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Bu
         return Built(model=model.to(device), mesh=None, device=device, compute_dtype=dtype)
 
     ignored = {p for n, p in model.named_parameters() if quantized and _is_quantized(p)}
-    apply_fsdp(model, mesh, param_dtype=dtype, ignored=ignored, root_block=adapter.fsdp_root_block)
+    apply_fsdp(model, mesh, param_dtype=dtype, reduce_dtype=DTYPES[cfg.train.reduce_dtype], ignored=ignored,
+               root_block=adapter.fsdp_root_block)
     _sum_gradients(model)
     if not quantized:
-        model.to_empty(device=device) if rank != 0 else model.to(device)
-        set_model_state_dict(model, full or {}, options=StateDictOptions(full_state_dict=True,
-                                                                          broadcast_from_rank0=True))
-        for name in buffers:                    # not in the state dict: rank 0's are the truth
+        model.to_empty(device=device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for name in names:                    # not in the state dict: rank 0's are the truth
             buf = _get_buffer(model, name)
+            if rank == 0:
+                buf.copy_(buffers[name])
             dist.broadcast(buf.data, src=0)
+        del full, buffers
     return Built(model=model, mesh=mesh, device=device, compute_dtype=dtype)
 
 

@@ -56,7 +56,7 @@ def dry_run(cfg: Config, epoch: int, order_out: Path | None = None) -> dict:
     from trainer.models.adapter import adapter_for
     from trainer.order import order_line, training_order
 
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.train.dist_timeout_s)
     adapter = adapter_for(cfg.model)
     loader = build_loader(cfg.data, adapter, seed=cfg.train.seed, rank=rank, world=world)
     loader.dataset.set_epoch(epoch)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_args(argv)
     from trainer.dist import init_distributed, setup_logging, shutdown
 
-    rank, _ = init_distributed()
+    rank, _ = init_distributed(cfg.train.dist_timeout_s)
     setup_logging(rank)
     ok = False
     try:

@@ -1,7 +1,8 @@
 """The loss normalisation and FSDP2 oracles on real gloo ranks (fp32, CPU): one process with 4
-micro-batches == 2 FSDP2 ranks with 2 each == 4 ranks with 1 each (opt-in: 4 processes) on the loss
+micro-batches == 2 FSDP2 ranks with 2 each == 2 HSDP ranks (2 x 1 mesh) == 4 ranks with 1 each (opt-in: 4 processes) on the loss
 and every gradient (relative 1e-6); text-only packs on one rank beside image packs on the other
-never hang; an error on one rank ends the job promptly; gradients stay sharded between micro-batches."""
+never hang; an error on one rank ends the job promptly; gradients stay sharded between micro-batches;
+the dtype plan (fp32 trained weights, frozen ones as stored)."""
 
 from __future__ import annotations
 
@@ -44,10 +45,12 @@ def assert_same(one: dict, other: dict) -> None:
         assert err <= 1e-6, (name, float(err))
 
 
-def test_accumulation_and_fsdp_give_the_same_gradients(tiny, stream_shards: Path, tmp_path: Path) -> None:
+def test_accumulation_fsdp_and_hsdp_give_the_same_gradients(tiny, stream_shards: Path, tmp_path: Path) -> None:
     args = overrides(tiny, stream_shards, tmp_path / "run")
     one = run(tmp_path, "one", "0,1,2,3", args, ranks=1)
     assert_same(one, run(tmp_path, "two", "0,1|2,3", args, ranks=2))
+    # HSDP on a 2 x 1 mesh: each rank holds whole parameters, replicated; gradients are all-reduced.
+    assert_same(one, run(tmp_path, "hsdp", "0,1|2,3", [*args, "train.shard_group=1"], ranks=2))
 
 
 # Four processes on the two cores CI has is more than the test suite may take; run it with
@@ -109,3 +112,49 @@ def test_gradients_stay_sharded_between_micro_batches(tiny, stream_shards: Path,
             assert between == after                      # already reduced: only this rank's shard
         else:
             assert between["unsharded"] == after["full"] and between["sharded"] == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.models.tiny import build_tiny
+
+    return build_tiny("llava", tmp_path_factory.mktemp("tiny-llava-bf16"), dtype="bfloat16")
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_trained_weights_are_fp32_and_frozen_ones_stay_as_stored(tiny_bf16: Path, stream_shards: Path,
+                                                                  tmp_path: Path, method: str) -> None:
+    """The dtype plan on 2 FSDP2 ranks from a bf16 checkpoint: trained parameters (and their AdamW
+    state) are fp32, frozen ones bf16 (QLoRA's base: 4-bit), every weight equals the checkpoint's."""
+    args = [f"model.path={tiny_bf16}", f"data.shards={stream_shards}", f"run.dir={tmp_path / 'run'}",
+            "data.workers=0", "data.shuffle_buffer=6", "data.packing.buffer=4", "data.packing.max_tokens=1600",
+            f"finetune.method={method}", "train.log_every=1000"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           str(REPO / "tests" / "distributed" / "dtype_rank.py"), str(tmp_path), method, *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in range(2):
+        got = json.loads((tmp_path / f"{method}-rank{rank}.json").read_text())
+        assert got["stored"] == "torch.bfloat16"
+        params = got["params"]
+        trained = {n for n, p in params.items() if p["trainable"]}
+        frozen = {n for n, p in params.items() if not p["trainable"]}
+        assert trained and frozen
+        assert {params[n]["dtype"] for n in trained} == {"float32"}
+        assert got["trainable_after_step"] == ["float32"] and got["optimizer_states"] == ["float32"]
+        assert got["loss"] is not None and got["loss"] > 0
+        quantized = {n for n in frozen if params[n]["class"] == "Params4bit"}
+        assert {params[n]["dtype"] for n in frozen - quantized} == {"bfloat16"}
+        if method == "qlora":
+            assert quantized and {params[n]["dtype"] for n in quantized} == {"uint8"}
+            assert all("language_model" in n for n in quantized)
+        else:
+            assert not quantized
+        if method == "full":                 # the default freezes the vision tower only
+            assert all("vision_tower" in n for n in frozen) and any("language_model" in n for n in trained)
+        else:
+            assert all("lora_" in n or "modules_to_save" in n for n in trained)
+        # Every weight (trained ones upcast) is the checkpoint's, on every rank: the broadcast filled the shards.
+        compared = [p["equal"] for p in params.values() if p["equal"] is not None]
+        assert len(compared) > len(params) // 3 and all(compared)

@@ -33,8 +33,9 @@ FAMILIES: dict[str, Callable[[], tuple[object, object]]] = {
 }
 
 
-def build_tiny(family: str, out: str | Path) -> Path:
-    """Write a tiny random-weight model plus its processor for `family` to `out`; return `out`."""
+def build_tiny(family: str, out: str | Path, dtype: str = "float32") -> Path:
+    """Write a tiny random-weight model plus its processor for `family` to `out`, its weights stored
+    in `dtype` ("bfloat16" like most published checkpoints); return `out`."""
     import torch
 
     from trainer.models.adapter import load_families
@@ -51,7 +52,7 @@ def build_tiny(family: str, out: str | Path) -> Path:
     init_weights = getattr(importlib.import_module(f"{__name__}.{family}"), "init_weights", None)
     if init_weights is not None:
         init_weights(model)
-    model.save_pretrained(out)
+    model.to(getattr(torch, dtype)).save_pretrained(out)
     processor.save_pretrained(out)
     logger.info("wrote tiny %s (%d parameters) to %s", family, model.num_parameters(), out)
     return out
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.models.tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), help="model family to build")
     parser.add_argument("--out", type=Path, help="directory to write the checkpoint to")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights stored in")
     parser.add_argument("--list", action="store_true", help="print the families and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -70,6 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.family is None or args.out is None:
         parser.error("--family and --out are required (or --list)")
     start = time.perf_counter()
-    build_tiny(args.family, args.out)
+    build_tiny(args.family, args.out, args.dtype)
     print(f"wrote tiny {args.family} to {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
