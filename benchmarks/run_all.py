@@ -5,9 +5,10 @@
 
 The first line describes the machine (CPUs, load average, date, versions); then one line per
 benchmark, in order: packing, loader, train, shard, resume, video_decode, mixing (its summary line;
-run benchmarks/mixing.py itself for one line per world size). A benchmark that fails
-prints {"benchmark": name, "error": ...} and the suite exits 1 after the others have run. The
-GPU suite (benchmarks/gpu/mfu.py) is separate: run it on a GPU machine.
+run benchmarks/mixing.py itself for one line per world size), memory (its summary line: predicted
+per-GPU memory of the real model sizes; benchmarks/memory.py prints one line per configuration). A
+benchmark that fails prints {"benchmark": name, "error": ...} and the suite exits 1 after the others
+have run. The GPU suite (benchmarks/gpu/mfu.py) is separate: run it on a GPU machine.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {   # name: (full arguments, --q
                           "--no-fresh"]),
     "video_decode": ([], ["--repeats", "1"]),
     "mixing": ([], ["--ranks", "1", "8", "--scale", "0.1", "--seeds", "1"]),
+    "memory": ([], []),       # meta-device models: seconds either way
 }
 
 

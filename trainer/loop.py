@@ -9,6 +9,7 @@ rank makes every rank skip the step (or stop, `train.nonfinite=abort`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -20,6 +21,7 @@ import resource
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from trainer.config import Config, dump_config
 from trainer.data.packing import Pack
 from trainer.data.pipeline import PREEMPTION, EpochBatches, build_loader, resume_generation
 from trainer.data.render import IGNORE
+from trainer.loss import linear_cross_entropy
 from trainer.metrics import Metrics
 from trainer.model import build_model
 from trainer.models.adapter import ModelAdapter, adapter_for
@@ -62,9 +65,10 @@ def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
 
 
 def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, device: torch.device,
-                     per_source: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed cross-entropy over the pack's target tokens (fp32). With `per_source` ([sources, 2]),
-    adds each source's summed loss and target count into it."""
+                     per_source: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+    """Summed cross-entropy over the pack's target tokens (fp32), `chunk` target positions at a time
+    (trainer/loss.py; 0 = all at once). With `per_source` ([sources, 2]), adds each source's summed
+    loss and target count into it."""
     # A value may be a dict of tensors: Gemma 3's ready-made attention masks, one per layer type.
     inputs = {k: {n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device)
               for k, v in pack.inputs.items()}
@@ -73,19 +77,51 @@ def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, 
     # logits (5 GiB for 8192 tokens of a 152k vocabulary) for nothing.
     labels = inputs.pop("labels")[0, 1:]
     keep = torch.nonzero(pack.inputs["labels"][0, 1:] != IGNORE).flatten().to(device)   # found on the host
-    if _takes_logits_to_keep(model):
+    head = _chunkable_head(model) if chunk and _takes_logits_to_keep(model) else None
+    if head is not None:
         inputs["logits_to_keep"] = keep
-    logits = model(**inputs, use_cache=False).logits[0]
-    if logits.shape[0] != len(keep):       # remote code that computes every position's logits
-        logits = logits[keep]
-    token_loss = F.cross_entropy(logits.float(), labels[keep], reduction="none")
+        with _head_inputs(head) as hidden:        # the model stops short of the projection
+            model(**inputs, use_cache=False)
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        total, token_loss = linear_cross_entropy(hidden[0][0], head.weight, labels[keep], chunk,
+                                                 getattr(text, "final_logit_softcapping", None))
+    else:
+        if _takes_logits_to_keep(model):
+            inputs["logits_to_keep"] = keep
+        logits = model(**inputs, use_cache=False).logits[0]
+        if logits.shape[0] != len(keep):       # remote code that computes every position's logits
+            logits = logits[keep]
+        token_loss = F.cross_entropy(logits.float(), labels[keep], reduction="none")
+        total = token_loss.sum()
     if per_source is not None and pack.sources:
         # Target token t+1 belongs to the sample whose span holds t+1.
         owner = torch.repeat_interleave(torch.tensor(pack.sources, device=device),
                                         torch.tensor(pack.lengths, device=device))[1:][keep]
         per_source[:, 0].index_add_(0, owner, token_loss.detach().to(per_source.dtype))
         per_source[:, 1].index_add_(0, owner, torch.ones_like(owner, dtype=per_source.dtype))
-    return token_loss.sum()
+    return total
+
+
+def _chunkable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The vocabulary projection when it is a plain bias-free linear layer (not quantized, not wrapped)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head if type(head) is torch.nn.Linear and head.bias is None else None
+
+
+@contextlib.contextmanager
+def _head_inputs(head: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """While inside, `head` records its input and returns no logits (an empty last dimension)."""
+    seen: list[torch.Tensor] = []
+
+    def record(hidden: torch.Tensor) -> torch.Tensor:
+        seen.append(hidden)
+        return hidden[..., :0]
+
+    head.forward = record
+    try:
+        yield seen
+    finally:
+        del head.forward
 
 
 class Trainer:
@@ -310,7 +346,8 @@ class Trainer:
                 # rank holds the unsharded gradients (train.grad_reduce).
                 self.model.set_requires_gradient_sync(i == len(packs) - 1)
             with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.autocast):
-                loss = micro_batch_loss(self.model, self.adapter, pack, self.device, self.source_loss)
+                loss = micro_batch_loss(self.model, self.adapter, pack, self.device, self.source_loss,
+                                        self.cfg.train.loss_chunk)
             (loss / max(targets, 1.0)).backward()
             loss_sum += loss.detach().double()
         total_loss, bad = all_sum([loss_sum.item() if math.isfinite(loss_sum.item()) else 0.0,
@@ -380,7 +417,8 @@ class Trainer:
         total = targets = 0.0
         with torch.no_grad():
             for pack in EpochBatches(self.eval_loader, self.adapter, self.cfg.data.max_skip_fraction):
-                total += float(micro_batch_loss(self.model, self.adapter, pack, self.device))
+                total += float(micro_batch_loss(self.model, self.adapter, pack, self.device,
+                                                 chunk=self.cfg.train.loss_chunk))
                 targets += pack.targets
         self.model.train()
         total, targets = all_sum([total, targets], self.device)

@@ -31,7 +31,7 @@ def run(out: Path, tag: str, schedule: str, overrides: list[str], ranks: int) ->
 def overrides(tiny, shards: Path, run_dir: Path) -> list[str]:
     return [f"model.path={tiny('llava')}", f"data.shards={shards}", f"run.dir={run_dir}", "data.workers=0",
             "data.shuffle_buffer=6", "data.packing.buffer=4", "data.packing.max_tokens=1600",
-            "finetune.freeze_vision=false", "train.activation_checkpointing=full"]
+            "finetune.freeze_vision=false", "train.activation_checkpointing=full", "train.loss_chunk=16"]
 
 
 def assert_same(one: dict, other: dict) -> None:

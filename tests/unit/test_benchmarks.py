@@ -35,6 +35,7 @@ KEYS = {
     "video_decode": {"decord_all_frames_per_s", "pyav_all_frames_per_s", "decord_sampled_frames_per_s",
                      "pyav_sampled_frames_per_s", "bikes", "carphone_distorted"},
     "mixing": {"worst_ratio_to_iid", "mix_bar_1_25", "plan_10m", "plan_bar_5s_1gib"},
+    "memory": {"all_fit_80gb", "host_bar_1_15", "configs", "tokens"},
     "machine_after": {"load_avg_1_5_15"},
 }
 
@@ -61,6 +62,33 @@ def test_run_all_quick_prints_every_benchmark_as_json() -> None:
     assert 0 < resume["resume_load_checkpoint_s"] < resume["resume_to_first_step_s"]
     video = by["video_decode"]
     assert video["bikes"]["frames"] == 250 and all(video[k] > 0 for k in KEYS["video_decode"] if k.endswith("_per_s"))
+    check_memory_summary(by["memory"])
+
+
+def check_memory_summary(memory: dict) -> None:
+    """benchmarks/memory.py's summary: its bars, and figures a wrong count or dtype plan would miss."""
+    assert memory["all_fit_80gb"] and memory["host_bar_1_15"] and memory["tokens"] == 8192
+    rows = {(c["model"].split("/")[1], c["method"], c["shard_group"]): c for c in memory["configs"]}
+    gib = 2**30
+    # QLoRA 72B: every decoder layer's q, k, v, o, gate, up, down weight (80 layers) in NF4 on every rank.
+    qlora = rows["Qwen2.5-VL-72B-Instruct", "qlora", 8]
+    layer = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 29568
+    assert qlora["quantized_params"] == 80 * layer
+    assert qlora["per_rank_gib"]["params_4bit"] * gib == pytest.approx(80 * layer * 4.127 / 8, rel=0.01)
+    # 7B full: LLM + merger trained (~7.66B; the 0.63B vision tower frozen); DCP saves fp32 weights + Adam.
+    full = rows["Qwen2.5-VL-7B-Instruct", "full", 8]
+    assert 7.6e9 < full["trainable_params"] < 7.7e9
+    assert full["checkpoint_gib"] == pytest.approx(full["trainable_params"] * 12 / gib, abs=0.01)
+    # AdamW: two fp32 states a trained weight, over 8 ranks.
+    assert full["per_rank_gib"]["optimizer"] == pytest.approx(full["trainable_params"] / gib, rel=0.01)
+    assert full["bf16_checkpoint_gib"] < full["host_gib_per_node"] <= 1.15 * full["bf16_checkpoint_gib"]
+    # 32B on 16 GPUs: HSDP in groups of 8 holds twice the sharded state of full sharding.
+    fsdp, hsdp = rows["Qwen2.5-VL-32B-Instruct", "full", 16], rows["Qwen2.5-VL-32B-Instruct", "full", 8]
+    assert fsdp["fits_80gb"] and hsdp["per_rank_gib"]["optimizer"] == pytest.approx(
+        2 * fsdp["per_rank_gib"]["optimizer"], abs=0.02)
+    # LoRA 72B: the frozen bf16 base sharded over 8 ranks.
+    lora = rows["Qwen2.5-VL-72B-Instruct", "lora", 8]
+    assert lora["per_rank_gib"]["params_bf16"] == pytest.approx(lora["bf16_checkpoint_gib"] / 8, rel=0.02)
 
 
 def test_gpu_benchmark_without_a_gpu_exits_cleanly() -> None:

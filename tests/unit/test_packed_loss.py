@@ -140,8 +140,8 @@ def test_the_trainers_attention_gives_the_masked_sdpa_logits(tiny, family: str) 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_trainers_loss_computes_logits_only_for_targets(tiny, family: str) -> None:
     """trainer.loop.micro_batch_loss projects only the positions that predict a target onto the
-    vocabulary; its loss, per-source sums and gradients are those of the full logits, for a pack of
-    three samples and for a text-only pack (which carries the grey image)."""
+    vocabulary, 5 at a time (trainer/loss.py); its loss, per-source sums and gradients are those of
+    the full logits, for a pack of three samples and for a text-only pack (which carries the grey image)."""
     from trainer.loop import micro_batch_loss
 
     path = tiny(family)
@@ -156,8 +156,9 @@ def test_the_trainers_loss_computes_logits_only_for_targets(tiny, family: str) -
         pack = collate(adapter, group)
         per_source = torch.zeros(len(rendered), 2, dtype=torch.float64)
         model.zero_grad()
-        loss = micro_batch_loss(model, adapter, pack, torch.device("cpu"), per_source)
+        loss = micro_batch_loss(model, adapter, pack, torch.device("cpu"), per_source, chunk=5)
         loss.backward()
+        assert pack.targets > 5                    # several chunks
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         assert seen.pop() == pack.targets          # only the targets reach the vocabulary projection
 
@@ -173,9 +174,11 @@ def test_the_trainers_loss_computes_logits_only_for_targets(tiny, family: str) -
         for source in range(len(rendered)):
             mine = (owner == source) & (labels[: len(owner)] != -100)
             assert per_source[source, 1] == mine.sum()
-            assert abs(per_source[source, 0] - token_loss[: len(owner)][mine].sum().item()) <= 1e-5
+            expected = token_loss[: len(owner)][mine].sum().item()
+            assert abs(per_source[source, 0] - expected) <= 1e-6 * (abs(expected) + 1)
         for name, param in model.named_parameters():
-            if param.grad is not None:
+            # A key projection's bias cancels out of the softmax: its gradient is rounding noise.
+            if param.grad is not None and not name.endswith("k_proj.bias"):
                 # fp32 sums in another order: within 1e-6 of the parameter's largest gradient
                 scale = float(param.grad.abs().max())
                 assert torch.allclose(grads[name], param.grad, atol=1e-6 * scale, rtol=1e-5), \
@@ -185,7 +188,7 @@ def test_the_trainers_loss_computes_logits_only_for_targets(tiny, family: str) -
 
 def test_the_trainers_loss_works_for_models_without_logits_to_keep(tiny) -> None:
     """Remote code whose forward takes no `logits_to_keep` gets every position's logits; the loss
-    picks the targets' (the same loss)."""
+    picks the targets' (the same loss, which the chunked loss gives too)."""
     from transformers import LlavaForConditionalGeneration
 
     from trainer.loop import micro_batch_loss
@@ -200,8 +203,8 @@ def test_the_trainers_loss_works_for_models_without_logits_to_keep(tiny) -> None
     pack = collate(adapter, [render_sample(adapter, s, PHOTOS) for s in SAMPLES])
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     losses = []
-    for cls in (LlavaForConditionalGeneration, OldRemoteCode):
+    for cls, chunk in ((LlavaForConditionalGeneration, 0), (OldRemoteCode, 4), (LlavaForConditionalGeneration, 4)):
         model.__class__ = cls
         with torch.no_grad():
-            losses.append(micro_batch_loss(model.eval(), adapter, pack, torch.device("cpu")).item())
-    assert abs(losses[0] - losses[1]) <= 1e-6 * losses[0], losses
+            losses.append(micro_batch_loss(model.eval(), adapter, pack, torch.device("cpu"), chunk=chunk).item())
+    assert max(losses) - min(losses) <= 1e-6 * losses[0], losses
