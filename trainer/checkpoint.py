@@ -5,9 +5,11 @@ RNG states) goes into `rank<r>.pt` beside them, with the step, epoch and counter
 numbers, strings and containers only, read back with `torch.load(weights_only=True)` (nothing is
 unpickled). A checkpoint is written under `.step-<N>.tmp` and renamed once every rank has finished,
 so a directory named `step-<N>` is always complete; resuming picks the newest one automatically.
-DCP reshards model and optimizer for any number of ranks; a rank the checkpoint did not have takes
-rank 0's counters (its data position comes from trainer.data.pipeline.resume_generation, its RNG
-starts fresh).
+With `checkpoint.async_save` (AsyncSaver) training waits only while the state is copied to host
+memory; the files are written in the background, and a kill during that write leaves the previous
+checkpoint the newest. DCP reshards model and optimizer for any number of ranks; a rank the checkpoint
+did not have takes rank 0's counters (its data position comes from
+trainer.data.pipeline.resume_generation, its RNG starts fresh).
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ import logging
 import random
 import re
 import shutil
+import threading
+import time
+from concurrent.futures import Future
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,7 +31,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+if TYPE_CHECKING:
+    from trainer.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -78,31 +88,140 @@ def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     return model_sd, optim_sd
 
 
-def save(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-         extra: dict[str, Any], keep: int) -> Path:
-    """Write step-<step> (collective: every rank calls it)."""
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step-{step}"
-    tmp = root / f".step-{step}.tmp"
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    model_sd, optim_sd = _trainable_state(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save({**extra, "rng": rng_state()}, tmp / f"rank{rank}.pt")
-    _barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        old = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP.fullmatch(p.name)))
-        for _, p in old[:-keep]:
+class AsyncSaver:
+    """Writes checkpoints one at a time, in the background with `checkpoint.async_save`.
+
+    save() is collective and blocks only to copy the trained state to host memory (pinned on CUDA,
+    reused from one save to the next); DCP then writes it from a thread of its own, over a gloo
+    group of its own so that its collectives never interleave with the training thread's. DCP's
+    last step gathers every rank's write results on rank 0 before rank 0 writes `.metadata`: rank 0's
+    write finishing means every rank's has, so rank 0 renames `.step-<N>.tmp` to `step-<N>` and drops
+    the old ones right then, in that thread (file operations only, no collective). The next save()
+    and wait() first wait for the write in flight.
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int, background: bool = True) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep, self.background = keep, background
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self._group: dist.ProcessGroup | None = None
+        self._stager: DefaultStager | None = None
+        self._pending: _Write | None = None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any],
+             metrics: Metrics | None = None) -> None:
+        """Start writing step-<step> (collective: every rank calls it); logs the previous write's times."""
+        previous, start = self._pending, time.perf_counter()
+        self.wait(metrics)
+        waited = time.perf_counter() - start
+        if previous is not None and waited > 1.0 and self.rank == 0:
+            logger.warning("step %d: the checkpoint of step %d was still being written; training waited "
+                           "%.1f s for it (raise checkpoint.every)", step, previous.step, waited)
+        start = time.perf_counter()
+        tmp = self.root / f".step-{step}.tmp"
+        if self.rank == 0:
+            # Nothing is in flight now: any .tmp left is from a run killed while writing.
+            for stale in self.root.glob(".step-*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        model_sd, optim_sd = _trainable_state(model, optimizer)
+        torch.save({**extra, "rng": rng_state()}, tmp / f"rank{self.rank}.pt")
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.background:
+            if self._stager is None:
+                self._stager = _stager()
+                if dist.is_initialized():
+                    # new_group is collective: made here, where every rank is. A long timeout, as the
+                    # ranks wait in it for the slowest one's write.
+                    self._group = dist.new_group(backend="gloo", timeout=timedelta(hours=2))
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group,
+                                    async_stager=self._stager)
+            assert isinstance(future, Future), type(future)          # staging is synchronous
+        else:
+            future = Future()
+            future.set_result(dcp.save(state, checkpoint_id=str(tmp)))
+        self._pending = _Write(self, step, tmp, start, blocking_s=time.perf_counter() - start)
+        future.add_done_callback(self._pending.finish)
+
+    def wait(self, metrics: Metrics | None = None) -> Path | None:
+        """Wait for the write in flight; returns its `step-<N>` (on rank 0 renamed by then), or None
+        when there was none. Logs its times to `metrics` (ckpt/save_blocking_s, ckpt/save_total_s)."""
+        write, self._pending = self._pending, None
+        if write is None:
+            return None
+        write.done.wait()
+        if write.error is not None:
+            raise RuntimeError(f"writing checkpoint {write.tmp} failed; the newest complete one in "
+                               f"{self.root} is still usable") from write.error
+        if metrics is not None:
+            metrics.log(write.step, {"ckpt/save_blocking_s": write.blocking_s,
+                                     "ckpt/save_total_s": write.total_s})
+        return write.final
+
+    def wait_after_error(self, timeout_s: float = 600.0) -> None:
+        """On the way out after an error: let the write in flight finish, for at most `timeout_s`; never
+        raises. Its collectives are on the checkpoint group, which the other ranks' writing threads
+        serve even while their training threads are stuck in the failed step's collectives."""
+        write = self._pending
+        if write is None:
+            return
+        if write.done.wait(timeout_s) and write.error is None:
+            self._pending = None
+            if self.rank == 0:
+                logger.warning("checkpoint %s was written before leaving on the error", write.final)
+        else:
+            logger.warning("the checkpoint of step %d was not written (%s); the newest complete one in %s "
+                           "is still usable", write.step, write.error or "timed out", self.root)
+
+    def close(self) -> None:
+        """Free the staging memory (after wait())."""
+        assert self._pending is None, "close() with a checkpoint write in flight: wait() first"
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    def _finalize(self, write: _Write) -> None:
+        """Rank 0: name the finished checkpoint `step-<N>` and drop old ones beyond checkpoint.keep."""
+        if write.final.exists():
+            shutil.rmtree(write.final)
+        write.tmp.rename(write.final)
+        old = sorted((int(m.group(1)), p) for p in self.root.glob("step-*")
+                     if (m := _STEP.fullmatch(p.name)))
+        for _, p in old[:-self.keep]:
             shutil.rmtree(p, ignore_errors=True)
-        logger.info("saved checkpoint %s", final)
-    _barrier()
-    return final
+        logger.info("saved checkpoint %s in %.1f s (%.1f s blocking)", write.final, write.total_s,
+                    write.blocking_s)
+
+
+def _stager() -> DefaultStager:
+    # Staging in the calling thread (then training may change the weights), into host buffers kept
+    # for the next save: pinned on CUDA, where pinning anew each time would cost seconds a save.
+    cuda = torch.cuda.is_available()
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                        use_async_staging=False, use_non_blocking_copy=cuda))
+
+
+class _Write:
+    """One checkpoint write; finish() runs when this rank's DCP write is done (in DCP's thread)."""
+
+    def __init__(self, saver: AsyncSaver, step: int, tmp: Path, start: float, blocking_s: float) -> None:
+        self.saver, self.step, self.tmp, self.start, self.blocking_s = saver, step, tmp, start, blocking_s
+        self.final = tmp.parent / f"step-{step}"
+        self.total_s = 0.0
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def finish(self, future: Future) -> None:
+        try:
+            future.result()
+            self.total_s = time.perf_counter() - self.start
+            if self.saver.rank == 0:
+                self.saver._finalize(self)
+        except BaseException as e:          # raised in the training thread by wait()
+            self.error = e
+        finally:
+            self.done.set()
 
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

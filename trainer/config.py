@@ -197,6 +197,10 @@ class OptimConfig:
 class CheckpointConfig:
     every: int = 500                    # optimizer steps between checkpoints; 0 = only at the end
     keep: int = 2                       # newest checkpoints kept
+    # Training waits only while the state is copied to host memory (pinned on CUDA, kept between saves:
+    # about 12 bytes per trained parameter / ranks); the files are written in the background, and the
+    # next save or the end of the run waits for that write. false: every save blocks until written.
+    async_save: bool = True
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep < 1:
@@ -208,6 +212,11 @@ class RunConfig:
     dir: str = "runs/run"               # checkpoints/, tb/, hf/ and config.yaml go here
     export: bool = True                 # save_pretrained into run.dir/hf at the end
     merge_lora: bool = False            # with LoRA: also write a merged full model to run.dir/hf/merged
+    export_shard_gib: float = 5.0       # largest safetensors file of the export (a bigger single tensor gets its own)
+
+    def __post_init__(self) -> None:
+        if self.export_shard_gib <= 0:
+            raise ValueError(f"run.export_shard_gib must be > 0, got {self.export_shard_gib}")
 
 
 @dataclass(kw_only=True)

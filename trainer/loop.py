@@ -156,6 +156,7 @@ class Trainer:
         self.resumed_skips: dict[str, int] = {}
         self.resumed_consumed = 0
         self.eval_loss: float | None = None
+        self.saver: checkpoint.AsyncSaver | None = None     # made by the first save()
         self.stop_requested = False     # set by SIGUSR2 or SIGTERM: preemption or the time limit is near
 
     # --- set-up ----------------------------------------------------------------------------
@@ -211,8 +212,13 @@ class Trainer:
                        before.index, ds.generation.index)
 
     def save(self) -> None:
+        """Checkpoint this step (collective). With checkpoint.async_save it is written in the background:
+        the next save, or the end of fit(), waits for it."""
+        if self.saver is None:
+            ckpt = self.cfg.checkpoint
+            self.saver = checkpoint.AsyncSaver(self.run_dir, ckpt.keep, background=ckpt.async_save)
         ds = self.loader.dataset
-        checkpoint.save(self.run_dir, self.state["step"], self.model, self.optimizer,
+        self.saver.save(self.state["step"], self.model, self.optimizer,
                         {"state": dict(self.state), "data": self.loader.state_dict(), "total_steps": self.total_steps,
                          "data_generation": ds.generation.to_state(), "data_world": self.world,
                          "data_workers": self.cfg.data.workers,
@@ -300,12 +306,18 @@ class Trainer:
         bar.close()
         if not (cfg.checkpoint.every and self.state["step"] % cfg.checkpoint.every == 0):
             self.save()
+        if self.saver is not None:
+            # The last checkpoint is complete and named step-N before the export reads the weights and
+            # before a preempted run exits for its requeue.
+            self.saver.wait(self.metrics)
+            self.saver.close()
         if preempted:
             self._request_requeue()
         elif cfg.run.export:
             from trainer.export import export
 
-            export(self.model, self.adapter, cfg, self.run_dir / "hf", merge=cfg.run.merge_lora)
+            export(self.model, self.adapter, cfg, self.run_dir / "hf", merge=cfg.run.merge_lora,
+                   max_shard_gib=cfg.run.export_shard_gib)
         self.metrics.close()
         sources = self.loader.dataset.manifest.sources
         return {"steps": self.state["step"], "epochs": self.state["epoch"], "resumed": resumed,
@@ -435,7 +447,13 @@ def train(cfg: Config, order_out: Path | None = None) -> dict[str, Any]:
     from trainer.dist import init_distributed
 
     rank, world = init_distributed(cfg.train.dist_timeout_s)
-    result = Trainer(cfg, rank, world, order_out).fit()
+    trainer = Trainer(cfg, rank, world, order_out)
+    try:
+        result = trainer.fit()
+    except Exception:
+        if trainer.saver is not None:           # a checkpoint staged before the error is still written
+            trainer.saver.wait_after_error()
+        raise
     if rank == 0:
         logger.info("done: %s", json.dumps({k: v for k, v in result.items() if k != "losses"}))
     return result

@@ -1,6 +1,7 @@
 """All metrics go through here to tensorboard (rank 0 writes), tags grouped by prefix:
 train/loss, train/lr/<group>, train/grad_norm, perf/tokens_per_s, perf/samples_per_s, perf/mfu,
-data/packing_efficiency, data/wait_fraction, data/skipped/<reason>, mem/peak_gib, eval/loss."""
+data/packing_efficiency, data/wait_fraction, data/skipped/<reason>, mem/peak_gib, eval/loss,
+ckpt/save_blocking_s (training waited), ckpt/save_total_s (until written, at the checkpoint's step)."""
 
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ def test_full_finetuning_overfits_and_exports(tiny, overfit_shards: Path, tmp_pa
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr/llm", "train/lr/projector", "train/grad_norm", "perf/tokens_per_s",
-            "data/packing_efficiency", "eval/loss", "train/loss_by_source/overfit", "mem/peak_gib"} <= tags
+            "data/packing_efficiency", "eval/loss", "train/loss_by_source/overfit", "mem/peak_gib",
+            "ckpt/save_blocking_s", "ckpt/save_total_s"} <= tags
     assert 0.1 < events.Scalars("mem/peak_gib")[-1].value < 16          # peak RSS on CPU: a tiny model
     curve = [e.value for e in events.Scalars("train/loss")]
     assert len(curve) == 30 and curve[-1] < curve[0] / 10
@@ -264,5 +265,7 @@ def test_sigterm_checkpoints_and_exits_for_requeue(tiny, overfit_shards: Path, t
     assert "SIGTERM received: checkpointing after this step" in stderr
     step = int(marker.read_text())
     assert 2 <= step < 500 and (run / "checkpoints" / f"step-{step}").is_dir()
+    # The final checkpoint's background write finished, and it was named, before the ranks exited.
+    assert f"saved checkpoint {run / 'checkpoints' / f'step-{step}'} in " in stderr
     resumed = train(command(tiny, overfit_shards, run, *extra[1:], f"train.steps={step + 2}", ranks=2))
     assert resumed["resumed"] and resumed["steps"] == step + 2 and not resumed["preempted"]
