@@ -158,3 +158,19 @@ def test_trained_weights_are_fp32_and_frozen_ones_stay_as_stored(tiny_bf16: Path
         # Every weight (trained ones upcast) is the checkpoint's, on every rank: the broadcast filled the shards.
         compared = [p["equal"] for p in params.values() if p["equal"] is not None]
         assert len(compared) > len(params) // 3 and all(compared)
+
+
+def test_ranks_wait_for_rank0_on_the_store_not_in_a_collective(tmp_path: Path) -> None:
+    """Rank 0 works alone for longer than the process group's 2 s collective timeout; the other rank
+    waits on the rendezvous store under train.dist_timeout_s: a 1 s limit fails with a message naming
+    the key, a 30 s one waits it out."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           str(REPO / "tests" / "distributed" / "wait_rank.py"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    waiting = json.loads((tmp_path / "wait-rank1.json").read_text())
+    message, waited = waiting["1"]
+    assert "train.dist_timeout_s=1" in message and 0.9 < waited < 2.5
+    assert waiting["30"][0] == "ok" and waiting["30"][1] >= 4.5        # the rest of rank 0's 6 s
+    assert json.loads((tmp_path / "wait-rank0.json").read_text())["30"][0] == "ok"
