@@ -44,9 +44,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import FinetuneConfig, LoraConfig  # noqa: E402
-from trainer.models.adapter import ModelAdapter, get_adapter  # noqa: E402
-from trainer.parallel import transformer_blocks  # noqa: E402
+from trainer.config import FinetuneConfig, LoraConfig
+from trainer.models.adapter import ModelAdapter, get_adapter
+from trainer.parallel import transformer_blocks
 
 GIB = 2**30
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)   # codes + uint8 absmax per 64 weights + fp32 absmax per 256 blocks

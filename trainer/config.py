@@ -97,8 +97,8 @@ class TrainConfig:
     # HSDP: shard parameters, gradients and optimizer state within groups of this many ranks (e.g. a
     # node's 8 GPUs) and replicate across groups; 0 = shard over all ranks (FSDP).
     shard_group: int = 0
-    loss_chunk: int = 1024              # target positions per cross-entropy chunk (bounds logits memory); 0 = all
-    dist_timeout_s: int = 1800          # collective timeout, and how long ranks wait for rank 0 to load or export
+    loss_chunk: int = 1024              # target positions per cross-entropy chunk (bounds memory); 0 = all
+    dist_timeout_s: int = 1800          # collective timeout; how long ranks wait for rank 0's load or export
     activation_checkpointing: Literal["none", "full", "selective"] = "full"
     compile: bool = False               # torch.compile each layer (GPU only)
     nonfinite: Literal["skip", "abort"] = "skip"     # a NaN/inf loss on any rank: skip the step everywhere, or stop
@@ -117,8 +117,8 @@ class TrainConfig:
         if self.log_every < 1 or self.eval_every < 0:
             raise ValueError("train.log_every must be >= 1 and train.eval_every >= 0")
         if self.shard_group < 0 or self.loss_chunk < 0 or self.dist_timeout_s < 1:
-            raise ValueError(f"train.shard_group and train.loss_chunk must be >= 0 and train.dist_timeout_s >= 1, "
-                             f"got {self.shard_group}, {self.loss_chunk}, {self.dist_timeout_s}")
+            raise ValueError(f"train.shard_group and train.loss_chunk must be >= 0 and train.dist_timeout_s "
+                             f">= 1, got {self.shard_group}, {self.loss_chunk}, {self.dist_timeout_s}")
 
 
 @dataclass(kw_only=True)
@@ -212,7 +212,7 @@ class RunConfig:
     dir: str = "runs/run"               # checkpoints/, tb/, hf/ and config.yaml go here
     export: bool = True                 # save_pretrained into run.dir/hf at the end
     merge_lora: bool = False            # with LoRA: also write a merged full model to run.dir/hf/merged
-    export_shard_gib: float = 5.0       # largest safetensors file of the export (a bigger single tensor gets its own)
+    export_shard_gib: float = 5.0       # largest safetensors file of the export (bigger tensors get their own)
 
     def __post_init__(self) -> None:
         if self.export_shard_gib <= 0:

@@ -48,12 +48,13 @@ def export(model: nn.Module, adapter: ModelAdapter, cfg: Config, out: Path, merg
            max_shard_gib: float = MAX_SHARD_GIB) -> Path | None:
     """Write the model (collective: every rank calls it); returns `out` on rank 0."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    state = get_model_state_dict(model)        # this rank's shards, keyed like the plain model: nothing gathered
+    state = get_model_state_dict(model)        # this rank's shards under the plain model's keys: no gather
     with written(out, adapter, rank) as tmp:
         if cfg.finetune.method == "full":
             write_full(state, adapter, tmp, rank, max_shard_gib)
         else:
-            trained = {k: gather(v, checkpoint_dtype(adapter), rank) for k, v in state.items() if trained_key(k)}
+            dtype = checkpoint_dtype(adapter)
+            trained = {k: gather(v, dtype, rank) for k, v in state.items() if trained_key(k)}
             if rank == 0:
                 write_lora(trained, adapter, cfg, tmp, merge)
     wait_for_rank0("writing the export", cfg.train.dist_timeout_s)
@@ -129,7 +130,8 @@ def write_full(state: dict[str, torch.Tensor], adapter: ModelAdapter, out: Path,
                                                    filename_pattern="model{suffix}.safetensors",
                                                    max_shard_size=int(max_shard_gib * 2**30))
         by_saved = {saved: key for key, saved in names.items()}
-        files = [(file, [(by_saved[s], s) for s in saved]) for file, saved in split.filename_to_tensors.items()]
+        files = [(file, [(by_saved[s], s) for s in saved])
+                 for file, saved in split.filename_to_tensors.items()]
         plan = [(files, split.is_sharded, split.metadata)]
         model.config.save_pretrained(out)
         if model.can_generate() and model.generation_config is not None:
@@ -148,11 +150,13 @@ def write_full(state: dict[str, torch.Tensor], adapter: ModelAdapter, out: Path,
             save_file({k: t.contiguous() for k, t in tensors.items()}, out / file, metadata={"format": "pt"})
         del tensors
     if rank == 0 and sharded:
-        index = {"metadata": metadata, "weight_map": {saved: file for file, keys in files for _, saved in keys}}
+        weight_map = {saved: file for file, keys in files for _, saved in keys}
+        index = {"metadata": metadata, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def write_lora(trained: dict[str, torch.Tensor], adapter: ModelAdapter, cfg: Config, out: Path, merge: bool) -> None:
+def write_lora(trained: dict[str, torch.Tensor], adapter: ModelAdapter, cfg: Config, out: Path,
+               merge: bool) -> None:
     """The adapter (and peft's copy of a trained projector) through peft's own writer; with `merge`,
     also the base with the adapters merged in, in out/merged."""
     from trainer.lora import apply_lora, lora_config
@@ -178,7 +182,8 @@ def load_trained(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    trained = {n: torch.empty(p.shape, dtype=torch.float32) for n, p in model.named_parameters() if p.requires_grad}
+    trained = {n: torch.empty(p.shape, dtype=torch.float32)
+               for n, p in model.named_parameters() if p.requires_grad}
     state = {"model": trained}
     dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True),
              no_dist=True)

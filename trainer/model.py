@@ -148,7 +148,8 @@ def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Bu
             start = time.perf_counter()
             loaded, _ = _prepare(load_pretrained(adapter, cfg, torch.device("cpu"), dtype), adapter, cfg)
             full = loaded.state_dict()
-            buffers = {name: buf for name, buf in loaded.named_buffers() if name in _non_persistent_buffers(loaded)}
+            transient = set(_non_persistent_buffers(loaded))
+            buffers = {name: buf for name, buf in loaded.named_buffers() if name in transient}
             del loaded
             logger.info("rank 0 loaded %s in %.0f s (%.1f GiB in host memory)", adapter.path,
                         time.perf_counter() - start, sum(t.nbytes for t in full.values()) / 2**30)
@@ -173,7 +174,8 @@ def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Bu
     _sum_gradients(model)
     if not quantized:
         model.to_empty(device=device)
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        set_model_state_dict(model, full,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         for name in names:                    # not in the state dict: rank 0's are the truth
             buf = _get_buffer(model, name)
             if rank == 0:

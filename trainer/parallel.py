@@ -47,8 +47,9 @@ def apply_compile(model: nn.Module) -> None:
         parent[i] = torch.compile(parent[i], fullgraph=False)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype = torch.float32,
-               ignored: set[nn.Parameter] = frozenset(), root_block: Callable[[str], bool] | None = None) -> None:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype,
+               reduce_dtype: torch.dtype = torch.float32, ignored: set[nn.Parameter] = frozenset(),
+               root_block: Callable[[str], bool] | None = None) -> None:
     """fully_shard every block, then the root: computing in `param_dtype`, reducing gradients in
     `reduce_dtype`. A 2-D mesh (replicate, shard) is HSDP. Blocks of a list for which
     `root_block(name)` holds stay in the root unit (adapter.fsdp_root_block)."""

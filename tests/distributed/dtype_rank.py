@@ -50,7 +50,8 @@ def main() -> None:
     loss = trainer.step(packs, wait=0.0)
     states = sorted({str(v.dtype).removeprefix("torch.") for s in trainer.optimizer.state.values()
                      for v in s.values() if torch.is_tensor(v) and v.dim() > 0})
-    after = sorted({str(p.dtype).removeprefix("torch.") for p in trainer.model.parameters() if p.requires_grad})
+    after = sorted({str(p.dtype).removeprefix("torch.") for p in trainer.model.parameters()
+                    if p.requires_grad})
     result = {"stored": str(stored), "params": params, "loss": loss, "optimizer_states": states,
               "trainable_after_step": after}
     (out / f"{tag}-rank{rank}.json").write_text(json.dumps(result))

@@ -1,5 +1,6 @@
 """The loss normalisation and FSDP2 oracles on real gloo ranks (fp32, CPU): one process with 4
-micro-batches == 2 FSDP2 ranks with 2 each == 2 HSDP ranks (2 x 1 mesh) == 4 ranks with 1 each (opt-in: 4 processes) on the loss
+micro-batches == 2 FSDP2 ranks with 2 each == 2 HSDP ranks (2 x 1 mesh) == 4 ranks with 1 each
+(opt-in: 4 processes) on the loss
 and every gradient (relative 1e-6); text-only packs on one rank beside image packs on the other
 never hang; an error on one rank ends the job promptly; gradients stay sharded between micro-batches;
 the dtype plan (fp32 trained weights, frozen ones as stored)."""
@@ -45,7 +46,8 @@ def assert_same(one: dict, other: dict) -> None:
         assert err <= 1e-6, (name, float(err))
 
 
-def test_accumulation_fsdp_and_hsdp_give_the_same_gradients(tiny, stream_shards: Path, tmp_path: Path) -> None:
+def test_accumulation_fsdp_and_hsdp_give_the_same_gradients(tiny, stream_shards: Path,
+                                                             tmp_path: Path) -> None:
     args = overrides(tiny, stream_shards, tmp_path / "run")
     one = run(tmp_path, "one", "0,1,2,3", args, ranks=1)
     assert_same(one, run(tmp_path, "two", "0,1|2,3", args, ranks=2))
@@ -127,8 +129,8 @@ def test_trained_weights_are_fp32_and_frozen_ones_stay_as_stored(tiny_bf16: Path
     """The dtype plan on 2 FSDP2 ranks from a bf16 checkpoint: trained parameters (and their AdamW
     state) are fp32, frozen ones bf16 (QLoRA's base: 4-bit), every weight equals the checkpoint's."""
     args = [f"model.path={tiny_bf16}", f"data.shards={stream_shards}", f"run.dir={tmp_path / 'run'}",
-            "data.workers=0", "data.shuffle_buffer=6", "data.packing.buffer=4", "data.packing.max_tokens=1600",
-            f"finetune.method={method}", "train.log_every=1000"]
+            "data.workers=0", "data.shuffle_buffer=6", "data.packing.buffer=4",
+            "data.packing.max_tokens=1600", f"finetune.method={method}", "train.log_every=1000"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            str(REPO / "tests" / "distributed" / "dtype_rank.py"), str(tmp_path), method, *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -155,7 +157,8 @@ def test_trained_weights_are_fp32_and_frozen_ones_stay_as_stored(tiny_bf16: Path
             assert all("vision_tower" in n for n in frozen) and any("language_model" in n for n in trained)
         else:
             assert all("lora_" in n or "modules_to_save" in n for n in trained)
-        # Every weight (trained ones upcast) is the checkpoint's, on every rank: the broadcast filled the shards.
+        # Every weight (trained ones upcast) is the checkpoint's, on every rank: the broadcast filled
+        # the shards.
         compared = [p["equal"] for p in params.values() if p["equal"] is not None]
         assert len(compared) > len(params) // 3 and all(compared)
 

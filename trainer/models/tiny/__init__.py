@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.models.tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), help="model family to build")
     parser.add_argument("--out", type=Path, help="directory to write the checkpoint to")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights stored in")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the dtype the weights are stored in")
     parser.add_argument("--list", action="store_true", help="print the families and exit")
     args = parser.parse_args(argv)
     if args.list:
