@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from trainer.config import Config
 from trainer.dist import wait_for_rank0
@@ -161,7 +162,6 @@ def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Bu
     logger.info("trainable parameters: %s", {k: f"{v:,}" for k, v in counts.items()})
     # Without FSDP's mixed-precision policy nothing casts bf16 frozen weights for fp32 compute.
     set_dtypes(model, frozen_dtype=torch.float32 if mesh is None and dtype == torch.float32 else None)
-    names = _non_persistent_buffers(model)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if cfg.train.compile and device.type == "cuda":
         apply_compile(model)
@@ -174,15 +174,42 @@ def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Bu
     _sum_gradients(model)
     if not quantized:
         model.to_empty(device=device)
-        set_model_state_dict(model, full,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        for name in names:                    # not in the state dict: rank 0's are the truth
-            buf = _get_buffer(model, name)
-            if rank == 0:
-                buf.copy_(buffers[name])
-            dist.broadcast(buf.data, src=0)
+        broadcast_weights(model, {**full, **buffers}, rank, device)   # non-persistent buffers too
         del full, buffers
     return Built(model=model, mesh=mesh, device=device, compute_dtype=dtype)
+
+
+def broadcast_weights(model: nn.Module, full: dict[str, torch.Tensor], rank: int, device: torch.device) -> None:
+    """Rank 0's full tensors (`full`, emptied as it goes) into every rank's shards, one tensor at a
+    time: staged through one pinned buffer on CUDA, cast on the device to the parameter's dtype
+    (fp32 masters from a bf16 checkpoint), broadcast, and each rank keeps its slice."""
+    targets = [(_plain(n), t) for n, t in [*model.named_parameters(), *model.named_buffers()]]
+    missing = [[n for n, _ in targets if n not in full] if rank == 0 else None]
+    dist.broadcast_object_list(missing, src=0)
+    if missing[0]:
+        raise RuntimeError(f"the checkpoint lacks {len(missing[0])} weights of the model: {missing[0][:5]}")
+    staging = None
+    if rank == 0 and device.type == "cuda":
+        staging = torch.empty(max(t.nbytes for t in full.values()), dtype=torch.uint8, pin_memory=True)
+    for name, target in targets:
+        if rank == 0:
+            source = full.pop(name)
+            if staging is not None:
+                source = staging[:source.nbytes].view(source.dtype).view(source.shape).copy_(source)
+            tensor = source.to(device, non_blocking=True)
+            if staging is not None:
+                torch.cuda.current_stream().synchronize()      # the staging buffer is free again
+            tensor = tensor.to(target.dtype)
+        else:
+            tensor = torch.empty(target.shape, dtype=target.dtype, device=device)
+        dist.broadcast(tensor, src=0)
+        if isinstance(target, DTensor):
+            shape, offset = compute_local_shape_and_global_offset(tensor.shape, target.device_mesh,
+                                                                  target.placements)
+            tensor = tensor[tuple(slice(o, o + n) for n, o in zip(shape, offset))]
+            target = target.to_local()
+        with torch.no_grad():
+            target.copy_(tensor)
 
 
 def _sum_gradients(model: nn.Module) -> None:
@@ -204,11 +231,9 @@ def _non_persistent_buffers(model: nn.Module) -> list[str]:
     return names
 
 
-def _get_buffer(model: nn.Module, name: str) -> torch.Tensor:
-    # The name was taken before wrapping: look through checkpoint wrappers and compiled modules.
-    by_plain = {n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): b
-                for n, b in model.named_buffers()}
-    return by_plain[name]
+def _plain(name: str) -> str:
+    """A name as the unwrapped model's state dict has it: without checkpoint wrappers and torch.compile."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def _is_quantized(p: nn.Parameter) -> bool:
