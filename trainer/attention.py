@@ -1,65 +1,182 @@
-"""Attention for packed sequences without flash-attn: each packed sample attends within itself,
-computed sample by sample instead of as one masked product over the whole row.
+"""Attention for packed sequences: each packed sample attends within itself, from sample boundaries
+found once per pack.
 
-Given restarting position ids, transformers' SDPA path builds a block-diagonal mask and still
-computes every pair of the packed row: for an 8192-token pack of ~600-token samples, 13 times
-the pairs that matter, and on a small model most of the step (benchmarks/train.py measured packing
-at 0.18x the useful tokens/s of padded batches that way, 1.8x with attention per sample).
-flash_attention_2 has varlen kernels for this; where it is not installed the trainer registers
-"mmloom_packed" with transformers' AttentionInterface: causal self-attention cut at the position
-restarts, one SDPA call per sample. Everything else goes to SDPA unchanged: vision towers (no
-position ids), cross-attention (keys of another length), bidirectional or explicit masks.
+Collate (trainer/data/packing.py) writes a pack's boundaries into the model inputs as transformers'
+packed-sequence kwargs, `cu_seq_lens_q/k` (int32 [samples + 1]) and `max_length_q/k` (an int), plus
+`mmloom_segments` (the lengths as Python ints). They reach every attention layer of the language
+model, so no layer reads tensor data back to the host. Backends, for the language model only (vision
+towers keep SDPA: several families pass the kwargs on to their vision tower, whose sequences are
+not the pack's, and Qwen's vision attention sets its own `cu_seqlens`):
 
-No mask is built for this implementation (transformers builds none for names it has no mask
-function for), so it only serves models whose causal self-attention needs no mask beyond the
-sample boundaries: no sliding windows (see `usable`).
+- "flash_attention_2": CUDA with flash-attn installed, for families whose model class supports it;
+  transformers' own varlen path takes the kwargs and skips its per-layer packing check.
+- "mmloom_varlen": CUDA otherwise: torch's `varlen_attn` (flash-attention kernels shipped with
+  torch, no flash-attn build), causal, sliding windows, GQA.
+- "mmloom_packed": CPU: one SDPA call per sample, causal, with a banded mask for a sliding window.
+- "sdpa" over the dense mask the family builds: Gemma 3 (bidirectional image blocks), PaliGemma
+  (prefix-LM), and models whose layers are not plain or sliding-window attention.
+
+A layer that is not causal self-attention over the packed row (mllama's cross-attention, an explicit
+mask, several rows) goes to SDPA unchanged. A sliding window at least as long as a sample does not
+cut it, so Phi-4-multimodal's 262,144-token window is no window.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib.util
+import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-NAME = "mmloom_packed"
+logger = logging.getLogger(__name__)
+
+PACKED = "mmloom_packed"
+VARLEN = "mmloom_varlen"
+LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
+def _sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from trainer.data.packing import PACKED_KWARGS
+
+    for name in PACKED_KWARGS:
+        kwargs.pop(name, None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _packed_row(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Any,
+                is_causal: bool | None, kwargs: dict) -> bool:
+    """Whether this call is causal self-attention over one packed row with its boundaries given."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return (kwargs.get("cu_seq_lens_q") is not None and attention_mask is None and causal and query.shape[0] == 1
+            and key.shape[2] == query.shape[2] and not kwargs.get("softcap"))
+
+
+@torch.compiler.disable    # a Python loop over the pack's samples: compiled, it would recompile per make-up
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    position_ids = kwargs.get("position_ids")
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    length = query.shape[2]
-    if (position_ids is None or attention_mask is not None or not causal or query.shape[0] != 1
-            or key.shape[2] != length or position_ids.shape[-1] != length):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    positions = position_ids.reshape(-1, length)[0]
-    # A sample starts wherever the position does not follow the one before (as transformers'
-    # find_packed_sequence_indices reads packed rows).
-    starts = torch.nonzero(positions[1:] != positions[:-1] + 1).flatten().add(1).tolist()
-    bounds = [0, *starts, length]
-    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    """Per-sample SDPA over [1, heads, tokens, dim] (the CPU backend)."""
+    if not _packed_row(module, query, key, attention_mask, is_causal, kwargs):
+        return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                     is_causal=is_causal, **kwargs)
+    # The lengths as Python ints from collate; a compiled block is not handed them (trainer/parallel.py:
+    # Dynamo would recompile for every make-up), so they come from the CPU tensor of boundaries.
+    sizes = kwargs.get("mmloom_segments") or kwargs["cu_seq_lens_q"].diff().tolist()
+    window = kwargs.get("sliding_window")
+    outputs = []
     # split, not slicing: a slice's backward writes its gradient into a zeroed tensor of the
     # whole row, once per sample; split's backward is one concatenation.
-    outputs = [sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
-               for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))]
+    for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2)):
+        n = q.shape[2]
+        mask = None
+        if window and window < n:            # token i sees j when 0 <= i - j < window
+            offset = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+            mask = ((offset >= 0) & (offset < window)).to(q.device)
+        outputs.append(_sdpa(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=mask is None)[0])
     return torch.cat(outputs, dim=1), None
 
 
-def register() -> str:
+def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """torch's varlen flash kernel over the packed row (the CUDA backend without flash-attn)."""
+    if not _packed_row(module, query, key, attention_mask, is_causal, kwargs) or (dropout and module.training):
+        return packed_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                is_causal=is_causal, **kwargs)
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    window = kwargs.get("sliding_window")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))          # [tokens, heads, dim]
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, enable_gqa=q.shape[1] != k.shape[1],
+                      window_size=(window - 1 if window and window < longest else -1, 0))
+    return out[None], None                                                  # [1, tokens, heads, dim]
+
+
+def register() -> None:
     from transformers import AttentionInterface
 
-    AttentionInterface.register(NAME, packed_attention)
-    return NAME
+    AttentionInterface.register(PACKED, packed_attention)
+    AttentionInterface.register(VARLEN, varlen_attention)
 
 
-def usable(config: Any) -> bool:
-    """Whether the model's causal self-attention is plain (no sliding window), so sample boundaries
-    are the only mask it needs."""
+def plain_layers(config: Any) -> bool:
+    """Whether the language model's layers are all full or sliding-window attention (no linear
+    attention, no soft-capping), so sample boundaries and a window are all the mask they need."""
     text = config.get_text_config()
-    if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or []):
+    if getattr(text, "attn_logit_softcapping", None):
         return False
-    return not getattr(text, "sliding_window", None) or getattr(text, "use_sliding_window", True) is False
+    return all(kind in LAYER_TYPES for kind in getattr(text, "layer_types", None) or ["full_attention"])
+
+
+def choose(config: Any, model_class: type | None, device: torch.device) -> str:
+    """The language model's backend on `device` (see the module docstring)."""
+    if not plain_layers(config):
+        return "sdpa"
+    register()
+    if device.type != "cuda":
+        return PACKED
+    if importlib.util.find_spec("flash_attn") is not None:
+        if getattr(model_class, "_supports_flash_attn", False):
+            return "flash_attention_2"
+        log_once(f"{getattr(model_class, '__name__', model_class)} does not support flash_attention_2: "
+                 f"attention goes through torch's varlen kernel instead")
+    return VARLEN
+
+
+def per_module(config: Any, backend: str) -> str | dict[str, str]:
+    """transformers' attn_implementation: `backend` for the language model's config, SDPA for the
+    other sub-configs (vision, audio)."""
+    if backend == "sdpa":
+        return backend
+    subs = list(getattr(config, "sub_configs", {}) or {})
+    text = config.get_text_config()
+    key = next((k for k in subs if getattr(config, k, None) is text), "")
+    impl = {k: "sdpa" for k in subs} | {key: backend}
+    impl.setdefault("", "sdpa" if key else backend)
+    return impl
+
+
+@functools.cache
+def log_once(message: str) -> None:
+    logger.info(message)
+
+
+@contextlib.contextmanager
+def count_host_reads(layers: Iterable[torch.nn.Module]) -> Iterator[list[str]]:
+    """Inside, the returned list gets the name of every read of tensor data back to the host (`.item()`,
+    `.tolist()`, `nonzero`, a tensor's truth value or int) made while one of `layers` runs its forward."""
+    reads: list[str] = []
+    depth = [0]
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if depth[0] and func in HOST_READS:
+                reads.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    def enter(*_: Any) -> None:
+        depth[0] += 1
+
+    def leave(*_: Any) -> None:
+        depth[0] -= 1
+
+    handles = [h for layer in layers for h in (layer.register_forward_pre_hook(enter),
+                                                layer.register_forward_hook(leave))]
+    try:
+        with Watch():
+            yield reads
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.nonzero, torch.Tensor.nonzero, torch.Tensor.__bool__,
+              torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__float__}

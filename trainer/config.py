@@ -100,9 +100,12 @@ class TrainConfig:
     loss_chunk: int = 1024              # target positions per cross-entropy chunk (bounds memory); 0 = all
     dist_timeout_s: int = 1800          # collective timeout; how long ranks wait for rank 0's load or export
     activation_checkpointing: Literal["none", "full", "selective"] = "full"
-    compile: bool = False               # torch.compile each layer (GPU only)
+    compile: bool = False               # torch.compile each block, inside activation checkpointing
     nonfinite: Literal["skip", "abort"] = "skip"     # a NaN/inf loss on any rank: skip the step everywhere, or stop
     log_every: int = 1
+    # The device's dense bf16 peak in TFLOP/s, for perf/mfu; 0 = the table of known GPUs in
+    # trainer/flops.py (without a figure, only perf/model_tflops_per_s is logged).
+    peak_tflops: float = 0.0
     eval_every: int = 0                 # steps between eval-loss passes over data.eval_shards; 0 = never
 
     def __post_init__(self) -> None:
@@ -116,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
         if self.log_every < 1 or self.eval_every < 0:
             raise ValueError("train.log_every must be >= 1 and train.eval_every >= 0")
+        if self.peak_tflops < 0:
+            raise ValueError(f"train.peak_tflops must be >= 0 (0 = from the device name), got {self.peak_tflops}")
         if self.shard_group < 0 or self.loss_chunk < 0 or self.dist_timeout_s < 1:
             raise ValueError(f"train.shard_group and train.loss_chunk must be >= 0 and train.dist_timeout_s "
                              f">= 1, got {self.shard_group}, {self.loss_chunk}, {self.dist_timeout_s}")

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_tools.plan import Generation
-from trainer import checkpoint
+from trainer import checkpoint, flops
 from trainer.config import Config, dump_config
-from trainer.data.packing import Pack
+from trainer.data.packing import PACKED_KWARGS, Pack
 from trainer.data.pipeline import PREEMPTION, EpochBatches, build_loader, resume_generation
 from trainer.data.render import IGNORE
 from trainer.loss import linear_cross_entropy
@@ -55,13 +55,17 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 
 @functools.cache
 def _forward_parameters(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.forward).parameters)
+    """The names forward() takes; "**" when it takes any keyword."""
+    params = inspect.signature(cls.forward).parameters.values()
+    return frozenset("**" if p.kind is inspect.Parameter.VAR_KEYWORD else p.name for p in params)
 
 
-def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
-    """transformers' models take `logits_to_keep`; remote code may not (peft wrappers pass it on)."""
+def _takes(model: torch.nn.Module, name: str) -> bool:
+    """Whether the model's forward takes `name`: transformers' models take `logits_to_keep` and the
+    packed-sequence kwargs; remote code may not (peft wrappers pass them on)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in _forward_parameters(type(base))
+    params = _forward_parameters(type(base))
+    return name in params or (name != "logits_to_keep" and "**" in params)
 
 
 def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, device: torch.device,
@@ -70,14 +74,15 @@ def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, 
     (trainer/loss.py; 0 = all at once). With `per_source` ([sources, 2]), adds each source's summed
     loss and target count into it."""
     # A value may be a dict of tensors: Gemma 3's ready-made attention masks, one per layer type.
-    inputs = {k: {n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device)
-              for k, v in pack.inputs.items()}
+    inputs = {k: {n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else
+              v.to(device) if isinstance(v, torch.Tensor) else v
+              for k, v in pack.inputs.items() if k not in PACKED_KWARGS or _takes(model, k)}
     # Position t predicts token t+1: logits only where that token is a target. Most of a multimodal
     # pack is image tokens and prompts, and the rest would cost a [tokens, vocab] matmul and fp32
     # logits (5 GiB for 8192 tokens of a 152k vocabulary) for nothing.
     labels = inputs.pop("labels")[0, 1:]
     keep = torch.nonzero(pack.inputs["labels"][0, 1:] != IGNORE).flatten().to(device)   # found on the host
-    head = _chunkable_head(model) if chunk and _takes_logits_to_keep(model) else None
+    head = _chunkable_head(model) if chunk and _takes(model, "logits_to_keep") else None
     if head is not None:
         inputs["logits_to_keep"] = keep
         with _head_inputs(head) as hidden:        # the model stops short of the projection
@@ -86,7 +91,7 @@ def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, 
         total, token_loss = linear_cross_entropy(hidden[0][0], head.weight, labels[keep], chunk,
                                                  getattr(text, "final_logit_softcapping", None))
     else:
-        if _takes_logits_to_keep(model):
+        if _takes(model, "logits_to_keep"):
             inputs["logits_to_keep"] = keep
         logits = model(**inputs, use_cache=False).logits[0]
         if logits.shape[0] != len(keep):       # remote code that computes every position's logits
@@ -409,11 +414,22 @@ class Trainer:
                 values[f"train/lr/{group['name']}"] = group["lr"]
             if self.batches is not None:
                 values["data/skipped"] = sum(self.batches.skips.values())
+            # The step's model FLOPs (trainer/flops.py: host arithmetic on the packs) ride with the
+            # per-source losses: one all-reduce and one read, as before (torch.full needs no copy).
+            step_flops = flops.counter(self.model, self.adapter).step(packs)
+            reduced = torch.cat([self.source_loss.flatten(), torch.full((1,), step_flops, dtype=torch.float64,
+                                                                        device=self.device)])
             if dist.is_initialized():
-                dist.all_reduce(self.source_loss)
-            for source, (loss_sum_s, n) in zip(self.loader.dataset.manifest.sources, self.source_loss.tolist()):
+                dist.all_reduce(reduced)
+            *by_source, step_flops = reduced.tolist()
+            sources = self.loader.dataset.manifest.sources
+            for source, loss_sum_s, n in zip(sources, by_source[::2], by_source[1::2]):
                 if n:
                     values[f"train/loss_by_source/{source.name}"] = loss_sum_s / n
+            values["perf/model_tflops_per_s"] = step_flops / (elapsed * self.world) / 1e12     # per rank
+            peak = flops.peak_tflops(self.device, cfg.train.peak_tflops)
+            if peak:
+                values["perf/mfu"] = values["perf/model_tflops_per_s"] / peak
             if torch.cuda.is_available():
                 values["mem/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             else:                       # the process's peak resident memory (Linux reports KiB)
@@ -427,7 +443,8 @@ class Trainer:
         self.model.eval()
         self.eval_loader.dataset.set_epoch(0)
         total = targets = 0.0
-        with torch.no_grad():
+        # The training step's autocast too: a single GPU holds fp32 masters beside bf16 frozen weights.
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.autocast):
             for pack in EpochBatches(self.eval_loader, self.adapter, self.cfg.data.max_skip_fraction):
                 total += float(micro_batch_loss(self.model, self.adapter, pack, self.device,
                                                  chunk=self.cfg.train.loss_chunk))

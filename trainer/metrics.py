@@ -1,7 +1,10 @@
 """All metrics go through here to tensorboard (rank 0 writes), tags grouped by prefix:
-train/loss, train/lr/<group>, train/grad_norm, perf/tokens_per_s, perf/samples_per_s, perf/mfu,
-data/packing_efficiency, data/wait_fraction, data/skipped/<reason>, mem/peak_gib, eval/loss,
-ckpt/save_blocking_s (training waited), ckpt/save_total_s (until written, at the checkpoint's step)."""
+train/loss, train/lr/<group>, train/grad_norm, perf/tokens_per_s, perf/samples_per_s,
+perf/model_tflops_per_s (model FLOPs of the step counted from its packs by trainer/flops.py, over
+all ranks, per rank and second), perf/mfu (that over the device's dense bf16 peak: known GPUs or
+train.peak_tflops), data/packing_efficiency, data/wait_fraction, data/skipped/<reason>,
+mem/peak_gib, eval/loss, ckpt/save_blocking_s (training waited), ckpt/save_total_s (until written,
+at the checkpoint's step)."""
 
 from __future__ import annotations
 

@@ -162,9 +162,9 @@ def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Bu
     logger.info("trainable parameters: %s", {k: f"{v:,}" for k, v in counts.items()})
     # Without FSDP's mixed-precision policy nothing casts bf16 frozen weights for fp32 compute.
     set_dtypes(model, frozen_dtype=torch.float32 if mesh is None and dtype == torch.float32 else None)
-    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-    if cfg.train.compile and device.type == "cuda":
+    if cfg.train.compile:                     # inside the checkpoint wrappers: Dynamo never meets them
         apply_compile(model)
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if mesh is None:
         return Built(model=model.to(device), mesh=None, device=device, compute_dtype=dtype)
 

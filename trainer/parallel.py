@@ -42,9 +42,18 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """torch.compile each block separately (whole-model compile breaks on multimodal merging)."""
+    """torch.compile each block separately (whole-model compile breaks on multimodal merging), before
+    activation checkpointing wraps it, with dynamic shapes: a pack of another length or make-up
+    reuses the graphs."""
     for parent, _, i in transformer_blocks(model):
-        parent[i] = torch.compile(parent[i], fullgraph=False)
+        parent[i] = torch.compile(parent[i], fullgraph=False, dynamic=True)
+        parent[i].register_forward_pre_hook(_without_python_lengths, with_kwargs=True)
+
+
+def _without_python_lengths(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    # A tuple of ints would be guarded value by value: a recompile for every pack make-up.
+    kwargs.pop("mmloom_segments", None)
+    return args, kwargs
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype,

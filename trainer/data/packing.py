@@ -13,9 +13,11 @@ block-diagonal causal mask from the restarting positions, so no token attends ac
 
 from __future__ import annotations
 
+import itertools
+
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -63,11 +65,15 @@ class Packer:
         return pack
 
 
+# The sample boundaries collate adds to a pack's model inputs (trainer/attention.py reads them).
+PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "mmloom_segments")
+
+
 @dataclass
 class Pack:
     """One packed micro-batch: model inputs plus what the loop and the metrics need to know."""
 
-    inputs: dict[str, torch.Tensor]
+    inputs: dict[str, Any]              # tensors, plus the packed-sequence kwargs (ints, a tuple)
     tokens: int                          # real tokens (no padding in a pack)
     targets: int                         # tokens with a label
     sources: list[int]                   # source index of each sample
@@ -110,7 +116,13 @@ def collate(adapter: ModelAdapter, samples: list[Rendered]) -> Pack:
         labels.append(torch.full_like(dummy_ids, IGNORE))
         media = adapter.collate_media([dummy_media])
     input_ids, label = torch.cat(ids), torch.cat(labels)
-    return Pack(inputs=adapter.model_inputs(input_ids, label, torch.cat(positions, dim=-1), media),
+    inputs = adapter.model_inputs(input_ids, label, torch.cat(positions, dim=-1), media)
+    # The sample boundaries, once per pack, as transformers' packed-sequence kwargs (trainer/attention.py).
+    segments = tuple(len(x) for x in ids)
+    cu = torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32)
+    inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(segments), max_length_k=max(segments),
+                  mmloom_segments=segments)
+    return Pack(inputs=inputs,
                 tokens=tokens, targets=int((label != IGNORE).sum()),
                 sources=[s.source for s in samples], keys=[(s.source, s.key, s.occurrence) for s in samples],
                 ids=[s.id for s in samples],

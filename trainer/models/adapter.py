@@ -248,17 +248,16 @@ class ModelAdapter:
         media = self.media_of(out)
         return ids, media, self.position_ids(ids, media)
 
-    def attn_implementation(self) -> str:
-        """flash_attention_2 on GPU when flash-attn is installed (packed sequences use its varlen
-        kernels through the restarting position ids), else trainer/attention.py's per-sample SDPA
-        where the model's self-attention allows it, else plain SDPA over the masked packed row."""
-        import importlib.util
-
+    def attn_implementation(self) -> str | dict[str, str]:
+        """transformers' attn_implementation: the packed-attention backend trainer/attention.py picks
+        for this family's language model on this machine, SDPA for the vision tower. Logged once."""
         from trainer import attention
 
-        if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-        return attention.register() if attention.usable(self.config) else "sdpa"
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model_class = None if self.trust_remote_code else self.auto_class()._model_mapping.get(type(self.config), None)
+        backend = attention.choose(self.config, model_class, device)
+        attention.log_once(f"attention: {backend} for the {self.family} language model on {device.type}")
+        return attention.per_module(self.config, backend)
 
     def quant_skip_modules(self) -> list[str]:
         """Full names of the modules QLoRA leaves unquantized: vision tower, projector, lm_head."""
