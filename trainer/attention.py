@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import inspect
 import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -94,10 +95,28 @@ def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
     cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     window = kwargs.get("sliding_window")
+    window = window if window and window < longest else None
+    if "window_size" in _parameters(varlen_attn):         # torch 2.14: causal is a window of (-1, 0)
+        mask = {"window_size": (window - 1 if window else -1, 0)}
+    elif window is None:                                   # older torch: is_causal, no windows
+        mask = {"is_causal": True}
+    else:
+        return packed_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                is_causal=is_causal, **kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))          # [tokens, heads, dim]
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, enable_gqa=q.shape[1] != k.shape[1],
-                      window_size=(window - 1 if window and window < longest else -1, 0))
+    gqa = {}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in _parameters(varlen_attn):
+            gqa = {"enable_gqa": True}
+        else:                                              # older torch: one key-value head per query head
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **mask, **gqa)
     return out[None], None                                                  # [1, tokens, heads, dim]
+
+
+@functools.cache
+def _parameters(fn: Any) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def register() -> None:

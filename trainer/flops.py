@@ -159,7 +159,7 @@ def matmul_counts(model: nn.Module, adapter: ModelAdapter) -> dict[str, tuple[in
     modules: dict[str, list[tuple[int, bool]]] = {g: [] for g in CHAIN}
     if isinstance(head, nn.Linear):
         modules["lm_head"].append((_elements(head.weight), head.weight.requires_grad))
-    seen = {id(head.weight)} if isinstance(head, nn.Linear) else set()
+    seen: set[int] = set()          # a tied embedding still counts: it makes the gradient flow
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
         if not own or module is head or ".original_module." in f".{name}.":   # peft's unused frozen copy

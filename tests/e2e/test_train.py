@@ -73,8 +73,10 @@ def test_full_finetuning_overfits_and_exports(tiny, overfit_shards: Path, tmp_pa
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr/llm", "train/lr/projector", "train/grad_norm", "perf/tokens_per_s",
-            "data/packing_efficiency", "eval/loss", "train/loss_by_source/overfit", "mem/peak_gib",
-            "ckpt/save_blocking_s", "ckpt/save_total_s"} <= tags
+            "perf/model_tflops_per_s", "data/packing_efficiency", "eval/loss", "train/loss_by_source/overfit",
+            "mem/peak_gib", "ckpt/save_blocking_s", "ckpt/save_total_s"} <= tags
+    assert "perf/mfu" not in tags                       # a CPU has no peak in the table (train.peak_tflops)
+    assert all(e.value > 0 for e in events.Scalars("perf/model_tflops_per_s"))
     assert 0.1 < events.Scalars("mem/peak_gib")[-1].value < 16          # peak RSS on CPU: a tiny model
     curve = [e.value for e in events.Scalars("train/loss")]
     assert len(curve) == 30 and curve[-1] < curve[0] / 10

@@ -1,8 +1,9 @@
 """The benchmarks run and measure what they say: `run_all.py --quick` prints one valid JSON line per
 benchmark with its keys (correctness only: no speed is asserted); both loader baselines render
-token-for-token what mmloom renders, so all do the same work; the GPU benchmark's model-FLOP
-count equals torch's FLOP counter on a real pack; without a GPU it says so and exits 0, and `--smoke` runs
-its code on CPU."""
+token-for-token what mmloom renders, so all do the same work; the GPU benchmark (its model-FLOP
+count is trainer/flops.py's, checked against torch's FLOP counter in test_flops.py) says so without a
+GPU and exits 0, and `--smoke` runs its code on CPU; the one-shot GPU check (benchmarks/gpu/validate.py)
+runs every stage on CPU with `--smoke` and reports a stage that overruns its limit as a result."""
 
 from __future__ import annotations
 
@@ -113,6 +114,53 @@ def test_gpu_benchmark_runs_its_code_on_cpu_with_smoke() -> None:
     assert 0 <= run["data_wait_fraction"] < 1
 
 
+def test_gpu_validation_runs_every_stage_on_cpu_with_smoke(tmp_path: Path) -> None:
+    """benchmarks/gpu/validate.py --smoke: one JSON line per stage in order, each stage's checks
+    passing on CPU with tiny sizes, then the summary; --out gets the same lines."""
+    out = tmp_path / "validate.jsonl"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu" / "validate.py"), "--smoke",
+                           "--out", str(out)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [x.get("stage") for x in lines[:-1]] == ["env", "oracle", "attention", "mfu", "memory", "run"]
+    summary = lines[-1]
+    assert summary["summary"] and summary["status"] == "ok" and proc.returncode == 0, proc.stdout[-4000:]
+    assert out.read_text().splitlines() == proc.stdout.splitlines()
+    by = {x["stage"]: x for x in lines[:-1]}
+    assert summary["stages"] == {name: x["status"] for name, x in by.items()}
+    env = by["env"]
+    assert env["cuda"] is False and env["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert env["imports"]["trainer.loop"] in ("ok", "carried")
+    oracle = by["oracle"]
+    assert oracle["dtype"] == "bfloat16" and oracle["tolerance"] <= 1e-3
+    for family in ("llava", "qwen2_5_vl", "mllama"):
+        entry = oracle["families"][family]
+        assert len(entry["samples"]) == 3 and entry["trainer_backend"] in entry
+        for backend in ("mmloom_packed", "sdpa"):     # what runs on CPU
+            assert entry[backend]["ok"] and entry[backend]["rel_diff"] <= oracle["tolerance"], (family, entry)
+    attention = by["attention"]
+    assert attention["status"] == "skipped" and "missing" in attention["reason"] or \
+        attention["trainer_path_host_reads"] == [0]
+    assert [r["ac"] for r in by["mfu"]["runs"]] == ["none"] and by["mfu"]["runs"][0]["tokens_per_s"] > 0
+    rows = {(r["method"], r["grad_accum"]): r for r in by["memory"]["rows"]}
+    assert set(rows) == {("full", 1), ("full", 4), ("lora", 1), ("lora", 4)}
+    assert 0 < rows["lora", 1]["trainable_params"] < rows["full", 1]["trainable_params"]
+    assert rows["full", 4]["predicted"] == rows["full", 1]["predicted"]    # accumulation adds no state
+    run = by["run"]
+    assert all(run["checks"].values()) and len(run["checks"]) == 5
+    first, resumed = run["first"], run["resumed"]
+    assert (first["steps"], first["resumed"], resumed["steps"], resumed["resumed"]) == (4, False, 6, True)
+    assert {"config.json", "model.safetensors"} <= set(run["export_files"])
+
+
+def test_gpu_validation_kills_a_stage_at_its_limit(tmp_path: Path) -> None:
+    """A stage past its time limit is killed with everything it started, and reported as a result."""
+    from benchmarks.gpu.validate import run_stage
+
+    line = run_stage("env", 0.5, tmp_path, smoke=True)     # importing torch alone takes longer
+    assert line["stage"] == "env" and line["status"] == "timeout" and "killed after" in line["error"]
+    assert line["seconds"] < 30
+
+
 def test_seed_style_baseline_renders_what_mmloom_renders(tiny, tmp_path: Path) -> None:
     from benchmarks.corpus import llava_like_records
     from benchmarks.loader import SeedStyleDataset
@@ -149,48 +197,6 @@ def test_seed_style_baseline_renders_what_mmloom_renders(tiny, tmp_path: Path) -
                 assert torch.equal(ours.media["pixel_values"], item["pixel_values"])
         kinds.add((bool(ours.media), sum(t.role == "assistant" for t in sample.turns) > 1))
     assert kinds == {(True, True), (True, False), (False, True), (False, False)}   # images, text-only, multi-turn
-
-
-def test_model_flops_equal_torch_flop_counter(tiny) -> None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from benchmarks.gpu.mfu import forward_flops, matmul_params
-    from data_tools.sample import Sample
-    from tests.media import SKIMAGE, SKLEARN
-    from trainer.data.packing import collate
-    from trainer.data.render import render_sample
-    from trainer.models.adapter import get_adapter
-
-    adapter = get_adapter(tiny("qwen2_vl"))
-    model = adapter.load_model(dtype=torch.float32, attn_implementation="sdpa").eval()
-    rendered = []
-    for i, (path, size) in enumerate(((SKLEARN / "china.jpg", (640, 427)), (SKIMAGE / "coffee.png", (600, 400)))):
-        data = path.read_bytes()
-        image = {"type": "image", "member": "img0", "width": size[0], "height": size[1], "format": "jpeg",
-                 "bytes": len(data)}
-        sample = Sample.from_json({"schema": 1, "key": str(i), "source": "s", "index": i, "turns": [
-            {"role": "user", "parts": [image, {"type": "text", "text": "What is it?"}]},
-            {"role": "assistant", "parts": [{"type": "text", "text": "A photograph " * (i + 1)}]}]})
-        rendered.append(render_sample(adapter, sample, {"img0": data}))
-    pack = collate(adapter, rendered)
-    counter = FlopCounterMode(display=False)
-    # The math kernel spells attention out as bmm, which the counter sees (the fused kernels it does not).
-    # The trainer's forward: logits only where a target is predicted (trainer.loop.micro_batch_loss).
-    keep = torch.nonzero(pack.inputs["labels"][0, 1:] != -100).flatten()
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        model(**{k: v for k, v in pack.inputs.items() if k != "labels"}, use_cache=False, logits_to_keep=keep)
-    counted = {str(k): v for k, v in counter.flop_counts["Global"].items()}
-    ours = forward_flops(pack, matmul_params(model, adapter), adapter.config)
-    assert counted["aten.mm"] + counted["aten.addmm"] + counted["aten.convolution"] == \
-        ours["llm_linear"] + ours["lm_head"] + ours["vision_linear"] + ours["projector"]
-    # SDPA attends over the whole packed row; the model's work is each sample's causal half.
-    text = adapter.config.text_config
-    width = text.num_attention_heads * (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
-    row = 4 * pack.length ** 2 * width * text.num_hidden_layers
-    assert counted["aten.bmm"] == ours["vision_attention"] + row
-    causal = 4 * sum(n * (n + 1) // 2 for n in pack.lengths) * width * text.num_hidden_layers
-    assert ours["llm_attention"] == causal
 
 
 def test_mixing_benchmark_meets_its_bars_at_a_small_scale() -> None:
