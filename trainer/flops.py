@@ -82,7 +82,7 @@ class ModelFlops:
     text_layers: tuple[tuple[int, int | None], ...]   # (attention layers, sliding window or None)
     vision_width: int
     vision_depth: int
-    patch_size: int
+    patch_size: tuple[int, int]          # (height, width) in pixels; (0, 0) without a vision tower
     class_token: int                     # 1 when the tower prepends a class token to each frame
     media_tokens: tuple[int, ...]        # token ids of the image / video placeholders
 
@@ -99,7 +99,7 @@ class ModelFlops:
                    text_width=_width(text), text_layers=_attention_layers(text),
                    vision_width=(getattr(vision, "embed_dim", None) or getattr(vision, "hidden_size", 0)),
                    vision_depth=(getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", 0)),
-                   patch_size=getattr(vision, "patch_size", 0) or 0,
+                   patch_size=_pair(getattr(vision, "patch_size", 0) or 0),
                    class_token=int(any(n.endswith("class_embedding") for n, _ in model.named_parameters())),
                    media_tokens=tuple(sorted({i for i in ids if isinstance(i, int) and i >= 0})))
 
@@ -112,8 +112,8 @@ class ModelFlops:
                               (inputs.get("video_grid_thw"), inputs.get("pixel_values_videos"))):
             if isinstance(grids, torch.Tensor):                # Qwen-VL: (frames, height, width) in patches
                 frames += [h * w for t, h, w in grids.tolist() for _ in range(t)]
-            elif isinstance(pixels, torch.Tensor) and pixels.ndim >= 4 and self.patch_size:
-                n = (pixels.shape[-2] // self.patch_size) * (pixels.shape[-1] // self.patch_size)
+            elif isinstance(pixels, torch.Tensor) and pixels.ndim >= 4 and all(self.patch_size):
+                n = (pixels.shape[-2] // self.patch_size[0]) * (pixels.shape[-1] // self.patch_size[1])
                 frames += [n + self.class_token] * math.prod(pixels.shape[:-3])
         return frames
 
@@ -218,3 +218,8 @@ def _elements(p: torch.Tensor) -> int:
 
 def _plain(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def _pair(size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
+    """A patch size as (height, width): InternViT's config gives [14, 14], most others 14."""
+    return (int(size[0]), int(size[-1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
