@@ -161,7 +161,8 @@ def write_lora(trained: dict[str, torch.Tensor], adapter: ModelAdapter, cfg: Con
     also the base with the adapters merged in, in out/merged."""
     from trainer.lora import apply_lora, lora_config
 
-    peft_model = apply_lora(skeleton(adapter), lora_config(adapter, skeleton(adapter), cfg.finetune))
+    model = skeleton(adapter)
+    peft_model = apply_lora(model, lora_config(adapter, model, cfg.finetune))
     missing = {k for k, p in peft_model.state_dict().items() if trained_key(k)} - trained.keys()
     if missing:
         raise RuntimeError(f"export: the trained weights lack {sorted(missing)[:5]}")

@@ -38,12 +38,15 @@ def summed_loss(model, inputs: dict) -> torch.Tensor:
     return F.cross_entropy(logits[:-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum")
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "trainer"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_packed_loss_equals_per_sample_losses(tiny, family: str) -> None:
+def test_packed_loss_equals_per_sample_losses(tiny, family: str, backend: str) -> None:
+    """On each CPU backend: SDPA over the masked row, and the one the trainer picks (trainer/attention.py)."""
     torch.manual_seed(0)
     path = tiny(family)
     adapter = get_adapter(path)
-    model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    implementation = "sdpa" if backend == "sdpa" else adapter.attn_implementation()
+    model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation=implementation)
     model.eval()
     rendered = [render_sample(adapter, s, PHOTOS) for s in SAMPLES]
     with torch.no_grad():
