@@ -2,7 +2,8 @@
 streamed into several safetensors files (each within run.export_shard_gib) under save_pretrained's names
 and equals, file for file and bit for bit, what `python -m trainer.export` writes on one process from the
 run's checkpoint (model only: no optimizer); both reload with plain transformers in bf16. For LoRA,
-`trainer.export` reads only the adapter from the checkpoint and its adapter gives the training logits."""
+`trainer.export` reads only the adapter from the checkpoint and its adapter gives the training logits. One
+process under bf16 autocast (the single-GPU path) trains, evaluates and exports in bf16."""
 
 from __future__ import annotations
 
@@ -94,3 +95,16 @@ def test_lora_export_from_a_checkpoint_reads_only_the_adapter(tiny, overfit_shar
         base = AutoModelForImageTextToText.from_pretrained(tiny("llava")).eval()
         with_adapter = PeftModel.from_pretrained(base, tmp_path / "cli").eval()
         assert torch.allclose(logits(with_adapter, inputs), logits(trained, inputs), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_one_process_under_bf16_autocast_trains_and_exports_as_stored(tiny_bf16, overfit_shards: Path,
+                                                                      tmp_path: Path, method: str) -> None:
+    """The single-GPU path on CPU: no FSDP, train.dtype=bf16 (autocast) with fp32 masters beside bf16
+    frozen weights, the chunked loss and eval under the same autocast; the export is bf16."""
+    run = tmp_path / "run"
+    out = train(command(tiny_bf16, overfit_shards, run, "train.steps=3", "checkpoint.every=0", "train.dtype=bf16",
+                        f"data.eval_shards={overfit_shards}", "train.eval_every=3", f"finetune.method={method}"))
+    assert out["steps"] == 3 and 0 < out["final_loss"] < 20 and 0 < out["eval_loss"] < 20
+    weights = load_file(run / "hf" / ("model.safetensors" if method == "full" else "adapter_model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
