@@ -34,6 +34,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from trainer.parallel import unwrapped_name
+
 if TYPE_CHECKING:
     from trainer.metrics import Metrics
 
@@ -82,8 +84,7 @@ def _trainable_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     checkpoint (a LoRA checkpoint holds the adapters, not 7B frozen weights, and QLoRA's packed
     4-bit tensors are not DCP material)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    trainable = {n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-                 for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {unwrapped_name(n) for n, p in model.named_parameters() if p.requires_grad}
     model_sd = {k: v for k, v in model_sd.items() if k in trainable}
     return model_sd, optim_sd
 

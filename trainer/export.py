@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 
 from trainer.config import Config
 from trainer.dist import wait_for_rank0
+from trainer.model import checkpoint_dtype, freeze
 from trainer.models.adapter import ModelAdapter
 
 logger = logging.getLogger(__name__)
@@ -75,12 +76,6 @@ def written(out: Path, adapter: ModelAdapter, rank: int) -> Iterator[Path]:
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         logger.info("exported to %s", out)
-
-
-def checkpoint_dtype(adapter: ModelAdapter) -> torch.dtype:
-    from trainer.model import checkpoint_dtype as stored
-
-    return stored(adapter)
 
 
 def gather(tensor: torch.Tensor, dtype: torch.dtype, rank: int) -> torch.Tensor | None:
@@ -200,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from trainer import checkpoint
     from trainer.config import load_config
-    from trainer.model import freeze
     from trainer.models.adapter import adapter_for
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

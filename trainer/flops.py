@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from trainer.parallel import unwrapped_name
+
 if TYPE_CHECKING:
     from trainer.data.packing import Pack
     from trainer.models.adapter import ModelAdapter
@@ -165,7 +167,7 @@ def matmul_counts(model: nn.Module, adapter: ModelAdapter) -> dict[str, tuple[in
         if not own or module is head or ".original_module." in f".{name}.":   # peft's unused frozen copy
             continue
         seen.update(map(id, own))
-        group = adapter.param_group(_plain(name) + ".weight")
+        group = adapter.param_group(unwrapped_name(name) + ".weight")
         matmul = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
         if matmul and group == "vision" and isinstance(module, nn.modules.conv._ConvNd):
             group = "patch_embed"
@@ -216,8 +218,6 @@ def _elements(p: torch.Tensor) -> int:
     return math.prod(state.shape) if state is not None else p.numel()
 
 
-def _plain(name: str) -> str:
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def _pair(size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:

@@ -33,7 +33,7 @@ from trainer.config import Config
 from trainer.dist import wait_for_rank0
 from trainer.lora import apply_lora, lora_config
 from trainer.models.adapter import ModelAdapter
-from trainer.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp
+from trainer.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp, unwrapped_name
 
 logger = logging.getLogger(__name__)
 
@@ -179,11 +179,12 @@ def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Bu
     return Built(model=model, mesh=mesh, device=device, compute_dtype=dtype)
 
 
-def broadcast_weights(model: nn.Module, full: dict[str, torch.Tensor], rank: int, device: torch.device) -> None:
+def broadcast_weights(model: nn.Module, full: dict[str, torch.Tensor], rank: int,
+                      device: torch.device) -> None:
     """Rank 0's full tensors (`full`, emptied as it goes) into every rank's shards, one tensor at a
     time: staged through one pinned buffer on CUDA, cast on the device to the parameter's dtype
     (fp32 masters from a bf16 checkpoint), broadcast, and each rank keeps its slice."""
-    targets = [(_plain(n), t) for n, t in [*model.named_parameters(), *model.named_buffers()]]
+    targets = [(unwrapped_name(n), t) for n, t in [*model.named_parameters(), *model.named_buffers()]]
     missing = [[n for n, _ in targets if n not in full] if rank == 0 else None]
     dist.broadcast_object_list(missing, src=0)
     if missing[0]:
@@ -229,11 +230,6 @@ def _non_persistent_buffers(model: nn.Module) -> list[str]:
         for b in getattr(module, "_non_persistent_buffers_set", ()):
             names.append(f"{mod_name}.{b}" if mod_name else b)
     return names
-
-
-def _plain(name: str) -> str:
-    """A name as the unwrapped model's state dict has it: without checkpoint wrappers and torch.compile."""
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 def _is_quantized(p: nn.Parameter) -> bool:

@@ -31,6 +31,12 @@ def transformer_blocks(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
     return found
 
 
+def unwrapped_name(name: str) -> str:
+    """A parameter's or buffer's name as the unwrapped model has it: without the checkpoint wrappers'
+    and torch.compile's module levels."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """Recompute each block's activations in backward ("full"), or every other block ("selective")."""
     if mode == "none":

@@ -29,6 +29,15 @@ def run(out: Path, tag: str, schedule: str, overrides: list[str], ranks: int) ->
     return torch.load(out / f"{tag}.pt")
 
 
+def two_ranks(script: str, *args: str, timeout: int = 300) -> None:
+    """tests/distributed/<script> on 2 ranks under torchrun, on a free port; fails with its stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           str(REPO / "tests" / "distributed" / script), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 def overrides(tiny, shards: Path, run_dir: Path) -> list[str]:
     return [f"model.path={tiny('llava')}", f"data.shards={shards}", f"run.dir={run_dir}", "data.workers=0",
             "data.shuffle_buffer=6", "data.packing.buffer=4", "data.packing.max_tokens=1600",
@@ -101,11 +110,7 @@ def test_gradients_stay_sharded_between_micro_batches(tiny, stream_shards: Path,
     gradients; with train.grad_reduce=step it holds the whole model's unsharded gradients instead."""
     args = [*overrides(tiny, stream_shards, tmp_path / "run"), "train.grad_accum=2",
             f"train.grad_reduce={reduce}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           str(REPO / "tests" / "distributed" / "grad_memory_rank.py"), str(tmp_path), reduce, *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    two_ranks("grad_memory_rank.py", str(tmp_path), reduce, *args)
     for rank in range(2):
         mem = json.loads((tmp_path / f"{reduce}-rank{rank}.json").read_text())
         after, between = mem["after"], mem["between"]
@@ -131,11 +136,7 @@ def test_trained_weights_are_fp32_and_frozen_ones_stay_as_stored(tiny_bf16: Path
     args = [f"model.path={tiny_bf16}", f"data.shards={stream_shards}", f"run.dir={tmp_path / 'run'}",
             "data.workers=0", "data.shuffle_buffer=6", "data.packing.buffer=4",
             "data.packing.max_tokens=1600", f"finetune.method={method}", "train.log_every=1000"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           str(REPO / "tests" / "distributed" / "dtype_rank.py"), str(tmp_path), method, *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    two_ranks("dtype_rank.py", str(tmp_path), method, *args)
     for rank in range(2):
         got = json.loads((tmp_path / f"{method}-rank{rank}.json").read_text())
         assert got["stored"] == "torch.bfloat16"
@@ -167,11 +168,7 @@ def test_ranks_wait_for_rank0_on_the_store_not_in_a_collective(tmp_path: Path) -
     """Rank 0 works alone for longer than the process group's 2 s collective timeout; the other rank
     waits on the rendezvous store under train.dist_timeout_s: a 1 s limit fails with a message naming
     the key, a 30 s one waits it out."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           str(REPO / "tests" / "distributed" / "wait_rank.py"), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    two_ranks("wait_rank.py", str(tmp_path), timeout=120)
     waiting = json.loads((tmp_path / "wait-rank1.json").read_text())
     message, waited = waiting["1"]
     assert "train.dist_timeout_s=1" in message and 0.9 < waited < 2.5
