@@ -4,6 +4,7 @@
 # NodeHostname, state and logs under $MMLOOM_SLURM_DIR (default /tmp/mmloom-slurm).
 #
 #   slurm/local_cluster.sh start      # idempotent; installs slurm-wlm and munge if missing (root)
+#   slurm/local_cluster.sh start --clean  # stop what runs from $MMLOOM_SLURM_DIR, forget its jobs
 #   export SLURM_CONF=/tmp/mmloom-slurm/slurm.conf
 #   sinfo                              # 2 idle nodes
 #   slurm/local_cluster.sh status
@@ -81,10 +82,17 @@ start_munge() {
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 start() {
+    local clean=()
+    if [ "${1:-}" = --clean ]; then
+        # Jobs saved by an earlier, interrupted run would come back and hold the nodes.
+        stop
+        rm -rf "$DIR/state" "$DIR/spool"
+        clean=(-c)
+    fi
     install_packages
     start_munge
     write_config
-    running "$DIR/slurmctld.pid" || slurmctld -f "$CONF"
+    running "$DIR/slurmctld.pid" || slurmctld "${clean[@]}" -f "$CONF"
     for n in node1 node2; do
         running "$DIR/slurmd-$n.pid" || slurmd -N "$n" -f "$CONF"
     done
@@ -108,7 +116,9 @@ stop() {
     for pidfile in "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid"; do
         if running "$pidfile"; then kill "$(cat "$pidfile")"; fi
     done
-    sleep 1
+    for pidfile in "$DIR"/slurmd-*.pid "$DIR/slurmctld.pid"; do
+        for _ in $(seq 1 30); do running "$pidfile" || break; sleep 1; done
+    done
 }
 
 status() {
@@ -122,7 +132,7 @@ status() {
 }
 
 case "${1:-}" in
-    start) start ;;
+    start) start "${2:-}" ;;
     stop) stop ;;
     status) status ;;
     *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;

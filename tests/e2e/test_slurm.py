@@ -26,7 +26,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         pytest.skip("needs slurm-wlm and munge, or root to install them")
     env = {**os.environ, "MMLOOM_SLURM_DIR": str(STATE), "MMLOOM_SLURMCTLD_PORT": "6917",
            "MMLOOM_SLURMD_PORT1": "6918", "MMLOOM_SLURMD_PORT2": "6919"}
-    proc = subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "start"], env=env,
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "start", "--clean"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     yield {**env, "SLURM_CONF": str(STATE / "slurm.conf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
