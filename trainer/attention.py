@@ -13,8 +13,12 @@ not the pack's, and Qwen's vision attention sets its own `cu_seqlens`):
 - "mmloom_varlen": CUDA otherwise: torch's `varlen_attn` (flash-attention kernels shipped with
   torch, no flash-attn build), causal, sliding windows, GQA.
 - "mmloom_packed": CPU: one SDPA call per sample, causal, with a banded mask for a sliding window.
-- "sdpa" over the dense mask the family builds: Gemma 3 (bidirectional image blocks), PaliGemma
-  (prefix-LM), and models whose layers are not plain or sliding-window attention.
+- Gemma 3 (bidirectional image blocks) and PaliGemma (prefix-LM) need more than sample boundaries:
+  collate hands them `mmloom_mask`, each token's sample and block ids, and once per forward the
+  adapter's hook (ModelAdapter.prepare) turns those into the masks, with `block_causal`: flex_attention
+  BlockMasks on CUDA (`choose_masked`; fully masked tiles are skipped), a dense boolean mask for SDPA
+  elsewhere.
+- "sdpa" for models whose layers are not plain or sliding-window attention.
 
 A layer that is not causal self-attention over the packed row (mllama's cross-attention, an explicit
 mask, several rows) goes to SDPA unchanged. A sliding window at least as long as a sample does not
@@ -38,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 PACKED = "mmloom_packed"
 VARLEN = "mmloom_varlen"
+FLEX = "flex_attention"
 LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
@@ -148,6 +153,34 @@ def choose(config: Any, model_class: type | None, device: torch.device) -> str:
         log_once(f"{getattr(model_class, '__name__', model_class)} does not support flash_attention_2: "
                  f"attention goes through torch's varlen kernel instead")
     return VARLEN
+
+
+def choose_masked(device: torch.device) -> str:
+    """The backend of a family whose packed mask has bidirectional blocks (see `block_causal`)."""
+    from transformers.utils import is_torch_flex_attn_available
+
+    return FLEX if device.type == "cuda" and is_torch_flex_attn_available() else "sdpa"
+
+
+def block_causal(ids: torch.Tensor, window: int | None, backend: str) -> Any:
+    """The attention mask of a pack from `ids` [2, tokens]: each token's sample, and its block (-1 for
+    none). Token q sees token kv of its own sample when kv <= q, or when both lie in one block; with
+    `window`, only when q - kv < window. A flex_attention BlockMask for FLEX (built on the ids' device,
+    its tiles found once per pack), otherwise a dense [1, 1, tokens, tokens] boolean mask for SDPA;
+    both from the one rule below."""
+    sample, block = ids[0], ids[1]
+
+    def sees(batch: Any, head: Any, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        allowed = (sample[q] == sample[kv]) & ((kv <= q) | ((block[q] == block[kv]) & (block[q] >= 0)))
+        return allowed & (q - kv < window) if window else allowed
+
+    n = ids.shape[1]
+    if backend == FLEX:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        return create_block_mask(sees, None, None, n, n, device=ids.device)
+    index = torch.arange(n, device=ids.device)
+    return sees(None, None, index[:, None], index[None, :])[None, None]
 
 
 def per_module(config: Any, backend: str) -> str | dict[str, str]:

@@ -42,6 +42,7 @@ from trainer.model import build_model
 from trainer.models.adapter import ModelAdapter, adapter_for
 from trainer.optim import build_optimizer, set_lr, step_progress
 from trainer.order import OrderLog
+from trainer.parallel import CompileStats
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +74,7 @@ def micro_batch_loss(model: torch.nn.Module, adapter: ModelAdapter, pack: Pack, 
     """Summed cross-entropy over the pack's target tokens (fp32), `chunk` target positions at a time
     (trainer/loss.py; 0 = all at once). With `per_source` ([sources, 2]), adds each source's summed
     loss and target count into it."""
-    # A value may be a dict of tensors: Gemma 3's ready-made attention masks, one per layer type.
-    inputs = {k: {n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else
-              v.to(device) if isinstance(v, torch.Tensor) else v
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
               for k, v in pack.inputs.items() if k not in PACKED_KWARGS or _takes(model, k)}
     # Position t predicts token t+1: logits only where that token is a target. Most of a multimodal
     # pack is image tokens and prompts, and the rest would cost a [tokens, vocab] matmul and fp32
@@ -251,6 +250,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         resumed = self.resume()
+        compiled = CompileStats()
         if self.order is not None:
             self.order.resume(self.state["step"])       # a fresh run starts a new file
         # A resumed run continues the same curves; points after the checkpoint are replaced.
@@ -284,7 +284,8 @@ class Trainer:
                 wait = time.perf_counter() - wait
                 if not packs:
                     break
-                loss = self.step(packs, wait)
+                with compiled.phase("train"):
+                    loss = self.step(packs, wait)
                 if loss is None:
                     skipped_in_a_row += 1
                     if skipped_in_a_row >= 20:
@@ -297,7 +298,8 @@ class Trainer:
                 bar.update(1 if cfg.train.steps else self.progress() * cfg.train.epochs - bar.n)
                 if self.eval_loader is not None and cfg.train.eval_every and \
                         self.state["step"] % cfg.train.eval_every == 0:
-                    self.eval_loss = self.evaluate()
+                    with compiled.phase("eval"):
+                        self.eval_loss = self.evaluate()
                     self.metrics.log(self.state["step"], {"eval/loss": self.eval_loss})
                     logger.info("step %d: eval loss %.4f", self.state["step"], self.eval_loss)
                 if cfg.checkpoint.every and self.state["step"] % cfg.checkpoint.every == 0:
@@ -325,10 +327,14 @@ class Trainer:
                    max_shard_gib=cfg.run.export_shard_gib)
         self.metrics.close()
         sources = self.loader.dataset.manifest.sources
-        return {"steps": self.state["step"], "epochs": self.state["epoch"], "resumed": resumed,
-                "per_source": {s.path: n for s, n in zip(sources, self.state["per_source"])},
-                "final_loss": losses[-1] if losses else None, "losses": losses, "eval_loss": self.eval_loss,
-                "skipped_steps": self.state["skipped_steps"], "preempted": preempted}
+        result = {"steps": self.state["step"], "epochs": self.state["epoch"], "resumed": resumed,
+                  "per_source": {s.path: n for s, n in zip(sources, self.state["per_source"])},
+                  "final_loss": losses[-1] if losses else None, "losses": losses, "eval_loss": self.eval_loss,
+                  "skipped_steps": self.state["skipped_steps"], "preempted": preempted}
+        if cfg.train.compile:
+            result["compile"] = compiled.summary()
+        compiled.close()
+        return result
 
     # --- preemption ---------------------------------------------------------------------------
 

@@ -8,8 +8,10 @@ names its list `layer`), then the root.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,6 +56,46 @@ def apply_compile(model: nn.Module) -> None:
     for parent, _, i in transformer_blocks(model):
         parent[i] = torch.compile(parent[i], fullgraph=False, dynamic=True)
         parent[i].register_forward_pre_hook(_without_python_lengths, with_kwargs=True)
+
+
+class CompileStats:
+    """What Dynamo compiled from here on, for the training run's final JSON line: graphs, graph breaks,
+    and recompiles: frames compiled during a phase ("train", "eval") after its first call, which
+    compiles each kind of block (a vision block and a decoder block share transformers' checkpointing
+    frame, one entry each). Later compiles are packs of another length or make-up that did not reuse
+    the graphs."""
+
+    def __init__(self) -> None:
+        from torch._dynamo.utils import counters
+
+        self._counters, self.recompiles = counters, 0
+        self._start, self._phase, self._seen = self._counts(), "", set()
+        torch._dynamo.callback_handler.register_start_callback(self._started)
+
+    def _counts(self) -> tuple[int, int]:
+        return self._counters["stats"]["unique_graphs"], sum(self._counters["graph_break"].values())
+
+    def _started(self, args: Any) -> None:
+        from torch._dynamo.callback import CallbackTrigger
+
+        if args.callback_trigger == CallbackTrigger.DYNAMO and self._phase in self._seen:
+            self.recompiles += 1
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._phase = name
+        try:
+            yield
+        finally:
+            self._phase = ""
+            self._seen.add(name)
+
+    def summary(self) -> dict[str, int]:
+        (graphs, breaks), (graphs0, breaks0) = self._counts(), self._start
+        return {"graphs": graphs - graphs0, "graph_breaks": breaks - breaks0, "recompiles": self.recompiles}
+
+    def close(self) -> None:
+        torch._dynamo.callback_handler.remove_start_callback(self._started)
 
 
 def _without_python_lengths(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

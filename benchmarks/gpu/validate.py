@@ -25,9 +25,9 @@ Stages:
    memory and bf16 peak, whether flash-attn is installed and torch's varlen_attn runs (checked
    against per-sample SDPA on a 3-sample row).
 2. oracle: packed loss == sum of per-sample losses in bf16 (relative difference <= ORACLE_TOL) with
-   the trainer's own micro_batch_loss, for llava, qwen2_5_vl and mllama (tiny random-weight
+   the trainer's own micro_batch_loss, for llava, qwen2_5_vl, mllama and gemma3 (tiny random-weight
    builds), on every attention backend that can run here (mmloom_varlen and flash_attention_2 on
-   CUDA, mmloom_packed, sdpa), on three real samples of the bundled demo data (one image and two
+   CUDA, mmloom_packed, sdpa; gemma3's block masks: flex_attention on CUDA, sdpa), on three real samples of the bundled demo data (one image and two
    turns, two images, text only) rendered by the trainer; the backend the trainer picks is named.
 3. attention: benchmarks/attention.py, its JSON lines (skipped, "missing", while it does not exist);
    the trainer's path must read nothing back to the host.
@@ -72,7 +72,7 @@ DEPS = REPO / ".gpu-deps"
 MISSING_THERE = ("webdataset", "braceexpand", "torchdata", "num2words", "docopt")
 STAGES = ("env", "oracle", "attention", "mfu", "memory", "run")
 SHARE = {"env": 0.04, "oracle": 0.12, "attention": 0.08, "mfu": 0.46, "memory": 0.13, "run": 0.17}
-ORACLE_FAMILIES = ("llava", "qwen2_5_vl", "mllama")
+ORACLE_FAMILIES = ("llava", "qwen2_5_vl", "mllama", "gemma3")     # gemma3: block masks
 # Relative, on the summed losses in bf16. Measured on CPU: packed and per-sample agree to 3e-5 (the
 # roundings differ in order), and attention across the samples' boundaries moves the sum by 0.3 %
 # on these tiny random models: the tolerance sits between the two.
@@ -350,10 +350,13 @@ def check_varlen() -> dict[str, Any]:
 # --- 2. packed-loss oracle -----------------------------------------------------------------------
 
 
-def backends_here(model_class: Any) -> list[str]:
+def backends_here(model_class: Any, masked: bool) -> list[str]:
+    """The backends to check here; `masked`: a family with block masks (flex_attention on CUDA)."""
     import torch
 
     out = []
+    if masked:
+        return (["flex_attention"] if torch.cuda.is_available() else []) + ["sdpa"]
     if torch.cuda.is_available():
         if check_varlen().get("runs"):
             out.append("mmloom_varlen")
@@ -369,7 +372,7 @@ def stage_oracle(args: argparse.Namespace) -> dict[str, Any]:
     from trainer import attention
     from trainer.data.packing import collate
     from trainer.loop import micro_batch_loss
-    from trainer.models.adapter import get_adapter
+    from trainer.models.adapter import ModelAdapter, get_adapter
 
     dev, shards = device(), demo_shards(args.work)
     families: dict[str, Any] = {}
@@ -380,9 +383,11 @@ def stage_oracle(args: argparse.Namespace) -> dict[str, Any]:
             adapter = get_adapter(tiny_checkpoint(args.work, family))
             rendered = demo_samples(adapter, shards)
             model_class = adapter.auto_class()._model_mapping.get(type(adapter.config), None)
-            entry["trainer_backend"] = attention.choose(adapter.config, model_class, dev)
+            masked = type(adapter).attention_masks is not ModelAdapter.attention_masks
+            entry["trainer_backend"] = (attention.choose_masked(dev) if masked else
+                                        attention.choose(adapter.config, model_class, dev))
             entry["samples"] = [r.length for r in rendered]
-            for backend in backends_here(model_class):
+            for backend in backends_here(model_class, masked):
                 try:
                     attention.register()
                     impl = "sdpa" if backend == "sdpa" else attention.per_module(adapter.config, backend)

@@ -130,6 +130,18 @@ def test_kill_and_relaunch_is_bitwise_equal(tiny, overfit_shards: Path, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_compiled_run_reports_its_graphs_and_does_not_recompile(tiny, overfit_shards: Path, tmp_path: Path) -> None:
+    """train.compile with full activation checkpointing (inductor on CPU): the final line counts what
+    Dynamo compiled; packs of other lengths and make-up (at most 700 tokens: the four samples no
+    longer fit one pack) over 4 steps reuse the first step's graphs (without dynamic shapes: 7
+    recompiles)."""
+    extra = ["train.steps=4", "checkpoint.every=0", "run.export=false", "train.activation_checkpointing=full",
+             "data.packing.max_tokens=700"]
+    out = train(command(tiny, overfit_shards, tmp_path / "run", "train.compile=true", *extra))
+    assert out["steps"] == 4 and out["compile"]["graphs"] >= 1 and out["compile"]["recompiles"] == 0, out
+    assert set(out["compile"]) == {"graphs", "graph_breaks", "recompiles"}
+
+
 def test_export_from_a_checkpoint_gives_the_training_logits(tiny, overfit_shards: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForImageTextToText
 

@@ -191,14 +191,14 @@ class FamilyOracles:
 
         trained, inputs = training_model_and_pack(run)
         expected = logits(trained, inputs)
-        auto_class = get_adapter(path).auto_class()
-        base = auto_class.from_pretrained(path).eval()
+        adapter = get_adapter(path)
+        base = adapter.load_model().eval()
         assert not torch.allclose(logits(base, inputs), expected, atol=1e-4), "training changed nothing"
         with_adapter = PeftModel.from_pretrained(base, run / "hf").eval()
         # The trainer attends per sample (trainer/attention.py), plain transformers over the masked
         # row: the same maths, summed in another order.
         assert torch.allclose(logits(with_adapter, inputs), expected, atol=1e-4, rtol=1e-4)
-        merged = auto_class.from_pretrained(run / "hf" / "merged").eval()
+        merged = adapter.prepare(adapter.auto_class().from_pretrained(run / "hf" / "merged")).eval()
         assert torch.allclose(logits(merged, inputs), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -451,7 +451,7 @@ class VideoOracles:
         from trainer.models.adapter import get_adapter
 
         adapter, members, policy = get_adapter(path), video_members(), VideoPolicy()
-        model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+        model = adapter.load_model(dtype=torch.float32, attn_implementation="sdpa").eval()
         other = 4 if self.MIXED_FRAME_COUNTS else 6
         samples = [video_sample("v", 6), SAMPLES[0], SAMPLES[1], video_sample("w", other, image=True)]
         rendered = [render_sample(adapter, s, members, video=policy) for s in samples]

@@ -49,7 +49,7 @@ class TestPaliGemma(FamilyOracles):
     def test_processor_and_model_on_one_real_image(self, path) -> None:
         """The layout PaliGemma knows: the prompt through the stock processor is the real format, and
         render_sample gives those tokens and pixels, then the answer."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoProcessor
 
         from trainer.data.packing import collate
         from trainer.data.render import decode_image, render_sample
@@ -72,7 +72,7 @@ class TestPaliGemma(FamilyOracles):
         assert torch.equal(r.media["pixel_values"], out["pixel_values"])
         assert adapter.tokenizer.decode(r.input_ids[n:]) == "a palace<eos>\n"
         assert adapter.tokenizer.decode(r.input_ids[r.labels != -100]) == "a palace<eos>"
-        model = AutoModelForImageTextToText.from_pretrained(path)
+        model = adapter.load_model()
         with torch.no_grad():
             loss = loss_sum(model, collate(adapter, [r]).inputs)
         assert torch.isfinite(loss) and loss > 0
@@ -80,14 +80,12 @@ class TestPaliGemma(FamilyOracles):
     def test_packed_loss_is_the_processors_prefix_lm_loss(self, path) -> None:
         """Packed, each single-turn sample's loss is the one transformers computes for it alone from the
         processor's finetuning inputs (processor(text, suffix=...): token_type_ids 0 on the prefix)."""
-        from transformers import AutoModelForImageTextToText
-
         from trainer.data.packing import collate
         from trainer.data.render import decode_image, render_sample
         from trainer.models.adapter import get_adapter
 
         adapter = get_adapter(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        model = adapter.load_model(dtype=torch.float32, attn_implementation="sdpa")
         model.eval()
         single = [SAMPLES[0], SAMPLES[2]]        # "What is it?" on a photo; two images, a system prompt
         rendered = [render_sample(adapter, s, PHOTOS) for s in single]
@@ -108,14 +106,12 @@ class TestPaliGemma(FamilyOracles):
     def test_prefix_attends_ahead_within_its_sample_only(self, path) -> None:
         """Packed: the first image token sees the last token of its prompt ("\n"), but not the answer
         after it, and nothing of the other samples."""
-        from transformers import AutoModelForImageTextToText
-
         from trainer.data.packing import collate
         from trainer.data.render import render_sample
         from trainer.models.adapter import get_adapter
 
         adapter = get_adapter(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        model = adapter.load_model(dtype=torch.float32, attn_implementation="sdpa")
         rendered = [render_sample(adapter, s, PHOTOS) for s in SAMPLES]
         inputs = dict(collate(adapter, rendered).inputs)
         labels = inputs.pop("labels")[0]

@@ -1,7 +1,8 @@
 """Packed attention (trainer/attention.py) from boundaries computed once per pack: no host reads
 inside the language model's layers on the trainer's path (the old path, which found the boundaries
 from position ids in every layer, had some); per-sample SDPA with a sliding window equals SDPA over
-the dense block-diagonal banded mask; the backend choice per family and device (mllama falls back
+the dense block-diagonal banded mask; the flex BlockMask of a pack with bidirectional blocks marks
+exactly the tiles its dense mask touches; the backend choice per family and device (mllama falls back
 from flash-attn with a log line); compiled blocks under activation checkpointing compile and do not
 recompile over packs of different make-up, with the eager loss."""
 
@@ -24,11 +25,11 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return model.get_decoder().layers
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "mistral3", "phi4_multimodal"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "mistral3", "phi4_multimodal", "gemma3"])
 def test_no_host_reads_inside_the_language_models_layers(tiny, family: str) -> None:
     path = tiny(family)
     adapter = get_adapter(path)
-    model = adapter.auto_class().from_pretrained(path, attn_implementation=adapter.attn_implementation()).eval()
+    model = adapter.load_model(attn_implementation=adapter.attn_implementation()).eval()
     inputs = dict(collate(adapter, [render_sample(adapter, s, PHOTOS) for s in SAMPLES]).inputs)
     inputs.pop("labels")
     assert len(inputs["mmloom_segments"]) == 3 and inputs["cu_seq_lens_q"][-1] == inputs["input_ids"].shape[1]
@@ -44,12 +45,12 @@ def test_no_host_reads_inside_the_language_models_layers(tiny, family: str) -> N
         return attention.packed_attention(module, query, key, value, mask, **kwargs)
 
     AttentionInterface.register("finding", finding)
-    old = adapter.auto_class().from_pretrained(path, attn_implementation=attention.per_module(
+    old = adapter.load_model(attn_implementation=attention.per_module(
         adapter.config, "finding")).eval()
     with torch.no_grad(), attention.count_host_reads(decoder_layers(old)) as reads:
         old(**inputs, use_cache=False)
     assert len(reads) == 2 * old.config.get_text_config().num_hidden_layers
-    sdpa = adapter.auto_class().from_pretrained(path, attn_implementation="sdpa").eval()
+    sdpa = adapter.load_model(attn_implementation="sdpa").eval()
     with torch.no_grad():
         assert torch.allclose(trained, sdpa(**inputs, use_cache=False).logits, atol=1e-5, rtol=1e-5)
 
@@ -83,6 +84,41 @@ def test_per_sample_attention_with_a_sliding_window_is_the_dense_masked_one(wind
     assert torch.equal(again, out)
 
 
+@pytest.mark.parametrize("window", [None, 700])
+def test_block_masks_are_the_dense_masks_by_tile(window: int | None) -> None:
+    """12 samples in an 8192-token pack, each with a 256-token bidirectional block: the flex BlockMask
+    marks a 128 x 128 tile partial or full exactly where the dense mask has some or all of it, the
+    dense mask is the rule itself, and the kernel skips what a pack of 12 samples never attends."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([1000, 900, 820, 700, 680, 650, 640, 600, 560, 540, 520, 582])
+    n = int(sizes.sum())
+    sample = torch.repeat_interleave(torch.arange(12), sizes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    block = torch.full((n,), -1)
+    for i, start in enumerate(starts.tolist()):
+        offset = int(torch.randint(0, 200, (), generator=gen))
+        block[start + offset: start + offset + 256] = i
+    ids = torch.stack([sample, block]).to(torch.int32)
+    dense = attention.block_causal(ids, window, "sdpa")[0, 0]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    rule = (sample[i] == sample[j]) & ((j <= i) | ((block[i] == block[j]) & (block[i] >= 0)))
+    assert torch.equal(dense, rule & (i - j < window) if window else rule)
+    assert dense.triu(1).any()                                # the blocks attend ahead
+    flex = attention.block_causal(ids, window, attention.FLEX)
+    tiles = dense.view(n // 128, 128, n // 128, 128)
+    some, every = tiles.any(3).any(1), tiles.all(3).all(1)
+    reference = create_block_mask(lambda b, h, q, kv: dense[q, kv], None, None, n, n, device="cpu")
+    assert torch.equal(flex.to_dense()[0, 0].bool(), some) and torch.equal(reference.to_dense()[0, 0].bool(), some)
+    full = torch.zeros_like(some)
+    rows = flex.full_kv_num_blocks[0, 0]
+    for row in range(n // 128):
+        full[row, flex.full_kv_indices[0, 0, row, :rows[row]].long()] = True
+    assert torch.equal(full, every)
+    assert flex.sparsity() > 85                               # % of tiles skipped
+
+
 def test_backend_per_family_and_device(tiny, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     from transformers import LlavaForConditionalGeneration, MllamaForConditionalGeneration
 
@@ -90,6 +126,7 @@ def test_backend_per_family_and_device(tiny, monkeypatch: pytest.MonkeyPatch, ca
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert attention.choose(llava, LlavaForConditionalGeneration, cpu) == attention.PACKED
     assert get_adapter(tiny("gemma3")).attn_implementation() == "sdpa"     # dense masks: image blocks
+    assert attention.choose_masked(cpu) == "sdpa" and attention.choose_masked(cuda) == attention.FLEX
     assert attention.choose(llava, LlavaForConditionalGeneration, cuda) == attention.VARLEN
     real = attention.importlib.util.find_spec
     monkeypatch.setattr(attention.importlib.util, "find_spec",

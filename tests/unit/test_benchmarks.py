@@ -137,6 +137,8 @@ def test_gpu_validation_runs_every_stage_on_cpu_with_smoke(tmp_path: Path) -> No
         assert len(entry["samples"]) == 3 and entry["trainer_backend"] in entry
         for backend in ("mmloom_packed", "sdpa"):     # what runs on CPU
             assert entry[backend]["ok"] and entry[backend]["rel_diff"] <= oracle["tolerance"], (family, entry)
+    gemma3 = oracle["families"]["gemma3"]            # block masks: dense for SDPA on CPU
+    assert gemma3["trainer_backend"] == "sdpa" and gemma3["sdpa"]["ok"] and "mmloom_packed" not in gemma3
     attention = by["attention"]
     assert attention["status"] == "skipped" and "missing" in attention["reason"] or \
         attention["trainer_path_host_reads"] == [0]

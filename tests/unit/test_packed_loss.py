@@ -1,6 +1,7 @@
 """Packing is exact: the loss of a packed micro-batch equals the sum of its samples' losses
-computed one by one (fp32, relative 1e-6), and no gradient flows between packed samples —
-for llava, qwen2_vl (3-D rope) and idefics3 (tiled images)."""
+computed one by one (fp32, relative 1e-6) for every family on every backend that runs on CPU
+(flex_attention's block masks too, for Gemma 3 and PaliGemma), and no gradient flows between
+packed samples."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import torch.nn.functional as F
 
 from data_tools.sample import ImagePart, Sample, TextPart, Turn
 from tests.unit.test_render import PHOTOS
+from trainer import attention
 from trainer.data.packing import collate
 from trainer.data.render import render_sample
-from trainer.models.adapter import ModelAdapter, get_adapter
+from trainer.models.adapter import ModelAdapter, get_adapter, load_families
 from trainer.models.tiny import FAMILIES
 
 
@@ -38,15 +40,22 @@ def summed_loss(model, inputs: dict) -> torch.Tensor:
     return F.cross_entropy(logits[:-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum")
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "trainer"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+def backends(family: str) -> list[str]:
+    """SDPA over the masked row, the trainer's pick on CPU (trainer/attention.py), and for the families
+    with block masks the flex_attention BlockMasks the trainer picks on CUDA."""
+    masked = load_families()[family].attention_masks is not ModelAdapter.attention_masks
+    return ["sdpa", "trainer", *([attention.FLEX] if masked else [])]
+
+
+@pytest.mark.parametrize(("family", "backend"), [(f, b) for f in sorted(FAMILIES) for b in backends(f)])
 def test_packed_loss_equals_per_sample_losses(tiny, family: str, backend: str) -> None:
-    """On each CPU backend: SDPA over the masked row, and the one the trainer picks (trainer/attention.py)."""
+    """On each backend that runs on CPU (see `backends`)."""
     torch.manual_seed(0)
     path = tiny(family)
     adapter = get_adapter(path)
-    implementation = "sdpa" if backend == "sdpa" else adapter.attn_implementation()
-    model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation=implementation)
+    implementation = {"sdpa": "sdpa", "trainer": adapter.attn_implementation()}.get(
+        backend) or attention.per_module(adapter.config, backend)
+    model = adapter.load_model(dtype=torch.float32, attn_implementation=implementation)
     model.eval()
     rendered = [render_sample(adapter, s, PHOTOS) for s in SAMPLES]
     with torch.no_grad():
@@ -60,7 +69,7 @@ def test_packed_loss_equals_per_sample_losses(tiny, family: str, backend: str) -
 def test_no_gradient_crosses_packed_samples(tiny, family: str) -> None:
     path = tiny(family)
     adapter = get_adapter(path)
-    model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = adapter.load_model(dtype=torch.float32, attn_implementation="sdpa")
     rendered = [render_sample(adapter, s, PHOTOS) for s in SAMPLES]
     inputs = dict(collate(adapter, rendered).inputs)
     # Loss of the middle sample only; gradients reach the token embeddings of every position.
@@ -97,7 +106,7 @@ def cropped_photo(box: tuple[int, int, int, int], answer: str) -> tuple[Sample, 
 
 def assert_packed_equals_alone(path, adapter, rendered: list, pack: dict) -> None:
     """The summed loss of `pack` equals its samples' losses one by one (fp32, relative 1e-6)."""
-    model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = adapter.load_model(dtype=torch.float32, attn_implementation="sdpa").eval()
     with torch.no_grad():
         alone = sum(summed_loss(model, dict(collate(adapter, [r]).inputs)) for r in rendered)
         packed = summed_loss(model, dict(pack))
@@ -133,7 +142,7 @@ def test_the_trainers_attention_gives_the_masked_sdpa_logits(tiny, family: str) 
     inputs.pop("labels")
     logits = []
     for name in (implementation, "sdpa"):
-        model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation=name).eval()
+        model = adapter.load_model(dtype=torch.float32, attn_implementation=name).eval()
         with torch.no_grad():
             logits.append(model(**inputs, use_cache=False).logits)
     assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=1e-5), float((logits[0] - logits[1]).abs().max())
@@ -148,7 +157,7 @@ def test_the_trainers_loss_computes_logits_only_for_targets(tiny, family: str) -
 
     path = tiny(family)
     adapter = get_adapter(path)
-    model = adapter.auto_class().from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = adapter.load_model(dtype=torch.float32, attn_implementation="sdpa")
     rendered = [render_sample(adapter, s, PHOTOS) for s in SAMPLES]
     for i, r in enumerate(rendered):
         r.source = i

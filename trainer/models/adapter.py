@@ -201,11 +201,31 @@ class ModelAdapter:
 
     def load_model(self, **kwargs: Any) -> Any:
         """The checkpoint's model through transformers' from_pretrained (remote code if trusted)."""
-        return self.model_class().from_pretrained(self.path, local_files_only=True, **self.load_kwargs, **kwargs)
+        return self.prepare(self.model_class().from_pretrained(self.path, local_files_only=True,
+                                                               **self.load_kwargs, **kwargs))
 
     def model_from_config(self, **kwargs: Any) -> Any:
         """The checkpoint's architecture with fresh weights (under torch.device("meta"): no memory)."""
-        return self.model_class().from_config(self.config, **self.load_kwargs, **kwargs)
+        return self.prepare(self.model_class().from_config(self.config, **self.load_kwargs, **kwargs))
+
+    def prepare(self, model: Any) -> Any:
+        """`model`, made to take this family's packs: where `model_inputs` hands it `mmloom_mask`, a
+        hook turns that into `attention_masks` for the model's attention implementation, once per
+        forward (on the device the pack is on)."""
+        if type(self).attention_masks is not ModelAdapter.attention_masks:
+            model.register_forward_pre_hook(self._masks_hook, with_kwargs=True)
+        return model
+
+    def _masks_hook(self, model: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ids = kwargs.pop("mmloom_mask", None)
+        if ids is not None:
+            kwargs["attention_mask"] = self.attention_masks(ids, model.config.get_text_config()._attn_implementation)
+        return args, kwargs
+
+    def attention_masks(self, ids: torch.Tensor, backend: str) -> Any:
+        """For families whose `model_inputs` give `mmloom_mask` (trainer/attention.py's `block_causal`
+        ids): the `attention_mask` the model takes."""
+        raise NotImplementedError
 
     def model_class(self) -> Any:
         """auto_class(); for trusted remote code, the auto class its config.json's auto_map names."""

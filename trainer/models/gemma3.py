@@ -10,9 +10,12 @@ the wrong image blocks. The adapter therefore hands the model its masks ready-ma
 type, as `attention_mask={"full_attention": ..., "sliding_attention": ...}` (the form `generate`
 uses, which the model takes as is): each packed sample is a causal sequence of its own, each run of
 image tokens is a bidirectional block inside it, and the sliding layers keep the last
-`sliding_window` positions. Those masks are boolean and dense ([1, 1, L, L], L^2 bytes each: 64 MiB
-per layer type at 8192 tokens), which is what SDPA takes; flash-attention has no way to express the
-image blocks, so the family always runs SDPA.
+`sliding_window` positions. Collate gives only each token's sample and image-block ids
+(`mmloom_mask`, [2, L]); the adapter's hook builds the masks from them on the device, once per
+forward (trainer/attention.py's `block_causal`): flex_attention BlockMasks on CUDA, whose kernel skips
+the tiles no token of which attends (most of a pack of several samples), and dense boolean masks for
+SDPA elsewhere ([1, 1, L, L], 64 MiB per layer type at 8192 tokens). Flash-attention and varlen
+kernels cannot express the image blocks.
 """
 
 from __future__ import annotations
@@ -21,25 +24,9 @@ from typing import Any
 
 import torch
 
+from trainer import attention
+from trainer.attention import block_causal
 from trainer.models.adapter import ModelAdapter, register
-
-
-def packed_attention_mask(position_ids: torch.Tensor, blocks: torch.Tensor,
-                          window: int | None = None) -> torch.Tensor:
-    """[1, 1, L, L] boolean mask (True: q may attend to kv) of a packed sequence.
-
-    A sample starts wherever the positions do not go up by one (as transformers'
-    `find_packed_sequence_indices` reads them); inside a sample attention is causal, plus both ways
-    between tokens of the same block (`blocks[i] >= 0`, -1 for none); `window` keeps, as transformers'
-    sliding window does, only keys less than `window` positions behind the query."""
-    sample = (torch.diff(position_ids, prepend=position_ids[:1] - 1) != 1).cumsum(0)
-    index = torch.arange(len(position_ids))
-    allowed = index[None, :] <= index[:, None]
-    allowed |= (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
-    allowed &= sample[:, None] == sample[None, :]
-    if window is not None:
-        allowed &= position_ids[None, :] > position_ids[:, None] - window
-    return allowed[None, None]
 
 
 def image_blocks(is_image: torch.Tensor) -> torch.Tensor:
@@ -59,15 +46,33 @@ class Gemma3Adapter(ModelAdapter):
     # The processor names <start_of_image> only; the soft tokens and <end_of_image> are media too.
     media_token_pattern = r"<image_soft_token>|<end_of_image>"
 
-    def attn_implementation(self) -> str:
-        return "sdpa"
+    def attn_implementation(self) -> str | dict[str, str]:
+        return masked_attention(self)
 
     def model_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
                      media: dict[str, torch.Tensor]) -> dict[str, Any]:
-        text = self.config.get_text_config()
         blocks = image_blocks(input_ids == self.config.image_token_id)
-        masks = {kind: packed_attention_mask(position_ids, blocks,
-                                             text.sliding_window if kind == "sliding_attention" else None)
-                 for kind in sorted(set(text.layer_types))}
         return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None],
-                "attention_mask": masks, **media}
+                "mmloom_mask": mask_ids(position_ids, blocks), **media}
+
+    def attention_masks(self, ids: torch.Tensor, backend: str) -> dict[str, Any]:
+        """One mask per layer type: the sliding layers keep the last `sliding_window` positions."""
+        text = self.config.get_text_config()
+        return {kind: block_causal(ids, text.sliding_window if kind == "sliding_attention" else None, backend)
+                for kind in sorted(set(text.layer_types))}
+
+
+def mask_ids(position_ids: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """[2, L] int32 ids for `block_causal`: a sample starts wherever the positions do not go up by one
+    (as transformers' `find_packed_sequence_indices` reads them); `blocks` as `image_blocks` numbers them."""
+    sample = (torch.diff(position_ids, prepend=position_ids[:1] - 1) != 1).cumsum(0)
+    return torch.stack([sample, blocks]).to(torch.int32)
+
+
+def masked_attention(adapter: ModelAdapter) -> str | dict[str, str]:
+    """attn_implementation for a family with `mmloom_mask`: flex_attention for the language model on CUDA,
+    SDPA elsewhere and for the vision tower. Logged once."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend = attention.choose_masked(device)
+    attention.log_once(f"attention: {backend} for the {adapter.family} language model on {device.type}")
+    return attention.per_module(adapter.config, backend)

@@ -13,12 +13,13 @@ without images is "<bos>prompt\n..." (the processor refuses text without images)
 
 Packing: transformers marks the prefix with token_type_ids == 0 and turns every such token of the
 row into one bidirectional block, so packed samples would attend to each other's prefixes (the block
-overlay is OR-ed after the packed-sequence mask). The adapter hands the model a ready-made
-[1, 1, L, L] boolean mask instead (which the model takes as is): causal inside each sample, both ways
-among the sample's tokens before its first answer token (exactly the processor's token_type_ids 0 for a
-single-turn sample; later turns of a multi-turn sample stay causal). Hence SDPA always (flash-attention
-cannot express the prefix block). PaliGemma 2 checkpoints share the model_type but not this: their
-Gemma 2 soft-caps attention logits, which SDPA cannot do (see `attn_implementation`).
+overlay is OR-ed after the packed-sequence mask). The adapter hands the model a ready-made mask
+instead (which the model takes as is): causal inside each sample, both ways among the sample's tokens
+before its first answer token (exactly the processor's token_type_ids 0 for a single-turn sample;
+later turns of a multi-turn sample stay causal). As for Gemma 3, collate gives the sample and prefix
+ids (`mmloom_mask`) and the adapter's hook builds the mask on the device: a flex_attention BlockMask on
+CUDA, a dense boolean one for SDPA elsewhere. PaliGemma 2 checkpoints share the model_type but not
+this: their Gemma 2 soft-caps attention logits, which SDPA cannot do (see `attn_implementation`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from typing import Any
 
 import torch
 
+from trainer.attention import block_causal
 from trainer.data.render import IGNORE
 from trainer.models.adapter import ModelAdapter, register
-from trainer.models.gemma3 import packed_attention_mask
+from trainer.models.gemma3 import mask_ids, masked_attention
 
 
 @register
@@ -41,13 +43,13 @@ class PaliGemmaAdapter(ModelAdapter):
     media_keys = ("pixel_values",)
     video = ""
 
-    def attn_implementation(self) -> str:
+    def attn_implementation(self) -> str | dict[str, str]:
         if self.config.text_config.model_type != "gemma":
             # PaliGemma 2 (Gemma 2 inside) soft-caps attention logits, which SDPA cannot do, and eager
             # attention would need the mask as additive floats: not done yet.
             raise ValueError(f"{self.path}: PaliGemma with a {self.config.text_config.model_type} text model "
                              f"(PaliGemma 2) is not supported yet; use a PaliGemma (Gemma) checkpoint")
-        return "sdpa"
+        return masked_attention(self)
 
     # --- rendering -----------------------------------------------------------------------------------
 
@@ -81,4 +83,7 @@ class PaliGemmaAdapter(ModelAdapter):
         first_answer.scatter_reduce_(0, sample[answer], index[answer], reduce="amin")
         prefix = torch.where(index < first_answer[sample], sample, -1)
         return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None],
-                "attention_mask": packed_attention_mask(position_ids, prefix), **media}
+                "mmloom_mask": mask_ids(position_ids, prefix), **media}
+
+    def attention_masks(self, ids: torch.Tensor, backend: str) -> Any:
+        return block_causal(ids, None, backend)
