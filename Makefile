@@ -36,8 +36,8 @@ demo: setup runs/tiny-llava/config.json
 	$(RUN) $(BIN)/torchrun --nproc-per-node 2 -m trainer.train --config configs/tiny-llava.yaml
 	$(RUN) $(BIN)/python -m trainer.generate $(DEMO)/run/hf --prompt "What animal is this?" --image data_tools/demo/media/chelsea.jpg
 
-runs/tiny-llava/config.json: trainer/models/tiny/common.py trainer/models/tiny/llava.py
-	$(RUN) $(BIN)/python -m trainer.models.tiny --family llava --out runs/tiny-llava
+runs/tiny-llava/config.json: trainer/tiny/common.py trainer/tiny/llava.py
+	$(RUN) $(BIN)/python -m trainer.tiny --family llava --out runs/tiny-llava
 
 test: setup slurm
 	$(BIN)/python -m pytest tests

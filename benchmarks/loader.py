@@ -65,7 +65,7 @@ def build_data(root: Path, samples: int, images: int) -> tuple[Path, Path, Path]
     from benchmarks.corpus import llava_like_records
     from benchmarks.shard import make_images
     from data_tools.shard import main as shard_main
-    from trainer.models.tiny import build_tiny
+    from trainer.tiny import build_tiny
 
     media = root / "media"
     media.mkdir(parents=True)

@@ -5,7 +5,7 @@
 The data: `--distinct` text-only conversations of the LLaVA-like mix (benchmarks/corpus.py),
 converted by data_tools/shard.py (10,000 samples per shard) with a data.txt target of
 `--epoch-samples`, so the manifest plans 1M occurrences per epoch (each sample drawn about 20
-times). The model is a tiny LLaVA-1.5 (trainer/models/tiny), packs of 8192 tokens, the default
+times). The model is a tiny LLaVA-1.5 (trainer/tiny), packs of 8192 tokens, the default
 data settings (2 workers, shuffle buffer 1000, packing buffer 64).
 
 A first run of `python -m trainer.train` writes a checkpoint after 2 steps. Its data state is then
@@ -43,7 +43,7 @@ def build_data(root: Path, distinct: int, epoch_samples: int) -> tuple[Path, Pat
     """(shards directory, tiny LLaVA checkpoint)."""
     from benchmarks.corpus import llava_like_records
     from data_tools.shard import main as shard_main
-    from trainer.models.tiny import build_tiny
+    from trainer.tiny import build_tiny
 
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "text.jsonl", "w") as f:

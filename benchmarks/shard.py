@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 def make_images(root: Path, n: int) -> list[Path]:
     from PIL import Image
 
-    from tests.media import SKIMAGE, SKLEARN
+    from data_tools.samples import SKIMAGE, SKLEARN
 
     bases = [Image.open(p).convert("RGB") for p in
              (SKLEARN / "china.jpg", SKLEARN / "flower.jpg", SKIMAGE / "astronaut.png", SKIMAGE / "coffee.png")]

@@ -3,7 +3,7 @@ and the framework's own overhead per step. Prints one JSON line.
 
     python benchmarks/train.py [--samples 96] [--max-tokens 8192] [--trials 3]
 
-The model is a tiny random-weight LLaVA-1.5 (trainer/models/tiny: the real CLIP-336 vision tower
+The model is a tiny random-weight LLaVA-1.5 (trainer/tiny: the real CLIP-336 vision tower
 geometry and 576 tokens per image, 2 layers of width 64) loaded as the trainer loads it
 (fp32, the attention implementation `adapter.attn_implementation()` picks: on CPU trainer/attention.py's
 per-sample SDPA for packed rows; the vision
@@ -152,7 +152,7 @@ def run_steps(model: Any, optimizer: Any, steps: list[tuple[Any, int]]) -> float
 
 def framework_overhead(model_dir: Path, root: Path, pack: Any, repeats: int) -> dict[str, float]:
     """Median Trainer.step time and forward+backward time on the same pack (milliseconds)."""
-    from tests.pipeline_data import build_overfit_shards
+    from data_tools.samples import build_overfit_shards
     from trainer.config import load_config
     from trainer.loop import Trainer, micro_batch_loss
     from trainer.metrics import Metrics
@@ -194,7 +194,7 @@ def main() -> None:
     from trainer.data.render import IGNORE
     from trainer.loop import micro_batch_loss
     from trainer.models.adapter import get_adapter
-    from trainer.models.tiny import build_tiny
+    from trainer.tiny import build_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

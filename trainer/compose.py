@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 IMAGE_TOKEN = "<image>"
 
 # Both templates put a message's images first, one "<image>\n" each, then its text, as LLaVA does;
-# `{% generation %}` marks what is trained (answer + end of turn). One line: see trainer/models/tiny/common.py.
+# `{% generation %}` marks what is trained (answer + end of turn). One line: see trainer/tiny/common.py.
 TEMPLATES = {
     # LLaVA-1.5 (vicuna_v1): "SYSTEM USER: <image>\nQ ASSISTANT: A</s>".
     "vicuna": (
@@ -94,8 +94,14 @@ def _vision_part(path: Path):
 def compose(vision: str | Path, llm: str | Path, out: str | Path, template: str | None = None) -> Path:
     """Write a LLaVA-style checkpoint (model + processor) made of `vision`, `llm` and a fresh projector."""
     import torch
-    from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     vision, llm, out = Path(vision), Path(llm), Path(out)
     for part, what in ((vision, "model.compose.vision"), (llm, "model.compose.llm")):

@@ -71,7 +71,7 @@ def random_checkpoint(family: str, out: Path, edit: Callable[[dict], None] | Non
     config.json as `edit` changes it (without `edit`: the tiny model itself). New weights are drawn on
     the GPU when there is one. Loaded later by the trainer like any checkpoint."""
     from trainer.models.adapter import get_adapter
-    from trainer.models.tiny import build_tiny
+    from trainer.tiny import build_tiny
 
     tiny = build_tiny(family, out.parent / f"tiny-{family}-bf16", dtype="bfloat16")
     out.mkdir(parents=True, exist_ok=True)

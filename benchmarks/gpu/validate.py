@@ -221,7 +221,7 @@ def device() -> Any:
 
 
 def tiny_checkpoint(work: Path, family: str) -> Path:
-    from trainer.models.tiny import build_tiny
+    from trainer.tiny import build_tiny
 
     out = work / f"tiny-{family}"
     return out if (out / "config.json").exists() else build_tiny(family, out)

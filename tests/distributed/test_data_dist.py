@@ -11,11 +11,10 @@ from pathlib import Path
 
 from data_tools.manifest import load_manifest
 from data_tools.plan import plan_epoch
+from tests.support import REPO
 from trainer.config import load_config
 from trainer.data.pipeline import build_loader, plan_seed
 from trainer.models.adapter import get_adapter
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def overrides(tiny, shards: Path) -> list[str]:

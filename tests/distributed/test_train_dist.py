@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO
 
 
 def run(out: Path, tag: str, schedule: str, overrides: list[str], ranks: int) -> dict:
@@ -123,7 +123,7 @@ def test_gradients_stay_sharded_between_micro_batches(tiny, stream_shards: Path,
 
 @pytest.fixture(scope="module")
 def tiny_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.models.tiny import build_tiny
+    from trainer.tiny import build_tiny
 
     return build_tiny("llava", tmp_path_factory.mktemp("tiny-llava-bf16"), dtype="bfloat16")
 

@@ -6,7 +6,6 @@ LoRA on the LLM from the stage-1 export, and the merged export loads with AutoMo
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.models.tiny.common import CLIP_MEAN, CLIP_STD, LLAMA3_PATTERN, TEXT_WIDTH, TokenizerSpec, build_tokenizer
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+from tests.support import ENV, REPO
+from trainer.tiny.common import (
+    CLIP_MEAN,
+    CLIP_STD,
+    LLAMA3_PATTERN,
+    TEXT_WIDTH,
+    TokenizerSpec,
+    build_tokenizer,
+)
 
 
 @pytest.fixture(scope="module")

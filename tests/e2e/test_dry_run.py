@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from data_tools.manifest import load_manifest
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO
 
 
 def dry_run(tiny, shards: Path, *extra: str, ranks: int = 1) -> dict:

@@ -21,7 +21,7 @@ from tests.e2e.test_train import ENV, REPO, a_pack, command, logits, train
 
 @pytest.fixture(scope="module")
 def tiny_bf16(tmp_path_factory: pytest.TempPathFactory):
-    from trainer.models.tiny import build_tiny
+    from trainer.tiny import build_tiny
 
     path = build_tiny("llava", tmp_path_factory.mktemp("tiny-llava-bf16"), dtype="bfloat16")
     return lambda family: path

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import REPO
 from trainer.models.adapter import code_revision, get_adapter
-
-REPO = Path(__file__).resolve().parents[2]
 
 CONFIGURATION = '''
 from transformers import LlavaConfig

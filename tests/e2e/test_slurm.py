@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO
+
 STATE = Path("/tmp/mmloom-slurm-tests")
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +29,7 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+from tests.support import ENV, REPO
 
 
 def _data_dir(package: str, *parts: str) -> Path:
@@ -287,7 +285,7 @@ def video_sample(key: str, num_frames: int | None, image: bool = False) -> Any:
 
 
 def video_members() -> dict[str, bytes]:
-    from tests.unit.test_render import PHOTOS
+    from tests.support.samples import PHOTOS
 
     return {"v.mp4": CARPHONE.read_bytes(), **PHOTOS}
 
@@ -321,7 +319,7 @@ def inference(adapter: Any, sample: Any, members: dict[str, bytes], policy: Any,
 
 
 def summed_loss(model: Any, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-    from tests.unit.test_packed_loss import summed_loss as loss_of_pack
+    from tests.support.samples import summed_loss as loss_of_pack
 
     return loss_of_pack(model, {**inputs, "labels": labels[None]})
 
@@ -329,7 +327,7 @@ def summed_loss(model: Any, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
 def shard_video_overfit(root: Path) -> Path:
     """The four overfit samples plus a video (its own num_frames) and a sample with a photograph and a
     video: of two ranks, one holds the sample whose pack has both kinds of media."""
-    from tests.pipeline_data import OVERFIT_RECORDS, PHOTOS, shard_records
+    from data_tools.samples import OVERFIT_RECORDS, PHOTOS, shard_records
 
     return shard_records(root, [
         *OVERFIT_RECORDS,
@@ -445,7 +443,7 @@ class VideoOracles:
         video (of another frame count where the model allows it): its summed loss equals the samples'
         losses, each computed by the model alone on what the processor gives at inference."""
         from data_tools.video import VideoPolicy
-        from tests.unit.test_packed_loss import SAMPLES
+        from tests.support.samples import SAMPLES
         from trainer.data.packing import collate
         from trainer.data.render import render_sample
         from trainer.models.adapter import get_adapter
@@ -505,7 +503,7 @@ def packed_video_positions(path: Path) -> tuple[Any, Any, torch.Tensor, Any]:
     from transformers import AutoModelForImageTextToText
 
     from data_tools.video import VideoPolicy
-    from tests.unit.test_packed_loss import SAMPLES
+    from tests.support.samples import SAMPLES
     from trainer.data.packing import collate
     from trainer.data.render import render_sample
     from trainer.models.adapter import get_adapter

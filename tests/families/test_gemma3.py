@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from tests.families.oracles import FamilyOracles
-from tests.unit.test_packed_loss import SAMPLES
-from tests.unit.test_render import PHOTOS
+from tests.support.samples import PHOTOS, SAMPLES
 
 WINDOW = 300          # a sliding window shorter than the samples, so that it bites
 PACKED_SLIDING_MASK = ("transformers 5.23-5.25: in the sliding-window layers the bidirectional image overlay "

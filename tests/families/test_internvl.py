@@ -110,8 +110,7 @@ class TestInternVL(FamilyOracles):
 
     def test_packed_samples_keep_their_own_tiles(self, tiny) -> None:
         # The model takes tiles in order: packed, sample k's image features land on sample k's tokens.
-        from tests.unit.test_packed_loss import SAMPLES
-        from tests.unit.test_render import PHOTOS
+        from tests.support.samples import PHOTOS, SAMPLES
         from trainer.data.packing import collate
         from trainer.data.render import render_sample
         from trainer.models.adapter import get_adapter

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
+from tests.families.llava_facts import VicunaTurns
 from tests.families.oracles import FamilyOracles
 
 
-class TestLlava(FamilyOracles):
+class TestLlava(VicunaTurns, FamilyOracles):
     FAMILY = "llava"
     SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<image>", "<pad>"]
     TOKENIZER_ROLES = ("<s>", "</s>", "<pad>", True)
-    FULL_RENDER = ("You are terse. USER: <image>\nWhat is this? ASSISTANT: An astronaut.</s>"
-                   "USER: <image>\nAnd this? ASSISTANT: A palace.</s>")
-    GENERATION_PROMPT = "ASSISTANT:"
-    ASSISTANT_TEXT = " An astronaut.</s> A palace.</s>"
-    TEXT_ONLY_RENDER = "USER: Hi ASSISTANT: Hello.</s>USER: a b ASSISTANT:"
 
     def expected_image_tokens(self, image) -> int:
         return (336 // 14) ** 2  # the CLS token is dropped by vision_feature_select_strategy="default"

@@ -2,35 +2,8 @@
 
 from __future__ import annotations
 
+from tests.families.llava_facts import PINPOINTS, anyres_tokens, check_anyres_views
 from tests.families.oracles import FamilyOracles
-
-PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
-
-
-def anyres_grid(height: int, width: int, pinpoints: list[tuple[int, int]], tile: int,
-                per_tile: int) -> tuple[int, int]:
-    """Feature rows and columns of an image's tiles, as the original LLaVA-NeXT code picks them: the
-    pinpoint that keeps the most pixels (then wastes the least), `per_tile` x `per_tile` features per
-    `tile`-px tile, rows (or columns) of pure padding removed."""
-    def score(pin: tuple[int, int]) -> tuple[int, int]:
-        scale = min(pin[0] / height, pin[1] / width)
-        kept = min(int(height * scale) * int(width * scale), height * width)
-        return kept, -(pin[0] * pin[1] - kept)
-
-    best = max(pinpoints, key=score)  # max keeps the first of equals, as the original does
-    rows, cols = best[0] // tile * per_tile, best[1] // tile * per_tile
-    if width / height > cols / rows:
-        rows -= 2 * ((rows - int(height * cols / width)) // 2)
-    elif width / height < cols / rows:
-        cols -= 2 * ((cols - int(width * rows / height)) // 2)
-    return rows, cols
-
-
-def anyres_tokens(height: int, width: int) -> int:
-    """LLaVA-NeXT's AnyRes: 24x24 features per 336-px tile, one newline token per row, plus the 576
-    tokens of the 336-px base view."""
-    rows, cols = anyres_grid(height, width, PINPOINTS, 336, 24)
-    return 576 + rows * (cols + 1)
 
 
 class TestLlavaNext(FamilyOracles):
@@ -59,8 +32,4 @@ class TestLlavaNext(FamilyOracles):
         assert processor.image_processor.image_grid_pinpoints == [list(p) for p in PINPOINTS]
 
     def check_real_images(self, out, processor) -> None:
-        # Both pick the 672x672 pinpoint: a base view and 4 tiles. The square astronaut keeps all 48x48
-        # features; china (640x427) keeps 32 of 48 rows.
-        assert anyres_tokens(512, 512) == 576 + 48 * 49 and anyres_tokens(427, 640) == 576 + 32 * 49
-        assert out["pixel_values"].shape == (2, 5, 3, 336, 336)
-        assert out["image_sizes"].tolist() == [[512, 512], [427, 640]]
+        check_anyres_views(out)

@@ -6,19 +6,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tests.families.llava_facts import PINPOINTS, VicunaTurns, anyres_tokens, check_anyres_views
 from tests.families.oracles import FamilyOracles, VideoOracles, video_members, video_sample
-from tests.families import test_llava, test_llava_next
-from tests.families.test_llava_next import PINPOINTS, anyres_tokens  # the same image geometry
-
-VICUNA = test_llava.TestLlava             # llava-1.5's turns (a module attribute: not collected twice)
 
 
-class TestLlavaNextVideo(VideoOracles, FamilyOracles):
+class TestLlavaNextVideo(VicunaTurns, VideoOracles, FamilyOracles):
     FAMILY = "llava_next_video"
     SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<video>", "<image>"]
     TOKENIZER_ROLES = ("<s>", "</s>", "<unk>", True)
-    FULL_RENDER, GENERATION_PROMPT = VICUNA.FULL_RENDER, VICUNA.GENERATION_PROMPT
-    ASSISTANT_TEXT, TEXT_ONLY_RENDER = VICUNA.ASSISTANT_TEXT, VICUNA.TEXT_ONLY_RENDER
     MAX_TOKENS = 8192
 
     def expected_image_tokens(self, image) -> int:
@@ -43,7 +38,8 @@ class TestLlavaNextVideo(VideoOracles, FamilyOracles):
             assert (proc.crop_size["height"], proc.crop_size["width"]) == (336, 336)
         assert processor.video_processor.num_frames == 32
 
-    check_real_images = test_llava_next.TestLlavaNext.check_real_images   # the same AnyRes views
+    def check_real_images(self, out, processor) -> None:
+        check_anyres_views(out)                 # LLaVA-NeXT's AnyRes views
 
     def test_video_keeps_the_real_frame_geometry(self, path, images) -> None:
         # 336-px frames, 24x24 CLIP features pooled 2x2 to 12x12 = 144 tokens, no newline.

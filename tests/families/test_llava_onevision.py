@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data_tools.sample import ImagePart, Sample, TextPart, Turn
+from tests.families.llava_facts import anyres_grid
 from tests.families.oracles import FamilyOracles, VideoOracles, video_members, video_sample
-from tests.families.test_llava_next import anyres_grid
-from tests.unit.test_render import PHOTOS
+from tests.support.samples import PHOTOS
 from trainer.data.packing import collate
 from trainer.data.render import RenderError, render_sample, to_messages
 

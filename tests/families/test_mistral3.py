@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import math
 
-
 from tests.families.oracles import FamilyOracles
 
 
@@ -96,7 +95,7 @@ class TestMistral3(FamilyOracles):
         # A narrow crop (140x427 -> 5x16 tokens) and china (23x16): packed, the smaller image is zero-padded
         # to the larger's height and width as one processor call pads them, and the loss is still the
         # per-sample sum (the tower cuts each image back to its own size before attending within it).
-        from tests.unit.test_packed_loss import SAMPLES, assert_packed_equals_alone, cropped_photo
+        from tests.support.samples import SAMPLES, assert_packed_equals_alone, cropped_photo
         from trainer.data.packing import collate
         from trainer.data.render import render_sample
         from trainer.models.adapter import get_adapter

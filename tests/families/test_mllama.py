@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from data_tools.sample import ImagePart, Sample, TextPart, Turn
+from data_tools.samples import SKIMAGE
 from tests.families.oracles import FamilyOracles
-from tests.media import SKIMAGE
-from tests.unit.test_render import PHOTOS
+from tests.support.samples import PHOTOS
 from trainer.data.packing import collate
 from trainer.data.render import IGNORE, decode_image, render_sample, to_messages
 

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.families.oracles import FamilyOracles
-from tests.unit.test_packed_loss import SAMPLES, sample
-from tests.unit.test_render import PHOTOS
+from tests.support.samples import PHOTOS, SAMPLES, sample
 
 
 def loss_sum(model, inputs: dict) -> torch.Tensor:

@@ -123,12 +123,12 @@ class TestPhi4Multimodal(FamilyOracles):
     def test_the_published_templates_final_eos_is_dropped(self, path) -> None:
         # The published template ends a conversation rendered without the generation prompt with
         # <|endoftext|>; mmloom drops it, so the render equals the prefix-consistent one.
-        from tests.unit.test_render import PHOTOS, SAMPLES
+        from tests.support.samples import CONVERSATIONS, PHOTOS
         from trainer.data.render import render_sample
         from trainer.models.adapter import get_adapter
 
         adapter = get_adapter(path)
-        sample = SAMPLES["multi_turn_multi_image_system"]
+        sample = CONVERSATIONS["multi_turn_multi_image_system"]
         expected = render_sample(adapter, sample, PHOTOS)
         template = adapter.processor.chat_template
         published = template.replace("{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}",
@@ -170,7 +170,7 @@ class TestPhi4Multimodal(FamilyOracles):
         # A small crop (1 HD crop + global view) and china (2 crops + global): packed, the crop dimension is
         # padded as one processor call pads it (zero pixels, all-ones masks) and the loss is still the
         # per-sample sum (the model reads each image's crop count from image_sizes).
-        from tests.unit.test_packed_loss import SAMPLES, assert_packed_equals_alone, cropped_photo
+        from tests.support.samples import SAMPLES, assert_packed_equals_alone, cropped_photo
         from trainer.data.packing import collate
         from trainer.data.render import render_sample
         from trainer.models.adapter import get_adapter

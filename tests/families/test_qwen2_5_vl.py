@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tests.families.oracles import CARPHONE
-from tests.families.test_qwen2_vl import QwenVLFacts
+from tests.families.qwen_vl import QwenVLFacts
 
 
 class TestQwen2_5_VL(QwenVLFacts):

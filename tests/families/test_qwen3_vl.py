@@ -8,7 +8,7 @@ import math
 import torch
 
 from tests.families.oracles import CARPHONE, FamilyOracles, VideoOracles, packed_video_positions
-from tests.families.test_qwen2_vl import QwenVLFacts
+from tests.families.qwen_vl import QwenVLFacts
 
 
 def grid(height: int, width: int) -> tuple[int, int]:
@@ -99,8 +99,7 @@ class TestQwen3VL(VideoOracles, FamilyOracles):
         logits in the pack equal the model's on that sample alone, positions computed by the model."""
         from transformers import AutoModelForImageTextToText
 
-        from tests.unit.test_packed_loss import SAMPLES
-        from tests.unit.test_render import PHOTOS, images_of
+        from tests.support.samples import PHOTOS, SAMPLES, images_of
         from trainer.data.packing import collate
         from trainer.data.render import render_sample, to_messages
         from trainer.models.adapter import get_adapter

@@ -13,8 +13,7 @@ import logging
 import pytest
 import torch
 
-from tests.unit.test_packed_loss import SAMPLES, sample
-from tests.unit.test_render import PHOTOS
+from tests.support.samples import PHOTOS, SAMPLES, sample
 from trainer import attention
 from trainer.data.packing import collate
 from trainer.data.render import render_sample

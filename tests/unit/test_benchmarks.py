@@ -8,7 +8,6 @@ runs every stage on CPU with `--smoke` and reports a stage that overruns its lim
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+from tests.support import ENV, REPO
 
 KEYS = {
     "machine": {"cpus", "load_avg_1_5_15", "date", "torch"},
@@ -169,8 +167,8 @@ def test_seed_style_baseline_renders_what_mmloom_renders(tiny, tmp_path: Path) -
     from data_tools.manifest import load_manifest
     from data_tools.plan import plan_epoch
     from data_tools.sample import Sample
+    from data_tools.samples import SKIMAGE, SKLEARN
     from data_tools.shard import main as shard_main
-    from tests.media import SKIMAGE, SKLEARN
     from trainer.data.reader import read_occurrences
     from trainer.data.render import render_sample
     from trainer.models.adapter import get_adapter

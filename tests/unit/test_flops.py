@@ -13,8 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tests.unit.test_packed_loss import SAMPLES
-from tests.unit.test_render import PHOTOS
+from tests.support.samples import PHOTOS, SAMPLES
 from trainer.config import load_config
 from trainer.data.packing import collate
 from trainer.data.render import render_sample

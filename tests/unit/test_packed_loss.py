@@ -9,35 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_tools.sample import ImagePart, Sample, TextPart, Turn
-from tests.unit.test_render import PHOTOS
+from tests.support.samples import (
+    PHOTOS,
+    SAMPLES,
+    assert_packed_equals_alone,
+    cropped_photo,
+    summed_loss,
+)
 from trainer import attention
 from trainer.data.packing import collate
 from trainer.data.render import render_sample
 from trainer.models.adapter import ModelAdapter, get_adapter, load_families
-from trainer.models.tiny import FAMILIES
-
-
-def sample(key: str, turns: list[tuple[str, list]], system: str | None = None) -> Sample:
-    def part(p):
-        image = p in PHOTOS or p == "crop.png"
-        return ImagePart(member=p, width=0, height=0, format="", bytes=0) if image else TextPart(text=p)
-    return Sample(key=key, source="s", index=0, system=system,
-                  turns=[Turn(role=r, parts=[part(p) for p in ps]) for r, ps in turns])
-
-
-SAMPLES = [
-    sample("1", [("user", ["img0.jpg", "What is it?"]), ("assistant", ["A roof."])]),
-    sample("2", [("user", ["Hello"]), ("assistant", ["Hi there."]), ("user", ["Bye"]), ("assistant", ["Bye."])]),
-    sample("3", [("user", ["img1.png", "And this?", "img0.jpg"]), ("assistant", ["Coffee, then a roof."])],
-           system="Be brief."),
-]
-
-
-def summed_loss(model, inputs: dict) -> torch.Tensor:
-    labels = inputs.pop("labels")
-    logits = model(**inputs, use_cache=False).logits[0]
-    return F.cross_entropy(logits[:-1].float(), labels[0, 1:], ignore_index=-100, reduction="sum")
+from trainer.tiny import FAMILIES
 
 
 def backends(family: str) -> list[str]:
@@ -90,27 +73,6 @@ def test_no_gradient_crosses_packed_samples(tiny, family: str) -> None:
     grad = captured["embeds"].grad[0].abs().sum(-1)
     assert grad[start:end].sum() > 0
     assert grad[:start].sum() == 0 and grad[end:].sum() == 0
-
-
-def cropped_photo(box: tuple[int, int, int, int], answer: str) -> tuple[Sample, dict[str, bytes]]:
-    """A one-turn sample about a crop of img0.jpg, and the photos with that crop among them."""
-    import io
-
-    from trainer.data.render import decode_image
-
-    crop = io.BytesIO()
-    decode_image(PHOTOS["img0.jpg"]).crop(box).save(crop, format="PNG")
-    return sample("4", [("user", ["crop.png", "What is it?"]), ("assistant", [answer])]), \
-        {**PHOTOS, "crop.png": crop.getvalue()}
-
-
-def assert_packed_equals_alone(path, adapter, rendered: list, pack: dict) -> None:
-    """The summed loss of `pack` equals its samples' losses one by one (fp32, relative 1e-6)."""
-    model = adapter.load_model(dtype=torch.float32, attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        alone = sum(summed_loss(model, dict(collate(adapter, [r]).inputs)) for r in rendered)
-        packed = summed_loss(model, dict(pack))
-    assert abs(packed.item() - alone.item()) <= 1e-6 * abs(alone.item()), (packed.item(), alone.item())
 
 
 def test_llava_next_packs_images_with_different_view_counts(tiny) -> None:

@@ -3,41 +3,16 @@ exactly the answers and their end-of-turn token, for llava, qwen2_vl and idefics
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from data_tools.sample import ImagePart, Sample, TextPart, Turn
-from tests.media import SKIMAGE, SKLEARN
+from data_tools.sample import Sample, Turn
+from tests.support.samples import CONVERSATIONS, PHOTOS, image, images_of, text
 from trainer.data.render import IGNORE, RenderError, decode_image, render_sample, to_messages
 from trainer.models.adapter import get_adapter
-from trainer.models.tiny import FAMILIES as TINY_FAMILIES
+from trainer.tiny import FAMILIES as TINY_FAMILIES
 
 FAMILIES = sorted(TINY_FAMILIES)
-PHOTOS = {"img0.jpg": (SKLEARN / "china.jpg").read_bytes(), "img1.png": (SKIMAGE / "coffee.png").read_bytes()}
-
-
-def image(member: str) -> ImagePart:
-    return ImagePart(member=member, width=0, height=0, format="", bytes=0)
-
-
-def text(t: str) -> TextPart:
-    return TextPart(text=t)
-
-
-SAMPLES = {
-    "single": Sample(key="000000001", source="s", index=1, turns=[
-        Turn(role="user", parts=[image("img0.jpg"), text("What is this?")]),
-        Turn(role="assistant", parts=[text("A temple roof.")])]),
-    "multi_turn_multi_image_system": Sample(key="000000002", source="s", index=2, system="Answer briefly.", turns=[
-        Turn(role="user", parts=[image("img0.jpg"), text("Where?")]),
-        Turn(role="assistant", parts=[text("China.")]),
-        Turn(role="user", parts=[text("And this one?"), image("img1.png")]),
-        Turn(role="assistant", parts=[text("A cup of coffee on a saucer.")])]),
-    "text_only": Sample(key="000000003", source="s", index=3, turns=[
-        Turn(role="user", parts=[text("你好")]), Turn(role="assistant", parts=[text("你好！")]),
-        Turn(role="user", parts=[text("2+2?")]), Turn(role="assistant", parts=[text("4")])]),
-}
 
 
 # LLaVA-OneVision shows an image alone with AnyRes tiles and the images of a multi-image sample without
@@ -59,19 +34,15 @@ PALIGEMMA_NO_INFERENCE = {
 }
 
 
-def images_of(sample: Sample) -> list:
-    return [decode_image(PHOTOS[p.member]) for p in sample.media]
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", sorted(SAMPLES))
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 def test_prompts_match_inference_and_labels_cover_answers(tiny, family: str, name: str, request) -> None:
     if (family, name) == ("llava_onevision", "multi_turn_multi_image_system"):
         request.applymarker(pytest.mark.xfail(strict=True, reason=ONEVISION_FIRST_PROMPT))
     if family == "paligemma" and name in PALIGEMMA_NO_INFERENCE:
         request.applymarker(pytest.mark.xfail(strict=True, reason=PALIGEMMA_NO_INFERENCE[name]))
     adapter = get_adapter(tiny(family))
-    sample = SAMPLES[name]
+    sample = CONVERSATIONS[name]
     r = render_sample(adapter, sample, PHOTOS)
     messages = to_messages(sample)
     images = images_of(sample)
@@ -104,7 +75,7 @@ def test_media_tensors_match_the_processor(tiny, family: str, request) -> None:
         reason = PALIGEMMA_NO_INFERENCE["multi_turn_multi_image_system"]
         request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     adapter = get_adapter(tiny(family))
-    sample = SAMPLES["multi_turn_multi_image_system"]
+    sample = CONVERSATIONS["multi_turn_multi_image_system"]
     r = render_sample(adapter, sample, PHOTOS)
     ref = adapter.processor.apply_chat_template(to_messages(sample), tokenize=True, return_dict=True,
                                                 return_tensors="pt",
@@ -121,7 +92,7 @@ def test_qwen_positions_are_the_models_3d_rope(tiny, family: str) -> None:
     from transformers import AutoModelForImageTextToText
 
     adapter = get_adapter(tiny(family))
-    sample = SAMPLES["single"]
+    sample = CONVERSATIONS["single"]
     r = render_sample(adapter, sample, PHOTOS)
     model = AutoModelForImageTextToText.from_pretrained(tiny(family))
     kinds = torch.zeros_like(r.input_ids)[None]
@@ -160,7 +131,7 @@ def test_overlong_samples_are_trimmed_at_a_turn_boundary_or_dropped(tiny, family
     if family == "llava_onevision":
         request.applymarker(pytest.mark.xfail(strict=True, reason=ONEVISION_TRIM))
     adapter = get_adapter(tiny(family))
-    sample = SAMPLES["multi_turn_multi_image_system"]
+    sample = CONVERSATIONS["multi_turn_multi_image_system"]
     full = render_sample(adapter, sample, PHOTOS)
     first_answer_end = int((full.labels != IGNORE).nonzero()[0]) + 1
     first = render_sample(adapter, Sample(key="x", source="s", index=0, system=sample.system,
@@ -179,10 +150,10 @@ def test_overlong_samples_are_trimmed_at_a_turn_boundary_or_dropped(tiny, family
 def test_bad_members_are_counted_skips(tiny) -> None:
     adapter = get_adapter(tiny("llava"))
     with pytest.raises(RenderError) as e:
-        render_sample(adapter, SAMPLES["single"], {"img0.jpg": b"not a jpeg"})
+        render_sample(adapter, CONVERSATIONS["single"], {"img0.jpg": b"not a jpeg"})
     assert e.value.reason == "bad_image"
     with pytest.raises(RenderError) as e:
-        render_sample(adapter, SAMPLES["single"], {})
+        render_sample(adapter, CONVERSATIONS["single"], {})
     assert e.value.reason == "missing_member"
 
 
@@ -203,7 +174,7 @@ def test_an_answer_without_end_of_turn_gets_eos(tiny) -> None:
     # llava-hf's published template closes answers with a space, no </s>: mmloom appends EOS.
     adapter = get_adapter(tiny("llava"))
     adapter.processor.chat_template = adapter.processor.chat_template.replace("+ '</s>'", "+ ' '")
-    sample = SAMPLES["text_only"]
+    sample = CONVERSATIONS["text_only"]
     r = render_sample(adapter, sample, PHOTOS)
     eos = adapter.tokenizer.eos_token_id
     labelled = r.input_ids[r.labels != IGNORE].tolist()
@@ -220,7 +191,7 @@ def test_the_whole_conversation_path_gives_the_same_result(tiny, family: str, mo
     import trainer.data.render as render
 
     adapter = get_adapter(tiny(family))
-    for name, sample in SAMPLES.items():
+    for name, sample in CONVERSATIONS.items():
         fast = render_sample(adapter, sample, PHOTOS)
         monkeypatch.setattr(render, "_splits_cleanly", lambda *a: False)
         whole = render_sample(adapter, sample, PHOTOS)
@@ -246,7 +217,7 @@ def test_a_sentencepiece_style_tokenizer_still_matches_inference(tiny) -> None:
         tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
     vars(adapter).pop("end_of_turn_ids", None)
     vars(adapter).pop("media_token_ids", None)
-    sample = SAMPLES["text_only"]
+    sample = CONVERSATIONS["text_only"]
     r = render_sample(adapter, sample, PHOTOS)
     messages = to_messages(sample)
     for a in (1, 3):

@@ -1,4 +1,4 @@
-"""Tiny checkpoints (trainer/models/tiny/): every family builds deterministically, offline, from the
+"""Tiny checkpoints (trainer/tiny/): every family builds deterministically, offline, from the
 command line. What each family must match of its real model is tested in tests/families/."""
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import REPO
 from trainer.models.adapter import load_families
-from trainer.models.tiny import FAMILIES, build_tiny, main
-
-REPO = Path(__file__).resolve().parents[2]
+from trainer.tiny import FAMILIES, build_tiny, main
 
 
 def test_every_family_has_an_adapter_a_builder_and_its_oracles() -> None:
@@ -37,12 +36,12 @@ def test_build_is_deterministic(tiny, family: str, tmp_path: Path) -> None:
 
 
 def test_cli_builds_the_same_bytes_in_a_fresh_process(tiny, tmp_path: Path) -> None:
-    listing = subprocess.run([sys.executable, "-m", "trainer.models.tiny", "--list"], capture_output=True,
+    listing = subprocess.run([sys.executable, "-m", "trainer.tiny", "--list"], capture_output=True,
                              text=True, check=True, cwd=REPO)
     assert [line.split("\t")[0] for line in listing.stdout.splitlines()] == list(FAMILIES)
     # Another process has another hash seed: nothing may depend on set or dict iteration order.
     out = tmp_path / "qwen2_vl"
-    subprocess.run([sys.executable, "-m", "trainer.models.tiny", "--family", "qwen2_vl", "--out", str(out)],
+    subprocess.run([sys.executable, "-m", "trainer.tiny", "--family", "qwen2_vl", "--out", str(out)],
                    capture_output=True, check=True, cwd=REPO, env={**os.environ, "PYTHONHASHSEED": "12345"})
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"):
         assert (out / name).read_bytes() == (tiny("qwen2_vl") / name).read_bytes(), name

@@ -10,7 +10,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.versions import CONSTRAINTS, differences, pinned
+from tests.support.versions import CONSTRAINTS, differences, pinned
 
 SETUP_CFG = CONSTRAINTS.parent / "setup.cfg"
 # Beyond setup.cfg's own requirements: the other packages whose releases change what the suite tests.

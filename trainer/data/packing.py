@@ -14,7 +14,6 @@ block-diagonal causal mask from the restarting positions, so no token attends ac
 from __future__ import annotations
 
 import itertools
-
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any

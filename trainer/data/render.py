@@ -23,11 +23,11 @@ from PIL import Image, ImageOps
 from data_tools.frames import stored_clip
 from data_tools.sample import ImagePart, Sample, TextPart, VideoPart
 from data_tools.video import VideoPolicy, decode_video
+from trainer.models.adapter import IGNORE
 
 if TYPE_CHECKING:
     from trainer.models.adapter import ModelAdapter
 
-IGNORE = -100
 
 
 class RenderError(Exception):

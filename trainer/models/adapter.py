@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 
 import torch
 
+IGNORE = -100       # the label of a position the loss skips (transformers' ignore_index)
+
 
 @dataclass
 class VideoFrames:
@@ -313,7 +315,7 @@ def load_families() -> dict[str, type[ModelAdapter]]:
     import trainer.models
 
     for _, name, _ in sorted(pkgutil.iter_modules(trainer.models.__path__)):
-        if name not in ("adapter", "tiny", "__main__"):
+        if name not in ("adapter", "__main__"):
             importlib.import_module(f"trainer.models.{name}")
     return dict(sorted(_ADAPTERS.items()))
 

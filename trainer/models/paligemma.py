@@ -30,8 +30,7 @@ from typing import Any
 import torch
 
 from trainer.attention import block_causal
-from trainer.data.render import IGNORE
-from trainer.models.adapter import ModelAdapter, register
+from trainer.models.adapter import IGNORE, ModelAdapter, register
 from trainer.models.gemma3 import mask_ids, masked_attention
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from trainer.models.tiny.common import QWEN2_PATTERN, TEXT_WIDTH, TokenizerSpec, build_tokenizer, padded_vocab
-from trainer.models.tiny.idefics3 import IDEFICS3_CHAT_TEMPLATE
+from trainer.tiny.common import QWEN2_PATTERN, TEXT_WIDTH, TokenizerSpec, build_tokenizer, padded_vocab
+from trainer.tiny.idefics3 import IDEFICS3_CHAT_TEMPLATE
 
 # SmolVLM2's published template is Idefics3's with "<|im_start|>" (its BOS) in place of
 # "<|begin_of_text|>": "<|im_start|>User:<image>Q<end_of_utterance>\nAssistant: A<end_of_utterance>\n".

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.models.tiny.common import (
+from trainer.tiny.common import (
     LLAMA3_PATTERN,
     TEXT_WIDTH,
     TokenizerSpec,

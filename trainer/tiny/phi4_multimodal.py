@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.models.tiny.common import TEXT_WIDTH, TokenizerSpec, build_tokenizer, join, padded_vocab
+from trainer.tiny.common import TEXT_WIDTH, TokenizerSpec, build_tokenizer, join, padded_vocab
 
 # "<|system|>S<|end|><|user|>Q<|image|><|end|><|assistant|>A<|end|>", media in place. Changes from the
 # published template: it ends a conversation rendered without the generation prompt with the EOS token

@@ -6,8 +6,8 @@ download. Only widths, depths and the text vocabulary are shrunk: image size, pa
 size, image tokens per image, image splitting, pixel limits, special tokens and the chat format are
 those of the real model, so sequence lengths and packing behave as they will on the cluster.
 
-    python -m trainer.models.tiny --list
-    python -m trainer.models.tiny --family qwen2_vl --out /tmp/tiny-qwen2-vl
+    python -m trainer.tiny --list
+    python -m trainer.tiny --family qwen2_vl --out /tmp/tiny-qwen2-vl
 
 Each family is one module here (named after the family) with a `build()` that returns the model
 config and the processor. Building is deterministic (fixed seed, a BPE vocabulary learned by a
@@ -59,7 +59,7 @@ def build_tiny(family: str, out: str | Path, dtype: str = "float32") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.models.tiny", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m trainer.tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), help="model family to build")
     parser.add_argument("--out", type=Path, help="directory to write the checkpoint to")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],

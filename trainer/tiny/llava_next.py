@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.models.tiny.common import (
+from trainer.tiny.common import (
     CLIP_MEAN,
     CLIP_STD,
     TEXT_WIDTH,
@@ -11,7 +11,7 @@ from trainer.models.tiny.common import (
     join,
     padded_vocab,
 )
-from trainer.models.tiny.llava import LLAVA_TOKENS
+from trainer.tiny.llava import LLAVA_TOKENS
 
 # llava-v1.6-mistral-7b-hf (Mistral instruct): "<s>[INST] <image>\nQ [/INST] A</s>[INST] Q2 [/INST]".
 # A system prompt goes before the first [INST] as "<<SYS>>\n...\n<</SYS>>\n\n", images of a message

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from trainer.models.tiny.common import (
+from trainer.tiny.common import (
     CLIP_MEAN,
     CLIP_STD,
     TEXT_WIDTH,
@@ -14,8 +14,8 @@ from trainer.models.tiny.common import (
     padded_vocab,
     vicuna_turns,
 )
-from trainer.models.tiny.llava import LLAVA_TOKENS
-from trainer.models.tiny.llava_next import LLAVA_NEXT_PINPOINTS
+from trainer.tiny.llava import LLAVA_TOKENS
+from trainer.tiny.llava_next import LLAVA_NEXT_PINPOINTS
 
 # LLaVA-NeXT-Video-7B (vicuna_v1 conversation, as lmms-lab trained it): "SYSTEM USER: <image>\nQ ASSISTANT:
 # A</s>USER: Q2 ASSISTANT:". A message's images come first ("<image>\n" each), then its videos ("<video>\n"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.models.tiny.common import (
+from trainer.tiny.common import (
     CLIP_MEAN,
     CLIP_STD,
     QWEN2_PATTERN,
@@ -10,7 +10,7 @@ from trainer.models.tiny.common import (
     TokenizerSpec,
     build_tokenizer,
 )
-from trainer.models.tiny.qwen2_vl import (
+from trainer.tiny.qwen2_vl import (
     QWEN2_VL_CHAT_TEMPLATE,
     QWEN2_VL_TOKENS,
     qwen_media_ids,

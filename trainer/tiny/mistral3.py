@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.models.tiny.common import TEXT_WIDTH, TokenizerSpec, build_tokenizer, join, padded_vocab
+from trainer.tiny.common import TEXT_WIDTH, TokenizerSpec, build_tokenizer, join, padded_vocab
 
 # Mistral V7-tekken: "<s>[SYSTEM_PROMPT]S[/SYSTEM_PROMPT][INST]Q[IMG][/INST]A</s>[INST]Q2[/INST]", no spaces,
 # media in place as [IMG]; add_generation_prompt adds nothing (the answer follows [/INST] directly).

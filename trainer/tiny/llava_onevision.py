@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from trainer.models.tiny.common import CHATML_TURNS, build_tokenizer, join
-from trainer.models.tiny.qwen2_vl import QWEN2_VL_TOKENS, qwen_text_config
+from trainer.tiny.common import CHATML_TURNS, build_tokenizer, join
+from trainer.tiny.qwen2_vl import QWEN2_VL_TOKENS, qwen_text_config
 
 # llava-onevision-qwen2-7b-ov-hf (ChatML, no default system prompt): "<|im_start|>user\n<image>\nQ<|im_end|>\n
 # <|im_start|>assistant\nA<|im_end|>\n". A message's images come first ("<image>\n" each), then its

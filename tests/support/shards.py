@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data_tools.samples import PHOTOS
 from data_tools.shard import main as shard_main
-from tests.media import SKIMAGE, SKLEARN
-
-PHOTOS = [SKLEARN / "china.jpg", SKLEARN / "flower.jpg", SKIMAGE / "coffee.png", SKIMAGE / "astronaut.png"]
 
 
 def build_shards(root: Path) -> Path:
@@ -33,31 +31,6 @@ def build_shards(root: Path) -> Path:
     assert shard_main([str(root / "data.txt"), "--out", str(out), "--workers", "1", "--shard-samples", "5",
                        "-q"]) == 0
     return out
-
-
-OVERFIT_RECORDS = [
-    {"id": "a", "image": str(PHOTOS[0]), "conversations": [
-        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A temple roof."}]},
-    {"id": "b", "image": str(PHOTOS[2]), "conversations": [
-        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cup of coffee."}]},
-    {"id": "c", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"}]},
-    {"id": "d", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "Four."}]},
-]
-
-
-def shard_records(root: Path, records: list[dict]) -> Path:
-    """`records` as one source taken whole each epoch, converted by the real converter into root/shards."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "overfit.json").write_text(json.dumps(records))
-    (root / "data.txt").write_text(f"overfit.json {len(records) / 1000}\n")
-    out = root / "shards"
-    assert shard_main([str(root / "data.txt"), "--out", str(out), "--workers", "1", "-q"]) == 0
-    return out
-
-
-def build_overfit_shards(root: Path) -> Path:
-    """Four samples (two with a photograph, two text-only) that a tiny model can memorise."""
-    return shard_records(root, OVERFIT_RECORDS)
 
 
 def build_mix_shards(root: Path) -> Path:

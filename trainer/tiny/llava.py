@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.models.tiny.common import (
+from trainer.tiny.common import (
     CLIP_MEAN,
     CLIP_STD,
     LLAMA3_PATTERN,

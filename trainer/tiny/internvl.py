@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from trainer.models.tiny.common import CHATML_TURNS, TEXT_WIDTH, build_tokenizer, join, padded_vocab
-from trainer.models.tiny.qwen2_vl import QWEN2_VL_TOKENS
+from trainer.tiny.common import CHATML_TURNS, TEXT_WIDTH, build_tokenizer, join, padded_vocab
+from trainer.tiny.qwen2_vl import QWEN2_VL_TOKENS
 
 # InternVL3-hf (transformers' conversion): ChatML with no default system prompt, media in place as
 # "<IMG_CONTEXT>\n" (videos "<video>\n"); the processor expands each <IMG_CONTEXT> to

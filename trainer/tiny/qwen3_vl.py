@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.models.tiny.common import (
+from trainer.tiny.common import (
     QWEN2_PATTERN,
     TEXT_WIDTH,
     TokenizerSpec,
@@ -10,8 +10,8 @@ from trainer.models.tiny.common import (
     join,
     padded_vocab,
 )
-from trainer.models.tiny.qwen2_5_vl import QWEN2_5_VL_TOKENS
-from trainer.models.tiny.qwen2_vl import QWEN_VL_BODY, qwen_media_ids
+from trainer.tiny.qwen2_5_vl import QWEN2_5_VL_TOKENS
+from trainer.tiny.qwen2_vl import QWEN_VL_BODY, qwen_media_ids
 
 # Qwen3-VL-8B-Instruct's ChatML differs from Qwen2-VL's: no default system prompt, and the system
 # message is rendered from its text parts only. Media are written in place as in Qwen2-VL, numbered

@@ -1,5 +1,0 @@
-import sys
-
-from trainer.models.tiny import main
-
-sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from trainer.tiny import main
+
+sys.exit(main())
