@@ -39,7 +39,8 @@ _IN_FLIGHT_BYTES = 256 << 20  # ...and converted bytes waiting in the parent, ab
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    media_root: Path | None = None      # relative media paths resolve here, else next to the JSON
+    # Relative media paths resolve against the first of these that holds the file, else next to the JSON.
+    media_roots: tuple[Path, ...] = ()
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     video_frames: FrameExtraction | None = None   # store videos as their sampled frames (--video-frames)
 
@@ -72,7 +73,7 @@ def convert_record(index: int, line: int, record: Any, source: str, json_dir: Pa
     raw_id = record.get("id") if isinstance(record, dict) else None
     out = Converted(index=index, line=line, key=sample_key(index), id=None if raw_id is None else str(raw_id))
     try:
-        draft = parse_record(record, media_root=opts.media_root or json_dir)
+        draft = parse_record(record, media_roots=opts.media_roots or (json_dir,))
         sample, members = _materialize(draft, out, source, opts)
         sample_json = _encode(sample)
     except Rejected as e:
@@ -199,14 +200,15 @@ def convert_source(index: RecordIndex, source: str, opts: ConvertOptions, worker
 def fingerprint_source(file: Path, source: str, opts: ConvertOptions,
                        settings: dict[str, Any]) -> tuple[RecordIndex, str]:
     """(where each record lies, fingerprint) of a source: the fingerprint changes when the JSON,
-    any media file it names (size, mtime) or any setting that shapes the output changes.
-    Raises DataError on bad JSON."""
+    any media file it names (size, mtime, and which media root it resolves in) or any setting that
+    shapes the output changes. Raises DataError on bad JSON."""
     h = hashlib.sha256(repr(sorted(settings.items())).encode())
     h.update(f"{source}\0{opts}\0".encode())
+    roots = opts.media_roots or (file.parent,)
     reader = RecordReader(file, index=True)
     for _, _, record in reader:
         try:
-            refs: list[MediaRef] = parse_record(record, media_root=opts.media_root or file.parent).media
+            refs: list[MediaRef] = parse_record(record, media_roots=roots).media
         except Exception:  # noqa: BLE001 - rejected (or failing) records name no media to watch
             refs = []
         for ref in refs:

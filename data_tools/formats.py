@@ -14,6 +14,10 @@ Accepted, as records of a JSON array or a JSONL file:
   `{"type": "video", ...}`; a media part without a path takes the next entry of `images`/`videos`.
   `data:` URIs are decoded inline.
 
+A relative media path resolves against the first of the media roots that holds it: lmms-finetune
+keeps images and videos in separate folders (`image_folder`, `video_folder`), and one sample may
+name both.
+
 Where placeholders are used, their count must equal the number of media; where none is used,
 the media go in front of the first user turn. A newline right next to a placeholder is the
 LLaVA `<image>\\n` convention and is dropped; text is otherwise kept as written.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +49,7 @@ class MediaRef:
     path: Path | None = None        # resolved file, or None for inline bytes
     data: bytes | None = None
     num_frames: int | None = None
+    roots: tuple[Path, ...] = ()    # the folders a relative path was looked up in, in order
 
 
 @dataclass(kw_only=True)
@@ -59,16 +65,18 @@ class Draft:
         return [p for _, parts in self.turns for p in parts if isinstance(p, MediaRef)]
 
 
-def parse_record(record: Any, *, media_root: Path) -> Draft:
+def parse_record(record: Any, *, media_roots: Sequence[Path]) -> Draft:
     """Convert one input record; raises Rejected with a reason a person can act on."""
+    assert media_roots, "at least one media root: the JSON file's folder by default"
+    roots = tuple(media_roots)
     if not isinstance(record, dict):
         raise Rejected("bad_record", f"the record is a JSON {type(record).__name__}, expected an object")
     raw_id = record.get("id")
     sample_id = None if raw_id is None else str(raw_id)
     if "messages" in record:
-        draft = _from_messages(record, sample_id, media_root)
+        draft = _from_messages(record, sample_id, roots)
     elif "conversations" in record:
-        draft = _from_conversations(record, sample_id, media_root)
+        draft = _from_conversations(record, sample_id, roots)
     else:
         raise Rejected(
             "unknown_format",
@@ -82,14 +90,14 @@ def parse_record(record: Any, *, media_root: Path) -> Draft:
 # --- the two record shapes -----------------------------------------------------------------
 
 
-def _from_conversations(record: dict, sample_id: str | None, root: Path) -> Draft:
+def _from_conversations(record: dict, sample_id: str | None, roots: tuple[Path, ...]) -> Draft:
     convs = _nonempty_list(record["conversations"], "conversations")
     images_field = record.get("image", record.get("images"))
-    videos = _media_list(record.get("video", record.get("videos")), "video", root)
+    videos = _media_list(record.get("video", record.get("videos")), "video", roots)
     _apply_num_frames(videos, record.get("num_frames"))
     system = _optional_text(record.get("system_prompt", record.get("system")), "system_prompt")
     if not isinstance(images_field, dict):
-        images = _media_list(images_field, "image", root)
+        images = _media_list(images_field, "image", roots)
 
     turns: list[tuple[str, str]] = []
     for i, turn in enumerate(convs):
@@ -101,16 +109,16 @@ def _from_conversations(record: dict, sample_id: str | None, root: Path) -> Draf
 
     if isinstance(images_field, dict):
         # MiniCPM-V: {"<image_00>": path}; the keys are this sample's placeholders.
-        tagged = [((str(tag),), _media_list(path, "image", root)) for tag, path in images_field.items()]
+        tagged = [((str(tag),), _media_list(path, "image", roots)) for tag, path in images_field.items()]
         return _place(system, sample_id, turns, [*tagged, (VIDEO_PLACEHOLDERS, videos)],
                       all_or_none=len(tagged))
     return _place(system, sample_id, turns, [(IMAGE_PLACEHOLDERS, images), (VIDEO_PLACEHOLDERS, videos)])
 
 
-def _from_messages(record: dict, sample_id: str | None, root: Path) -> Draft:
+def _from_messages(record: dict, sample_id: str | None, roots: tuple[Path, ...]) -> Draft:
     messages = _nonempty_list(record["messages"], "messages")
-    images = _media_list(record.get("images", record.get("image")), "image", root)
-    videos = _media_list(record.get("videos", record.get("video")), "video", root)
+    images = _media_list(record.get("images", record.get("image")), "image", roots)
+    videos = _media_list(record.get("videos", record.get("video")), "video", roots)
     _apply_num_frames(videos, record.get("num_frames"))
     system = _optional_text(record.get("system"), "system")
     pools = {"image": list(images), "video": list(videos)}
@@ -122,7 +130,7 @@ def _from_messages(record: dict, sample_id: str | None, root: Path) -> Draft:
         role = _role(msg.get("role"), i)
         content = msg.get("content")
         if isinstance(content, list):
-            typed.append((role, [_typed_part(p, f"messages[{i}].content[{j}]", root, pools)
+            typed.append((role, [_typed_part(p, f"messages[{i}].content[{j}]", roots, pools)
                                  for j, p in enumerate(content)]))
         else:
             typed.append((role, [_text(content, f"messages[{i}].content")]))
@@ -144,7 +152,8 @@ def _from_messages(record: dict, sample_id: str | None, root: Path) -> Draft:
     return _lift_system(draft)
 
 
-def _typed_part(part: Any, where: str, root: Path, pools: dict[str, list[MediaRef]]) -> str | MediaRef:
+def _typed_part(part: Any, where: str, roots: tuple[Path, ...],
+                pools: dict[str, list[MediaRef]]) -> str | MediaRef:
     if isinstance(part, str):
         return part
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
@@ -170,7 +179,7 @@ def _typed_part(part: Any, where: str, root: Path, pools: dict[str, list[MediaRe
                 )
             ref = pools[media_kind].pop(0)
         else:
-            [ref] = _media_list(value, media_kind, root)
+            [ref] = _media_list(value, media_kind, roots)
         if media_kind == "video" and part.get("num_frames") is not None:
             _apply_num_frames([ref], part["num_frames"])
         return ref
@@ -301,7 +310,7 @@ def _describe(value: Any) -> str:
     return "missing" if value is None else f"a JSON {type(value).__name__}"
 
 
-def _media_list(value: Any, kind: str, root: Path) -> list[MediaRef]:
+def _media_list(value: Any, kind: str, roots: tuple[Path, ...]) -> list[MediaRef]:
     if value is None:
         return []
     values = value if isinstance(value, list) else [value]
@@ -309,11 +318,11 @@ def _media_list(value: Any, kind: str, root: Path) -> list[MediaRef]:
     for v in values:
         if not isinstance(v, str) or not v.strip():
             raise Rejected("bad_media_field", f"`{kind}` entry {v!r} is not a file path; give a path string")
-        refs.append(_media_ref(v, kind, root))
+        refs.append(_media_ref(v, kind, roots))
     return refs
 
 
-def _media_ref(value: str, kind: str, root: Path) -> MediaRef:
+def _media_ref(value: str, kind: str, roots: tuple[Path, ...]) -> MediaRef:
     if value.startswith("data:"):
         header, _, payload = value.partition(",")
         if not header.endswith(";base64"):
@@ -327,7 +336,18 @@ def _media_ref(value: str, kind: str, root: Path) -> MediaRef:
         raise Rejected("remote_media",
                        f"{kind} {value!r} is a URL; download it and give a local path (nothing is fetched)")
     path = Path(value.removeprefix("file://"))
-    return MediaRef(kind=kind, origin=value, path=path if path.is_absolute() else root / path)  # type: ignore[arg-type]
+    if path.is_absolute():
+        return MediaRef(kind=kind, origin=value, path=path)  # type: ignore[arg-type]
+    return MediaRef(kind=kind, origin=value, path=_resolve(path, roots), roots=roots)  # type: ignore[arg-type]
+
+
+def _resolve(path: Path, roots: tuple[Path, ...]) -> Path:
+    """The first root's file that exists, else the first root's (read_media then names every root)."""
+    if len(roots) > 1:          # one root needs no look-up: a stat per media file counts on network disks
+        for root in roots:
+            if (root / path).exists():
+                return root / path
+    return roots[0] / path
 
 
 def _apply_num_frames(videos: list[MediaRef], value: Any) -> None:

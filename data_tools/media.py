@@ -59,9 +59,7 @@ def read_media(ref: MediaRef) -> bytes:
             with open(ref.path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            raise Rejected("missing_media",
-                           f"{ref.kind} {ref.origin!r} not found at {ref.path}; fix the path, or pass "
-                           f"--media-root if paths are relative to another folder") from None
+            raise Rejected("missing_media", _not_found(ref)) from None
         except IsADirectoryError:
             raise Rejected("unreadable_media", f"{ref.kind} {ref.origin!r} is a directory ({ref.path})") from None
         except PermissionError:
@@ -76,6 +74,16 @@ def read_media(ref: MediaRef) -> bytes:
     if not data:
         raise Rejected("empty_media", f"{ref.kind} {ref.origin!r} is an empty (0-byte) file; replace it")
     return data
+
+
+def _not_found(ref: MediaRef) -> str:
+    # The sample itself is named by its rejected.jsonl line (source, index, line, id).
+    if len(ref.roots) <= 1:
+        return (f"{ref.kind} {ref.origin!r} not found at {ref.path}; fix the path, or pass --media-root DIR "
+                f"(repeatable) if paths are relative to other folders")
+    searched = ", ".join(str(root) for root in ref.roots)
+    return (f"{ref.kind} {ref.origin!r} not found in any media root (searched in order: {searched}); "
+            f"fix the path, or add the folder that holds it with another --media-root")
 
 
 def probe_image(data: bytes, origin: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:

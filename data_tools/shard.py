@@ -1,6 +1,6 @@
 """Convert conversation JSON + media into validated WebDataset shards with a mixing manifest.
 
-    python data_tools/shard.py data.txt --out shards/ [--media-root DIR] [--workers N]
+    python data_tools/shard.py data.txt --out shards/ [--media-root DIR ...] [--workers N]
                                [--shard-size 1G] [--shard-samples 10000] [--seed 0]
                                [--video-frames N | --video-fps F] [--video-frame-format png]
 
@@ -16,6 +16,10 @@ seed give byte-identical shards whatever --workers or --slurm-tasks is; a re-run
 of every source whose JSON, media files and settings (the seed included) did not change.
 rejected.jsonl lists each source's rejections in input order. Exit codes: 0 done (rejections
 included), 2 bad input (data.txt, missing or unparsable JSON) with nothing written.
+
+Relative media paths resolve against each JSON file's folder, or with --media-root against the
+first given folder that holds the file: lmms-finetune keeps images and videos apart
+(`--media-root example_data/images --media-root example_data/videos`).
 
 With --video-frames N (or --video-fps F), every video is decoded here, once, and the sample
 stores its sampled frames as images instead of the video (data_tools/frames.py): the frames
@@ -45,9 +49,9 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from array import array  # noqa: E402
 from collections import Counter  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
 from typing import IO, Any  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -55,11 +59,21 @@ from tqdm import tqdm  # noqa: E402
 
 from data_tools import __version__  # noqa: E402
 from data_tools.conversion import (  # noqa: E402
-    Converted, ConvertOptions, convert_source, fingerprint_source, record_order,
+    Converted,
+    ConvertOptions,
+    convert_source,
+    fingerprint_source,
+    record_order,
 )
 from data_tools.frames import FORMATS, FrameExtraction  # noqa: E402
 from data_tools.manifest import (  # noqa: E402
-    MANIFEST, REJECTED, Manifest, ShardEntry, SourceEntry, summary_table, write_atomic,
+    MANIFEST,
+    REJECTED,
+    Manifest,
+    ShardEntry,
+    SourceEntry,
+    summary_table,
+    write_atomic,
 )
 from data_tools.media import DEFAULT_MAX_PIXELS  # noqa: E402
 from data_tools.sources import DataError, RecordIndex, SourceSpec, parse_data_txt  # noqa: E402
@@ -85,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_txt", type=Path, help="lines of `<json path> <samples per epoch in thousands>`")
     p.add_argument("--out", type=Path, required=True, help="output directory for shards and manifest")
-    p.add_argument("--media-root", type=Path, default=None,
-                   help="folder that relative media paths resolve against (default: the JSON file's folder)")
+    p.add_argument("--media-root", dest="media_roots", type=Path, action="append", default=[], metavar="DIR",
+                   help="folder that relative media paths resolve against (default: the JSON file's folder); "
+                        "repeatable: a path resolves against the first folder that holds it")
     # One core stays with the main process, which writes and hashes the tars.
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="conversion processes (default: one per core, less one for the writer)")
@@ -164,7 +179,7 @@ def frame_extraction(args: argparse.Namespace) -> FrameExtraction | None:
 def _prepare(args: argparse.Namespace) -> tuple[list[SourceSpec], ConvertOptions, dict,
                                                 dict[str, tuple[RecordIndex, str]]]:
     specs = parse_data_txt(args.data_txt)
-    opts = ConvertOptions(media_root=args.media_root.resolve() if args.media_root else None,
+    opts = ConvertOptions(media_roots=tuple(root.resolve() for root in args.media_roots),
                           max_image_pixels=args.max_image_pixels, video_frames=args.video_extraction)
     settings = {"converter": __version__, "shard_size": args.shard_size, "shard_samples": args.shard_samples,
                 "seed": args.seed}
@@ -224,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = Manifest(seed=args.seed, converter=__version__, sources=entries,
                         options={**settings, "max_image_pixels": args.max_image_pixels,
-                                 "media_root": str(opts.media_root) if opts.media_root else None,
+                                 # The --media-root folders in order; None (each JSON's folder) as before.
+                                 "media_root": [str(root) for root in opts.media_roots] or None,
                                  "video_frames": asdict(opts.video_frames) if opts.video_frames else None})
     _join_rejected(out, entries)
     write_atomic(out / MANIFEST, manifest.to_json())
@@ -351,7 +367,7 @@ def submit(args: argparse.Namespace) -> int:
     passthrough = [str(args.data_txt.resolve()), "--out", str(args.out.resolve()), "--workers", str(args.workers),
                    "--shard-size", str(args.shard_size), "--shard-samples", str(args.shard_samples),
                    "--max-image-pixels", str(args.max_image_pixels), "--seed", str(args.seed), "-q",
-                   *(["--media-root", str(args.media_root.resolve())] if args.media_root else []),
+                   *(x for root in args.media_roots for x in ("--media-root", str(root.resolve()))),
                    *_video_args(args.video_extraction),
                    *(["--force"] if args.force else [])]
     script = os.path.abspath(__file__)
@@ -463,6 +479,6 @@ def print_summary(manifest: Manifest, seconds: float, converted: list[str], out:
 
 
 if __name__ == "__main__":
-    from data_tools.shard import main as _main   # the package module, so workers can import it
+    from data_tools.shard import main as _main  # the package module, so workers can import it
 
     sys.exit(_main())

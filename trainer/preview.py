@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="a local checkpoint directory")
     p.add_argument("--sample", required=True, type=Path, help="a JSON array or JSONL file in any accepted format")
     p.add_argument("--index", type=int, default=0, help="which record of the file (from 0)")
-    p.add_argument("--media-root", type=Path, help="folder relative media paths resolve against")
+    p.add_argument("--media-root", dest="media_roots", type=Path, action="append", default=[], metavar="DIR",
+                   help="folder relative media paths resolve against (repeatable: the first that has it)")
     p.add_argument("--family", help="adapter name, if not the checkpoint's model_type")
     p.add_argument("--json", action="store_true", help='print {"input_ids": [...], "labels": [...]}')
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     converted = convert_record(args.index, line, record, "preview", args.sample.resolve().parent,
-                               ConvertOptions(media_root=args.media_root.resolve() if args.media_root else None))
+                               ConvertOptions(media_roots=tuple(root.resolve() for root in args.media_roots)))
     if converted.members is None:
         print(f"rejected ({converted.code}): {converted.reason}", file=sys.stderr)
         return 1

@@ -18,7 +18,7 @@ import pytest
 import webdataset as wds
 
 from data_tools.conversion import record_order
-from tests.media import write_video
+from data_tools.samples import write_video
 from tests.unit.test_media import ACCEPTED_IMAGES, ACCEPTED_VIDEOS
 
 REPO = Path(__file__).resolve().parents[2]

@@ -40,7 +40,7 @@ def test_schema_version_is_checked() -> None:
 
 
 def test_an_unexpected_failure_rejects_the_record_not_the_run(monkeypatch) -> None:
-    def boom(record, media_root):
+    def boom(record, media_roots):
         raise KeyError("surprise")
 
     monkeypatch.setattr(conversion, "parse_record", boom)

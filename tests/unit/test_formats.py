@@ -23,12 +23,12 @@ def simple(draft: Draft) -> tuple:
 
 
 def parse(record: dict, root: Path = ROOT) -> tuple:
-    return simple(parse_record(record, media_root=root))
+    return simple(parse_record(record, media_roots=[root]))
 
 
 def reject(record) -> tuple[str, str]:
     with pytest.raises(Rejected) as e:
-        parse_record(record, media_root=ROOT)
+        parse_record(record, media_roots=[ROOT])
     return e.value.code, e.value.reason
 
 
@@ -44,7 +44,7 @@ def test_llava_single_image_multi_turn() -> None:
         {"from": "gpt", "value": "Yes."}]}
     assert parse(record) == (None, [("user", [IMG, "What are the colors of the bus?"]), ("assistant", ["White and red."]),
                                     ("user", ["Is it moving?"]), ("assistant", ["Yes."])])
-    assert parse_record(record, media_root=ROOT).id == "000000033471"
+    assert parse_record(record, media_roots=[ROOT]).id == "000000033471"
 
 
 def test_llava_multi_image_list_and_trailing_placeholder() -> None:
@@ -61,7 +61,7 @@ def test_xcomposer_imagehere_and_absolute_paths() -> None:
         ("user", [("image", "/abs/image_0.jpg", None), ("image", "/data/json_dir/rel/image_1.jpg", None),
                   "Please describe these two images in detail."]),
         ("assistant", ["The first image......"])])
-    assert parse_record(record, media_root=ROOT).id == "0"
+    assert parse_record(record, media_roots=[ROOT]).id == "0"
 
 
 def test_minicpm_role_content_image_in_front_without_placeholder() -> None:
