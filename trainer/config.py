@@ -2,13 +2,21 @@
 
     cfg = load_config("configs/tiny-llava.yaml", ["data.packing.max_tokens=4096", "train.seed=1"])
 
-Unknown keys and values of the wrong type are errors that name the key; the resolved config is
-written into the run directory by the trainer (`dump_config`).
+Unknown keys and values of the wrong type are errors that name the key, and so are settings that
+contradict each other; the resolved config is written into the run directory by the trainer
+(`dump_config`). Each field's comment is its doc: `python -m trainer.train --help-config` prints them.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
+import json
+import logging
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +26,8 @@ from typing import Any, Literal
 import yaml
 
 from data_tools.video import VideoPolicy
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -99,10 +109,11 @@ class TrainConfig:
     shard_group: int = 0
     loss_chunk: int = 1024              # target positions per cross-entropy chunk (bounds memory); 0 = all
     dist_timeout_s: int = 1800          # collective timeout; how long ranks wait for rank 0's load or export
+    # Recompute activations in backward: each block's ("full"), or every other block's ("selective").
     activation_checkpointing: Literal["none", "full", "selective"] = "full"
     compile: bool = False               # torch.compile each block, inside activation checkpointing
     nonfinite: Literal["skip", "abort"] = "skip"     # a NaN/inf loss on any rank: skip the step everywhere, or stop
-    log_every: int = 1
+    log_every: int = 1                  # optimizer steps between metric logs
     # The device's dense bf16 peak in TFLOP/s, for perf/mfu; 0 = the table of known GPUs in
     # trainer/flops.py (without a figure, only perf/model_tflops_per_s is logged).
     peak_tflops: float = 0.0
@@ -128,9 +139,9 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = 16                         # rank of the adapters
+    alpha: int = 32                     # scale: the adapter's update is multiplied by alpha / r
+    dropout: float = 0.05               # on the adapters' input
     targets: list[str] | None = None    # module name patterns; None = the family's default
     vision: bool = False                # LoRA on the vision tower too
 
@@ -143,35 +154,62 @@ class LoraConfig:
 
 @dataclass(kw_only=True)
 class QuantConfig:
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    quant_type: Literal["nf4", "fp4"] = "nf4"                # the frozen base's 4-bit format (bitsandbytes)
+    double_quant: bool = True                               # quantize the quantization constants too
+    compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # dequantized matmuls; auto = train.dtype
+
+
+# The freeze flags each finetune.stage sets; without a stage, flags left unset take the defaults.
+FREEZE_DEFAULTS = {"freeze_vision": True, "freeze_projector": False, "freeze_llm": False}
+STAGES = {1: {**FREEZE_DEFAULTS, "freeze_llm": True}, 2: FREEZE_DEFAULTS}
+PARTS = {"freeze_vision": "the vision tower", "freeze_projector": "the projector",
+         "freeze_llm": "the language model"}
 
 
 @dataclass(kw_only=True)
 class FinetuneConfig:
-    method: Literal["full", "lora", "qlora"] = "full"
+    method: Literal["full", "lora", "qlora"] = "full"   # train the unfrozen parts, or LoRA adapters on them
     # stage 1 (LLaVA pre-training): projector only; stage 2: projector + language model (full or
-    # LoRA), vision frozen. A stage sets the three freeze flags; without one they apply as given.
+    # LoRA), vision frozen. A stage sets the three freeze flags; a flag given too must agree with it.
     stage: Literal[1, 2] | None = None
-    freeze_vision: bool = True
-    freeze_projector: bool = False
-    freeze_llm: bool = False
+    # The freeze flags are None until resolved, so that a flag given beside finetune.stage can be told
+    # from one the stage sets: after loading they are always true or false.
+    freeze_vision: bool | None = None     # the vision tower; unset: as finetune.stage says, else true
+    freeze_projector: bool | None = None  # the projector; unset: as finetune.stage says, else false
+    freeze_llm: bool | None = None        # the language model; unset: as finetune.stage says, else false
     lora: LoraConfig = field(default_factory=LoraConfig)
     qlora: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self) -> None:
-        if self.stage == 1:
-            if self.method != "full":
-                raise ValueError("finetune.stage=1 trains the projector only: use finetune.method=full")
-            self.freeze_vision, self.freeze_projector, self.freeze_llm = True, False, True
-        elif self.stage == 2:
-            self.freeze_vision, self.freeze_projector, self.freeze_llm = True, False, False
-        if self.method == "full" and self.freeze_vision and self.freeze_projector and self.freeze_llm:
-            raise ValueError("finetune.freeze_* freeze everything: nothing would train")
-        if self.method != "full" and self.lora.vision and self.freeze_vision:
-            raise ValueError("finetune.lora.vision=true puts LoRA on the vision tower, but finetune.freeze_vision=true "
-                             "freezes it: set finetune.freeze_vision=false")
+        if self.stage == 1 and self.method != "full":
+            raise ValueError("finetune.stage=1 trains the projector only: use finetune.method=full")
+        for key, frozen in (STAGES[self.stage] if self.stage else FREEZE_DEFAULTS).items():
+            given = getattr(self, key)
+            if given is None:
+                setattr(self, key, frozen)
+            elif self.stage and given != frozen:
+                does = "freezes" if frozen else "trains"
+                raise ValueError(f"finetune.{key}={str(given).lower()} contradicts "
+                                 f"finetune.stage={self.stage} (which {does} {PARTS[key]}); drop one of them")
+        if self.lora.vision and self.method == "full":
+            raise ValueError("finetune.lora.vision=true puts LoRA on the vision tower, but "
+                             "finetune.method=full has no LoRA: set finetune.method=lora (or qlora), or drop "
+                             "finetune.lora.vision (full finetuning trains the whole tower with "
+                             "finetune.freeze_vision=false)")
+        if self.lora.vision and self.freeze_vision:
+            if self.stage:
+                raise ValueError(f"finetune.lora.vision=true contradicts finetune.stage={self.stage} (which "
+                                 f"freezes the vision tower); drop one of them")
+            raise ValueError("finetune.lora.vision=true puts LoRA on the vision tower, but "
+                             "finetune.freeze_vision=true freezes it: set finetune.freeze_vision=false")
+        # With LoRA, the vision tower trains only through finetune.lora.vision.
+        vision_trains = not self.freeze_vision and (self.method == "full" or self.lora.vision)
+        if self.freeze_projector and self.freeze_llm and not vision_trains:
+            if self.method == "full":
+                raise ValueError("finetune.freeze_* freeze everything: nothing would train")
+            raise ValueError(f"finetune.freeze_projector=true and finetune.freeze_llm=true leave nothing for "
+                             f"finetune.method={self.method} to train: unfreeze one, or set "
+                             f"finetune.lora.vision=true with finetune.freeze_vision=false")
 
 
 @dataclass(kw_only=True)
@@ -180,10 +218,10 @@ class OptimConfig:
     vision_lr: float | None = None      # None = lr
     projector_lr: float | None = None   # None = lr
     weight_decay: float = 0.0           # never on norms and biases
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])   # AdamW's
+    eps: float = 1e-8                   # AdamW's
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"   # the decay after warmup
+    warmup_steps: int = 0               # optimizer steps of linear warmup from 0 to each group's LR
     min_lr_ratio: float = 0.0           # the schedule ends at lr * min_lr_ratio
     max_grad_norm: float = 1.0          # 0 = no clipping
 
@@ -234,6 +272,26 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def __post_init__(self) -> None:
+        """Settings of different sections that contradict each other."""
+        if self.train.eval_every and not self.data.eval_shards:
+            raise ValueError(f"train.eval_every={self.train.eval_every} evaluates on data.eval_shards, "
+                             f"which is not set: set data.eval_shards (a data_tools/shard.py --out "
+                             f"directory) or train.eval_every=0")
+        if self.data.eval_shards and not self.train.eval_every:
+            raise ValueError("data.eval_shards is set, but train.eval_every=0 never evaluates: set "
+                             "train.eval_every (steps between eval passes) or drop data.eval_shards")
+        # A run shorter than its warmup or its eval interval is a mistake in a real run, but not in a
+        # few-step smoke test of a real config, so these only warn.
+        steps = self.train.steps
+        if steps and self.optim.warmup_steps >= steps:
+            logger.warning("optim.warmup_steps=%d >= train.steps=%d: the whole run is warmup, and the LR "
+                           "never decays; lower optim.warmup_steps unless this is a smoke test",
+                           self.optim.warmup_steps, steps)
+        if steps and self.train.eval_every > steps:
+            logger.warning("train.eval_every=%d > train.steps=%d: no eval pass will run; lower "
+                           "train.eval_every unless this is a smoke test", self.train.eval_every, steps)
+
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
     """Read YAML (if given), apply `a.b=c` overrides, and build the validated Config."""
@@ -270,6 +328,50 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """Every settable key under `cls` as (dotted key, default, doc), docs from `field_docs`."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += config_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            keys.append((prefix + f.name, default, docs.get(f.name, "")))
+    return keys
+
+
+def config_help() -> str:
+    """What `--help-config` prints: one line per key, `key = default  # doc`, the default written as
+    an override takes it (JSON is YAML)."""
+    rows = [(f"{key} = {json.dumps(default)}", doc) for key, default, doc in config_keys()]
+    width = max(len(left) for left, _ in rows)
+    return "\n".join(f"{left:<{width}}  # {doc}" for left, doc in rows)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's comment in the class's source, on one line: the comment ending the field's line,
+    else the comment lines just above it. Read from the source so that the docs cannot drift."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+    docs = {}
+    for node in ast.parse(source).body[0].body:                 # type: ignore[attr-defined]
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        if node.end_lineno in comments:
+            docs[node.target.id] = comments[node.end_lineno]
+            continue
+        row, above = node.lineno - 1, []
+        while row in comments and lines[row - 1].lstrip().startswith("#"):
+            above.insert(0, comments[row])
+            row -= 1
+        docs[node.target.id] = " ".join(above)
+    return docs
 
 
 def _build(cls: type, tree: Any, prefix: str) -> Any:

@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 8 -m trainer.train --config configs/X.yaml [key=value ...]
     python -m trainer.train --config configs/tiny-llava.yaml --dry-run
     torchrun --nproc-per-node 2 -m trainer.train --config configs/tiny-llava.yaml --dry-run data.workers=2
+    python -m trainer.train --help-config          # every config key with its default and doc
 
 Relaunching the same command resumes from the newest complete checkpoint in run.dir.
 
@@ -26,7 +27,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from trainer.config import Config, load_config
+from trainer.config import Config, config_help, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
     p.add_argument("--order-out", type=Path, metavar="FILE",
                    help="write the training order to FILE, one JSON line per sample (trainer/order.py): an "
                         "epoch's with --dry-run, else what each step trains")
+    p.add_argument("--help-config", action="store_true",
+                   help="print every config key with its default and doc, and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.workers=4")
     args = p.parse_args(argv)
+    if args.help_config:
+        print(config_help())
+        p.exit(0)
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:

@@ -176,6 +176,7 @@ def test_export_from_a_checkpoint_gives_the_training_logits(tiny, overfit_shards
     ("train.grad_accum=0", "train.grad_accum must be >= 1"),
     ("finetune.method=dora", "finetune.method must be one of"),
     ("checkpoint.every=-1", "checkpoint.every must be >= 0"),
+    ("train.eval_every=5", "train.eval_every=5 evaluates on data.eval_shards, which is not set"),
 ])
 def test_bad_config_fails_before_any_heavy_work(tiny, tmp_path: Path, override: str, words: str) -> None:
     start = time.time()
