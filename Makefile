@@ -1,4 +1,5 @@
-# mmloom: `make demo` sets up and runs the bundled demo, `make test` sets up and runs the tests.
+# mmloom: `make demo` sets up and runs the bundled demo, `make test` sets up and runs the tests
+# (`make test-fast`: the unit tier in under 3 minutes; `make lint`: ruff check and format).
 # Both create .venv/ on first use (about two minutes) and reuse it afterwards.
 
 PYTHON ?= python3
@@ -13,7 +14,7 @@ DEMO   ?= runs/demo
 CONSTRAINTS ?= constraints.txt
 PIP     = $(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS)
 
-.PHONY: setup demo test slurm test-latest constraints clean
+.PHONY: setup demo test test-fast lint slurm test-latest constraints clean
 
 setup: $(STAMP)
 
@@ -41,6 +42,14 @@ runs/tiny-llava/config.json: trainer/tiny/common.py trainer/tiny/llava.py
 
 test: setup slurm
 	$(BIN)/python -m pytest tests
+
+# The unit tier without the tests marked slow: under 3 minutes on 2 cores, for every edit.
+test-fast: setup
+	$(BIN)/python -m pytest tests/unit -m "not slow" -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The launcher tests start a real SLURM cluster here: Debian's slurm-wlm and munge (root only).
 slurm:

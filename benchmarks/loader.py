@@ -100,7 +100,7 @@ def measure(batches: Iterable[int], total: int) -> dict[str, float]:
 def mmloom_batches(shards: Path, model: Path, workers: int) -> Iterator[int]:
     from trainer.config import load_config
     from trainer.data.pipeline import EpochBatches, build_loader
-    from trainer.models.adapter import adapter_for
+    from trainer.models.registry import adapter_for
 
     cfg = load_config(None, [f"model.path={model}", f"data.shards={shards}", f"data.workers={workers}"])
     adapter = adapter_for(cfg.model)

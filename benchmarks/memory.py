@@ -45,7 +45,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.config import FinetuneConfig, LoraConfig
-from trainer.models.adapter import ModelAdapter, get_adapter
+from trainer.models.adapter import ModelAdapter
+from trainer.models.registry import get_adapter
 from trainer.parallel import transformer_blocks
 
 GIB = 2**30

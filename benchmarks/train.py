@@ -193,7 +193,7 @@ def main() -> None:
     torch.manual_seed(0)
     from trainer.data.render import IGNORE
     from trainer.loop import micro_batch_loss
-    from trainer.models.adapter import get_adapter
+    from trainer.models.registry import get_adapter
     from trainer.tiny import build_tiny
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor
 from trainer.config import Config
 from trainer.dist import wait_for_rank0
 from trainer.model import checkpoint_dtype, freeze
-from trainer.models.adapter import ModelAdapter
+from trainer.models.building import Building
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def trained_key(name: str) -> bool:
     return "lora_" in name or "modules_to_save." in name
 
 
-def export(model: nn.Module, adapter: ModelAdapter, cfg: Config, out: Path, merge: bool = False,
+def export(model: nn.Module, adapter: Building, cfg: Config, out: Path, merge: bool = False,
            max_shard_gib: float = MAX_SHARD_GIB) -> Path | None:
     """Write the model (collective: every rank calls it); returns `out` on rank 0."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -63,7 +63,7 @@ def export(model: nn.Module, adapter: ModelAdapter, cfg: Config, out: Path, merg
 
 
 @contextlib.contextmanager
-def written(out: Path, adapter: ModelAdapter, rank: int) -> Iterator[Path]:
+def written(out: Path, adapter: Building, rank: int) -> Iterator[Path]:
     """A temporary directory beside `out` to write into; on success (rank 0) the processor joins the
     weights and the directory becomes `out`."""
     tmp = out.with_name(f".{out.name}.tmp")
@@ -86,7 +86,7 @@ def gather(tensor: torch.Tensor, dtype: torch.dtype, rank: int) -> torch.Tensor 
     return full.detach().to("cpu") if rank == 0 else None
 
 
-def skeleton(adapter: ModelAdapter) -> nn.Module:
+def skeleton(adapter: Building) -> nn.Module:
     """The architecture on the meta device, in the checkpoint's dtype: names, shapes and config."""
     with torch.device("meta"):
         model = adapter.model_from_config(dtype=checkpoint_dtype(adapter))
@@ -107,7 +107,7 @@ def saved_names(model: nn.Module) -> dict[str, str] | None:
     return None if None in names or len(names) != len(kept) else names
 
 
-def write_full(state: dict[str, torch.Tensor], adapter: ModelAdapter, out: Path, rank: int,
+def write_full(state: dict[str, torch.Tensor], adapter: Building, out: Path, rank: int,
                max_shard_gib: float) -> None:
     """Stream a full finetune into safetensors files (collective)."""
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -150,7 +150,7 @@ def write_full(state: dict[str, torch.Tensor], adapter: ModelAdapter, out: Path,
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def write_lora(trained: dict[str, torch.Tensor], adapter: ModelAdapter, cfg: Config, out: Path,
+def write_lora(trained: dict[str, torch.Tensor], adapter: Building, cfg: Config, out: Path,
                merge: bool) -> None:
     """The adapter (and peft's copy of a trained projector) through peft's own writer; with `merge`,
     also the base with the adapters merged in, in out/merged."""
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from trainer import checkpoint
     from trainer.config import load_config
-    from trainer.models.adapter import adapter_for
+    from trainer.models.registry import adapter_for
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.run_dir / "config.yaml")

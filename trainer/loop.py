@@ -39,7 +39,8 @@ from trainer.data.render import IGNORE
 from trainer.loss import linear_cross_entropy
 from trainer.metrics import Metrics
 from trainer.model import build_model
-from trainer.models.adapter import ModelAdapter, adapter_for
+from trainer.models.adapter import ModelAdapter
+from trainer.models.registry import adapter_for
 from trainer.optim import build_optimizer, set_lr, step_progress
 from trainer.order import OrderLog
 from trainer.parallel import CompileStats

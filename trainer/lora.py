@@ -10,11 +10,11 @@ from __future__ import annotations
 from torch import nn
 
 from trainer.config import FinetuneConfig
-from trainer.models.adapter import ModelAdapter
+from trainer.models.building import Building
 from trainer.parallel import BLOCK_LISTS
 
 
-def lora_targets(adapter: ModelAdapter, model: nn.Module, ft: FinetuneConfig) -> list[str]:
+def lora_targets(adapter: Building, model: nn.Module, ft: FinetuneConfig) -> list[str]:
     """Full names of the linear layers that get LoRA adapters."""
     groups = {"llm"} | ({"vision"} if ft.lora.vision else set())
     names = []
@@ -34,7 +34,7 @@ def lora_targets(adapter: ModelAdapter, model: nn.Module, ft: FinetuneConfig) ->
     return names
 
 
-def projector_modules(adapter: ModelAdapter, model: nn.Module) -> list[str]:
+def projector_modules(adapter: Building, model: nn.Module) -> list[str]:
     """Names of the outermost modules that make up the projector."""
     names = []
     for name, module in model.named_modules():
@@ -45,7 +45,7 @@ def projector_modules(adapter: ModelAdapter, model: nn.Module) -> list[str]:
     return names
 
 
-def lora_config(adapter: ModelAdapter, model: nn.Module, ft: FinetuneConfig):
+def lora_config(adapter: Building, model: nn.Module, ft: FinetuneConfig):
     from peft import LoraConfig
 
     # A trained projector is saved with the adapter (peft's modules_to_save), so the adapter

@@ -32,7 +32,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from trainer.config import Config
 from trainer.dist import wait_for_rank0
 from trainer.lora import apply_lora, lora_config
-from trainer.models.adapter import ModelAdapter
+from trainer.models.building import Building
 from trainer.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp, unwrapped_name
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return DTYPES[cfg.train.dtype]
 
 
-def checkpoint_dtype(adapter: ModelAdapter) -> torch.dtype:
+def checkpoint_dtype(adapter: Building) -> torch.dtype:
     """The dtype the checkpoint's weights are stored in (config.json's `dtype`; fp32 when unset)."""
     value = getattr(adapter.config, "dtype", None) or getattr(adapter.config, "torch_dtype", None)
     if isinstance(value, str):
@@ -63,7 +63,7 @@ def checkpoint_dtype(adapter: ModelAdapter) -> torch.dtype:
     return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
 
 
-def load_pretrained(adapter: ModelAdapter, cfg: Config, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def load_pretrained(adapter: Building, cfg: Config, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The checkpoint through transformers' own loading path, in the checkpoint's dtype; QLoRA
     quantizes the base to 4 bits on `device` as it loads, computing in `dtype`."""
     from transformers import BitsAndBytesConfig
@@ -79,7 +79,7 @@ def load_pretrained(adapter: ModelAdapter, cfg: Config, device: torch.device, dt
     return adapter.load_model(**kwargs)
 
 
-def freeze(model: nn.Module, adapter: ModelAdapter, cfg: Config) -> dict[str, int]:
+def freeze(model: nn.Module, adapter: Building, cfg: Config) -> dict[str, int]:
     """Apply finetune.freeze_*; LoRA/QLoRA freeze the base and train only adapters (plus the
     projector unless frozen). Returns trainable parameter counts per group."""
     ft = cfg.finetune
@@ -109,7 +109,7 @@ def set_dtypes(model: nn.Module, frozen_dtype: torch.dtype | None = None) -> Non
             p.data = p.data.to(want)
 
 
-def _prepare(model: nn.Module, adapter: ModelAdapter, cfg: Config) -> tuple[nn.Module, dict[str, int]]:
+def _prepare(model: nn.Module, adapter: Building, cfg: Config) -> tuple[nn.Module, dict[str, int]]:
     """LoRA adapters and the freeze flags, the same on a loaded and on a meta-device model."""
     if cfg.finetune.method in ("lora", "qlora"):
         model = apply_lora(model, lora_config(adapter, model, cfg.finetune))
@@ -132,7 +132,7 @@ def build_mesh(cfg: Config, device: torch.device, world: int) -> DeviceMesh | No
     return init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))
 
 
-def build_model(adapter: ModelAdapter, cfg: Config, rank: int, world: int) -> Built:
+def build_model(adapter: Building, cfg: Config, rank: int, world: int) -> Built:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = compute_dtype(cfg, device)
     mesh = build_mesh(cfg, device, world)

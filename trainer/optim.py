@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from trainer.config import OptimConfig
-from trainer.models.adapter import ModelAdapter
+from trainer.models.building import Building
 
 
 def no_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() or "embeddings.class_embedding" in name
 
 
-def build_optimizer(model: nn.Module, adapter: ModelAdapter, cfg: OptimConfig, fused: bool) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, adapter: Building, cfg: OptimConfig, fused: bool) -> torch.optim.Optimizer:
     lrs = {"llm": cfg.lr, "vision": cfg.lr if cfg.vision_lr is None else cfg.vision_lr,
            "projector": cfg.lr if cfg.projector_lr is None else cfg.projector_lr}
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}

@@ -20,7 +20,7 @@ from data_tools.conversion import ConvertOptions, convert_record
 from data_tools.sample import Sample
 from data_tools.sources import DataError, RecordReader
 from trainer.data.render import IGNORE, RenderError, render_sample
-from trainer.models.adapter import get_adapter
+from trainer.models.registry import get_adapter
 
 GREEN, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
 

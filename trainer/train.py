@@ -59,7 +59,7 @@ def dry_run(cfg: Config, epoch: int, order_out: Path | None = None) -> dict:
     from data_tools.mixing import mix_report, target_mix
     from trainer.data.pipeline import EpochBatches, build_loader
     from trainer.dist import gather_objects, init_distributed
-    from trainer.models.adapter import adapter_for
+    from trainer.models.registry import adapter_for
     from trainer.order import order_line, training_order
 
     rank, world = init_distributed(cfg.train.dist_timeout_s)

@@ -70,7 +70,7 @@ def random_checkpoint(family: str, out: Path, edit: Callable[[dict], None] | Non
     """A bf16 checkpoint directory of `family` with random weights: the tiny model's processor and its
     config.json as `edit` changes it (without `edit`: the tiny model itself). New weights are drawn on
     the GPU when there is one. Loaded later by the trainer like any checkpoint."""
-    from trainer.models.adapter import get_adapter
+    from trainer.models.registry import get_adapter
     from trainer.tiny import build_tiny
 
     tiny = build_tiny(family, out.parent / f"tiny-{family}-bf16", dtype="bfloat16")
@@ -329,7 +329,7 @@ def main() -> int:
                                        compile_ == "on", rank, world, counts))
                 if rank == 0:
                     print(json.dumps(runs[-1]), file=sys.stderr, flush=True)      # progress
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         config = get_adapter(ckpt).config
         with torch.device("meta"):

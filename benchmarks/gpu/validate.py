@@ -372,7 +372,8 @@ def stage_oracle(args: argparse.Namespace) -> dict[str, Any]:
     from trainer import attention
     from trainer.data.packing import collate
     from trainer.loop import micro_batch_loss
-    from trainer.models.adapter import ModelAdapter, get_adapter
+    from trainer.models.adapter import ModelAdapter
+    from trainer.models.registry import get_adapter
 
     dev, shards = device(), demo_shards(args.work)
     families: dict[str, Any] = {}

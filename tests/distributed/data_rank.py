@@ -10,7 +10,7 @@ from pathlib import Path
 from trainer.config import load_config
 from trainer.data.pipeline import EpochBatches, build_loader
 from trainer.dist import init_distributed, shutdown
-from trainer.models.adapter import get_adapter
+from trainer.models.registry import get_adapter
 
 
 def main() -> None:

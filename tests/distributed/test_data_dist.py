@@ -14,7 +14,7 @@ from data_tools.plan import plan_epoch
 from tests.support import REPO
 from trainer.config import load_config
 from trainer.data.pipeline import build_loader, plan_seed
-from trainer.models.adapter import get_adapter
+from trainer.models.registry import get_adapter
 
 
 def overrides(tiny, shards: Path) -> list[str]:

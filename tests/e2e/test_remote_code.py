@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO
-from trainer.models.adapter import code_revision, get_adapter
+from trainer.models.registry import code_revision, get_adapter
 
 CONFIGURATION = '''
 from transformers import LlavaConfig

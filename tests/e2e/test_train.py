@@ -45,7 +45,7 @@ def logits(model, inputs: dict) -> torch.Tensor:
 def a_pack(tiny, shards: Path):
     from trainer.config import load_config
     from trainer.data.pipeline import build_loader
-    from trainer.models.adapter import get_adapter
+    from trainer.models.registry import get_adapter
 
     cfg = load_config(None, [f"model.path={tiny('llava')}", f"data.shards={shards}", "data.workers=0",
                              "data.packing.max_tokens=2048"])
@@ -148,7 +148,7 @@ def test_export_from_a_checkpoint_gives_the_training_logits(tiny, overfit_shards
     from trainer import checkpoint
     from trainer.config import load_config
     from trainer.model import build_model
-    from trainer.models.adapter import get_adapter
+    from trainer.models.registry import get_adapter
     from trainer.optim import build_optimizer
 
     run = tmp_path / "run"

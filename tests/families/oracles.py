@@ -144,7 +144,7 @@ class FamilyOracles:
     def test_processor_and_model_on_real_images(self, path: Path, images) -> None:
         from transformers import AutoProcessor
 
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         # The family's auto class: not every family is an AutoModelForImageTextToText (Phi-4-multimodal).
         proc, model = AutoProcessor.from_pretrained(path), get_adapter(path).auto_class().from_pretrained(path)
@@ -173,7 +173,7 @@ class FamilyOracles:
         on the base, and the merged export give the same logits on a real pack."""
         from peft import PeftModel
 
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         run = tmp_path / "run"
         overrides = [f"model.path={path}", f"data.shards={overfit_shards}", f"run.dir={run}",
@@ -222,7 +222,7 @@ class FamilyOracles:
         from trainer.data.pipeline import build_loader
         from trainer.loop import micro_batch_loss
         from trainer.model import build_model
-        from trainer.models.adapter import adapter_for
+        from trainer.models.registry import adapter_for
 
         cfg = load_config(REPO / "configs" / "tiny-llava.yaml", [
             f"model.path={path}", f"data.shards={overfit_shards}", "finetune.method=qlora",
@@ -249,7 +249,7 @@ def training_model_and_pack(run: Path):
     from trainer.config import load_config
     from trainer.data.pipeline import build_loader
     from trainer.model import build_model
-    from trainer.models.adapter import get_adapter
+    from trainer.models.registry import get_adapter
     from trainer.optim import build_optimizer
 
     cfg = load_config(run / "config.yaml")
@@ -394,7 +394,7 @@ class VideoOracles:
         return out
 
     def test_video_is_native(self, path: Path) -> None:
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         assert get_adapter(path).video == "native"
 
@@ -402,7 +402,7 @@ class VideoOracles:
     def test_a_video_sample_renders_as_the_processor_at_inference(self, path: Path, image: bool) -> None:
         from data_tools.video import VideoPolicy
         from trainer.data.render import IGNORE, render_sample, to_messages
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter, members, policy = get_adapter(path), video_members(), VideoPolicy()
         sample = video_sample("v", 6, image)
@@ -427,7 +427,7 @@ class VideoOracles:
     def test_the_whole_conversation_path_renders_videos_the_same(self, path: Path, monkeypatch) -> None:
         from data_tools.video import VideoPolicy
         from trainer.data import render
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter, members = get_adapter(path), video_members()
         sample = video_sample("v", 6, image=True)
@@ -446,7 +446,7 @@ class VideoOracles:
         from tests.support.samples import SAMPLES
         from trainer.data.packing import collate
         from trainer.data.render import render_sample
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter, members, policy = get_adapter(path), video_members(), VideoPolicy()
         model = adapter.load_model(dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -471,7 +471,7 @@ class VideoOracles:
         dry run's tokens drop by exactly the other video's difference: the sample's own 6 stay."""
         from data_tools.video import VideoPolicy
         from trainer.data.render import render_sample
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         budget = f"data.packing.max_tokens={self.DEMO_MAX_TOKENS}"
         out = dry_run(path, demo_shards, budget, "data.video.num_frames=8")
@@ -506,7 +506,7 @@ def packed_video_positions(path: Path) -> tuple[Any, Any, torch.Tensor, Any]:
     from tests.support.samples import SAMPLES
     from trainer.data.packing import collate
     from trainer.data.render import render_sample
-    from trainer.models.adapter import get_adapter
+    from trainer.models.registry import get_adapter
 
     adapter, members, policy = get_adapter(path), video_members(), VideoPolicy()
     sample = video_sample("v", 6, image=True)

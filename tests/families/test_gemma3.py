@@ -22,7 +22,7 @@ def models_own_masks(path, samples) -> tuple[dict, torch.Tensor, torch.Tensor]:
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from trainer.data.render import render_sample
-    from trainer.models.adapter import get_adapter
+    from trainer.models.registry import get_adapter
 
     adapter = get_adapter(path)
     rendered = [render_sample(adapter, s, PHOTOS) for s in samples]
@@ -46,8 +46,8 @@ def models_own_masks(path, samples) -> tuple[dict, torch.Tensor, torch.Tensor]:
 
 def adapters_masks(path, positions: torch.Tensor, is_image: torch.Tensor) -> dict:
     """The masks the adapter's hook hands the model for SDPA, sliding window WINDOW."""
-    from trainer.models.adapter import get_adapter
     from trainer.models.gemma3 import image_blocks, mask_ids
+    from trainer.models.registry import get_adapter
 
     adapter = get_adapter(path)
     adapter.config.get_text_config().sliding_window = WINDOW
@@ -126,7 +126,7 @@ class TestGemma3(FamilyOracles):
         back from it), but no later text of its own sample and nothing of any other sample."""
         from trainer.data.packing import collate
         from trainer.data.render import render_sample
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         model = adapter.load_model(dtype=torch.float32, attn_implementation="sdpa")

@@ -91,7 +91,7 @@ class TestInternVL(FamilyOracles):
 
         from trainer.config import FinetuneConfig
         from trainer.lora import lora_targets
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
         from trainer.parallel import transformer_blocks
 
         adapter = get_adapter(path)
@@ -113,7 +113,7 @@ class TestInternVL(FamilyOracles):
         from tests.support.samples import PHOTOS, SAMPLES
         from trainer.data.packing import collate
         from trainer.data.render import render_sample
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(tiny(self.FAMILY))
         rendered = [render_sample(adapter, s, PHOTOS) for s in SAMPLES]

@@ -68,7 +68,7 @@ class TestLlavaNextVideo(VicunaTurns, VideoOracles, FamilyOracles):
 
         from trainer.data.packing import collate
         from trainer.data.render import render_sample
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter, members = get_adapter(path), video_members()
         rendered = [render_sample(adapter, video_sample(k, n), members) for k, n in (("a", 6), ("b", 4), ("c", 4))]
@@ -87,7 +87,7 @@ class TestLlavaNextVideo(VicunaTurns, VideoOracles, FamilyOracles):
     def test_the_vision_tower_stays_in_the_root_fsdp_unit(self, path) -> None:
         # Images and videos are two calls of the tower: per-block FSDP units would be gathered once on a
         # rank whose pack holds one kind and twice on one whose pack holds both.
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         assert adapter.fsdp_root_block("model.vision_tower.vision_model.encoder.layers")

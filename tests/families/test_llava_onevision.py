@@ -116,7 +116,7 @@ class TestLlavaOnevision(VideoOracles, FamilyOracles):
     def test_a_sample_is_rendered_as_inference_renders_the_whole_conversation(self, path) -> None:
         # With one image so far the processor shows it with tiles; once a second follows, both lose them.
         # The turns' prompts cannot all match inference: mmloom matches the whole conversation's.
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         r = render_sample(adapter, TWO_TURNS, PHOTOS)
@@ -138,7 +138,7 @@ class TestLlavaOnevision(VideoOracles, FamilyOracles):
     def test_packs_mix_images_alone_and_multi_image_samples(self, path) -> None:
         from transformers import AutoModelForImageTextToText
 
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         alone = sample("1", ("user", ["img0.jpg", "What is it?"]), ("assistant", ["A roof."]))
@@ -163,7 +163,7 @@ class TestLlavaOnevision(VideoOracles, FamilyOracles):
 
     def test_trimming_a_multi_image_sample_renders_the_shorter_one(self, path) -> None:
         # The image left alone gets tiles: the trimmed sample is rendered anew, and may need more tokens.
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         strip = io.BytesIO()
@@ -217,7 +217,7 @@ class TestLlavaOnevision(VideoOracles, FamilyOracles):
         """The model appends a newline to each row of [videos, frames, ...]: no single tensor holds a
         6-frame and a 4-frame video. The packer asks packs_with and puts them in different packs."""
         from trainer.data.packing import Packer
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter, members = get_adapter(path), video_members()
         rendered = [render_sample(adapter, video_sample(k, n), members) for k, n in (("a", 6), ("b", 4), ("c", 6))]
@@ -231,7 +231,7 @@ class TestLlavaOnevision(VideoOracles, FamilyOracles):
         assert [collate(adapter, p).inputs["pixel_values_videos"].shape[:2] for p in packs] == [(2, 6), (1, 4)]
 
     def test_the_vision_tower_stays_in_the_root_fsdp_unit(self, path) -> None:
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         assert adapter.fsdp_root_block("model.vision_tower.vision_model.encoder.layers")

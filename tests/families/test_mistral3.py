@@ -98,7 +98,7 @@ class TestMistral3(FamilyOracles):
         from tests.support.samples import SAMPLES, assert_packed_equals_alone, cropped_photo
         from trainer.data.packing import collate
         from trainer.data.render import render_sample
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         narrow_sample, photos = cropped_photo((0, 0, 140, 427), "A strip.")

@@ -124,7 +124,7 @@ class TestMllama(FamilyOracles):
     # --- cross-attention under packing ---------------------------------------------------------------
 
     def test_cross_attention_mask_is_the_processors_per_sample(self, path) -> None:
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         sample = Sample(key="2", source="s", index=0, turns=[
@@ -151,7 +151,7 @@ class TestMllama(FamilyOracles):
         Strict: the release that fixes this fails here, and the packed mask must follow it."""
         from transformers import AutoModelForImageTextToText
 
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
@@ -171,7 +171,7 @@ class TestMllama(FamilyOracles):
     def test_a_packed_sample_never_sees_another_samples_image(self, path) -> None:
         from transformers import AutoModelForImageTextToText
 
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
@@ -202,7 +202,7 @@ class TestMllama(FamilyOracles):
         # would then issue fewer collectives than the others.
         from transformers import AutoModelForImageTextToText
 
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
@@ -221,7 +221,7 @@ class TestMllama(FamilyOracles):
 
         from trainer.config import FinetuneConfig
         from trainer.lora import lora_targets
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
         from trainer.parallel import transformer_blocks
 
         adapter = get_adapter(path)

@@ -52,7 +52,7 @@ class TestPaliGemma(FamilyOracles):
 
         from trainer.data.packing import collate
         from trainer.data.render import decode_image, render_sample
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         proc = AutoProcessor.from_pretrained(path)
         messages = [{"role": "user", "content": [{"type": "text", "text": "caption en"}, {"type": "image"}]}]
@@ -81,7 +81,7 @@ class TestPaliGemma(FamilyOracles):
         processor's finetuning inputs (processor(text, suffix=...): token_type_ids 0 on the prefix)."""
         from trainer.data.packing import collate
         from trainer.data.render import decode_image, render_sample
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         model = adapter.load_model(dtype=torch.float32, attn_implementation="sdpa")
@@ -107,7 +107,7 @@ class TestPaliGemma(FamilyOracles):
         after it, and nothing of the other samples."""
         from trainer.data.packing import collate
         from trainer.data.render import render_sample
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         model = adapter.load_model(dtype=torch.float32, attn_implementation="sdpa")
@@ -135,7 +135,7 @@ class TestPaliGemma(FamilyOracles):
 
     def test_images_after_the_first_prompt_expand_behind_its_bos(self, path) -> None:
         from trainer.data.render import render_sample
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         later = sample("y", [("user", ["img0.jpg", "Where?"]), ("assistant", ["China."]),

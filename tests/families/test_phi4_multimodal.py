@@ -103,7 +103,7 @@ class TestPhi4Multimodal(FamilyOracles):
         from the tokenizer), and the config answers image_token_id from its vision_config."""
         from transformers import AutoProcessor, Phi4MultimodalConfig
 
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         processor = get_adapter(path).processor
         assert AutoProcessor.from_pretrained(path).chat_template is None          # the bug, still there
@@ -125,7 +125,7 @@ class TestPhi4Multimodal(FamilyOracles):
         # <|endoftext|>; mmloom drops it, so the render equals the prefix-consistent one.
         from tests.support.samples import CONVERSATIONS, PHOTOS
         from trainer.data.render import render_sample
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         sample = CONVERSATIONS["multi_turn_multi_image_system"]
@@ -146,7 +146,7 @@ class TestPhi4Multimodal(FamilyOracles):
 
         from trainer.config import FinetuneConfig
         from trainer.lora import lora_targets
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         assert adapter.auto_class() is AutoModelForCausalLM
@@ -173,7 +173,7 @@ class TestPhi4Multimodal(FamilyOracles):
         from tests.support.samples import SAMPLES, assert_packed_equals_alone, cropped_photo
         from trainer.data.packing import collate
         from trainer.data.render import render_sample
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         small_sample, photos = cropped_photo((0, 0, 300, 200), "A corner.")

@@ -102,7 +102,7 @@ class TestQwen3VL(VideoOracles, FamilyOracles):
         from tests.support.samples import PHOTOS, SAMPLES, images_of
         from trainer.data.packing import collate
         from trainer.data.render import render_sample, to_messages
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
@@ -158,7 +158,7 @@ class TestQwen3VL(VideoOracles, FamilyOracles):
         from data_tools.video import VideoPolicy
         from tests.families.oracles import video_sample
         from trainer.data.render import render_sample
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         sample = video_sample("one", None)

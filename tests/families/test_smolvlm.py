@@ -65,7 +65,7 @@ class TestSmolVLM(FamilyOracles):
 
     def test_the_dummy_image_is_one_tile(self, path) -> None:
         # The grey image text-only packs carry runs the vision tower on a single 384-px tile, not 17.
-        from trainer.models.adapter import get_adapter
+        from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
         ids, media, positions = adapter.dummy_image

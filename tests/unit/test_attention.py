@@ -17,7 +17,7 @@ from tests.support.samples import PHOTOS, SAMPLES, sample
 from trainer import attention
 from trainer.data.packing import collate
 from trainer.data.render import render_sample
-from trainer.models.adapter import get_adapter
+from trainer.models.registry import get_adapter
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

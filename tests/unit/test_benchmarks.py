@@ -171,7 +171,7 @@ def test_seed_style_baseline_renders_what_mmloom_renders(tiny, tmp_path: Path) -
     from data_tools.shard import main as shard_main
     from trainer.data.reader import read_occurrences
     from trainer.data.render import render_sample
-    from trainer.models.adapter import get_adapter
+    from trainer.models.registry import get_adapter
 
     media = tmp_path / "media"
     media.mkdir()

@@ -18,7 +18,7 @@ from trainer.config import load_config
 from trainer.data.packing import collate
 from trainer.data.render import render_sample
 from trainer.flops import ModelFlops, _attention_layers, _table_peak, causal_pairs, peak_tflops
-from trainer.models.adapter import get_adapter
+from trainer.models.registry import get_adapter
 
 
 def trainer_model(path, overrides: list[str]):

@@ -15,7 +15,7 @@ from benchmarks.memory import NF4_BITS, Run, build, state_bytes, working_bytes
 from trainer.config import FinetuneConfig, LoraConfig, OptimConfig
 from trainer.lora import apply_lora, lora_config
 from trainer.model import freeze
-from trainer.models.adapter import get_adapter
+from trainer.models.registry import get_adapter
 from trainer.optim import build_optimizer
 
 

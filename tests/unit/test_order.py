@@ -13,7 +13,7 @@ from data_tools.mixing import mix_report, target_mix
 from data_tools.plan import Generation, plan_epoch
 from trainer.config import load_config
 from trainer.data.pipeline import build_loader, plan_seed, resume_generation
-from trainer.models.adapter import get_adapter
+from trainer.models.registry import get_adapter
 
 
 def config(tiny, shards: Path, workers: int):

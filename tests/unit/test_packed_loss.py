@@ -19,7 +19,8 @@ from tests.support.samples import (
 from trainer import attention
 from trainer.data.packing import collate
 from trainer.data.render import render_sample
-from trainer.models.adapter import ModelAdapter, get_adapter, load_families
+from trainer.models.adapter import ModelAdapter
+from trainer.models.registry import get_adapter, load_families
 from trainer.tiny import FAMILIES
 
 

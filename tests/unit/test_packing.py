@@ -9,7 +9,7 @@ import torch
 from benchmarks.packing import llava_like_lengths, padded_efficiency
 from trainer.data.packing import Packer, collate
 from trainer.data.render import IGNORE, Rendered
-from trainer.models.adapter import get_adapter
+from trainer.models.registry import get_adapter
 
 
 def fake(n: int, key: str, rope: int = 1) -> Rendered:

@@ -12,7 +12,7 @@ from data_tools.manifest import load_manifest
 from data_tools.plan import plan_epoch
 from trainer.config import load_config
 from trainer.data.pipeline import EpochBatches, build_loader, plan_seed
-from trainer.models.adapter import get_adapter
+from trainer.models.registry import get_adapter
 
 
 def config(tiny, shards: Path, *overrides: str):

@@ -9,7 +9,7 @@ import torch
 from data_tools.sample import Sample, Turn
 from tests.support.samples import CONVERSATIONS, PHOTOS, image, images_of, text
 from trainer.data.render import IGNORE, RenderError, decode_image, render_sample, to_messages
-from trainer.models.adapter import get_adapter
+from trainer.models.registry import get_adapter
 from trainer.tiny import FAMILIES as TINY_FAMILIES
 
 FAMILIES = sorted(TINY_FAMILIES)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO
-from trainer.models.adapter import load_families
+from trainer.models.registry import load_families
 from trainer.tiny import FAMILIES, build_tiny, main
 
 

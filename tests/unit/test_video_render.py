@@ -11,7 +11,7 @@ from PIL import Image
 from data_tools.sample import Sample, TextPart, Turn, VideoPart
 from data_tools.video import VideoPolicy, decode_video
 from trainer.data.render import IGNORE, RenderError, render_sample, to_messages
-from trainer.models.adapter import get_adapter, load_families
+from trainer.models.registry import get_adapter, load_families
 
 
 def video_sample(num_frames: int | None) -> Sample:

@@ -23,7 +23,7 @@ import torch
 from trainer.data.render import IGNORE, Rendered
 
 if TYPE_CHECKING:
-    from trainer.models.adapter import ModelAdapter
+    from trainer.models.batching import Batching
 
 
 class Packer:
@@ -94,7 +94,7 @@ class Pack:
         return not self.sources
 
 
-def collate(adapter: ModelAdapter, samples: list[Rendered]) -> Pack:
+def collate(adapter: Batching, samples: list[Rendered]) -> Pack:
     labels = []
     for s in samples:
         lab = s.labels.clone()
@@ -128,7 +128,7 @@ def collate(adapter: ModelAdapter, samples: list[Rendered]) -> Pack:
                 lengths=[s.length for s in samples], trimmed=sum(s.trimmed for s in samples), dummy=dummy)
 
 
-def empty_pack(adapter: ModelAdapter, skips: dict[str, int] | None = None) -> Pack:
+def empty_pack(adapter: Batching, skips: dict[str, int] | None = None) -> Pack:
     """A zero-weight micro-batch (just the dummy image, no label): ranks that ran dry step with it."""
     pack = collate(adapter, [])
     pack.skips = dict(skips or {})

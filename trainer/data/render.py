@@ -23,10 +23,10 @@ from PIL import Image, ImageOps
 from data_tools.frames import stored_clip
 from data_tools.sample import ImagePart, Sample, TextPart, VideoPart
 from data_tools.video import VideoPolicy, decode_video
-from trainer.models.adapter import IGNORE
+from trainer.models.rendering import IGNORE
 
 if TYPE_CHECKING:
-    from trainer.models.adapter import ModelAdapter
+    from trainer.models.rendering import Rendering
 
 
 
@@ -100,7 +100,7 @@ def decode_image(data: bytes) -> Image.Image:
     return ImageOps.exif_transpose(img).convert("RGB")
 
 
-def render_sample(adapter: ModelAdapter, sample: Sample, members: dict[str, bytes],
+def render_sample(adapter: Rendering, sample: Sample, members: dict[str, bytes],
                   max_tokens: int | None = None, overlong: str = "trim", video: VideoPolicy | None = None) -> Rendered:
     """Render one canonical sample; raises RenderError (a counted skip) when it cannot be used.
     Videos are sampled by `video` (default VideoPolicy()) and reach the model as videos, or as their
@@ -179,7 +179,7 @@ def render_sample(adapter: ModelAdapter, sample: Sample, members: dict[str, byte
                     media=sample_media, key=sample.key, trimmed=trimmed)
 
 
-def _splits_cleanly(adapter: ModelAdapter, text: str, segments: list[_Segment]) -> bool:
+def _splits_cleanly(adapter: Rendering, text: str, segments: list[_Segment]) -> bool:
     """True when tokenizing the segments one by one gives the tokens of the whole text (media
     placeholders are single special tokens, so text alone decides). SentencePiece-style tokenizers
     add a word-start marker at the start of every call and fail this for later turns."""
@@ -192,7 +192,7 @@ def _splits_cleanly(adapter: ModelAdapter, text: str, segments: list[_Segment]) 
     return parts == encode(text, True)
 
 
-def _render_whole(adapter: ModelAdapter, sample: Sample, members: dict[str, bytes], text: str,
+def _render_whole(adapter: Rendering, sample: Sample, members: dict[str, bytes], text: str,
                   segments: list[_Segment], images: list, videos: list, max_tokens: int | None,
                   overlong: str, video: VideoPolicy | None = None) -> Rendered:
     """The exact, slower path: the whole conversation tokenized at once (as inference does), with
@@ -238,7 +238,7 @@ def _render_whole(adapter: ModelAdapter, sample: Sample, members: dict[str, byte
                     media=media, key=sample.key)
 
 
-def _segments(adapter: ModelAdapter, messages: list[dict]) -> tuple[list[_Segment], str]:
+def _segments(adapter: Rendering, messages: list[dict]) -> tuple[list[_Segment], str]:
     full = adapter.chat_text(messages, add_generation_prompt=False)
     cuts: list[tuple[int, int]] = []
     for a, m in enumerate(messages):
@@ -261,7 +261,7 @@ def _segments(adapter: ModelAdapter, messages: list[dict]) -> tuple[list[_Segmen
     return segments, full
 
 
-def _assign_media(adapter: ModelAdapter, segments: list[_Segment], text: str, images: list, videos: list,
+def _assign_media(adapter: Rendering, segments: list[_Segment], text: str, images: list, videos: list,
                   key: str) -> None:
     queues = {"image": list(images), "video": list(videos)}
     for seg in segments:
@@ -281,7 +281,7 @@ def _assign_media(adapter: ModelAdapter, segments: list[_Segment], text: str, im
                               f"(does this model support {kind}s?)")
 
 
-def _answer_labels(adapter: ModelAdapter, seg_ids: torch.Tensor) -> torch.Tensor:
+def _answer_labels(adapter: Rendering, seg_ids: torch.Tensor) -> torch.Tensor:
     labels = seg_ids.clone()
     eot = [i for i, t in enumerate(seg_ids.tolist()) if t in adapter.end_of_turn_ids]
     if eot:

@@ -6,20 +6,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer.models.adapter import ModelAdapter, load_families
+from trainer.models.adapter import ModelAdapter
+from trainer.models.registry import load_families
 
-COLUMNS = ("family", "example checkpoint", "multi-image", "video", "packing", "LoRA on vision", "QLoRA")
+COLUMNS = ("family", "example checkpoint", "video")
 
 
 def table() -> str:
-    def mark(flag: bool) -> str:
-        return "yes" if flag else "no"
-
     rows = [COLUMNS, tuple("---" for _ in COLUMNS)]
     for family, cls in {**load_families(), "generic": ModelAdapter}.items():
         rows.append((f"`{family}`", cls.example or "any AutoModelForImageTextToText with a chat template",
-                     mark(cls.multi_image), cls.video or "no", mark(cls.packing), mark(cls.lora_vision),
-                     mark(cls.qlora)))
+                     cls.video or "no"))
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 

@@ -26,7 +26,8 @@ import torch
 
 from trainer import attention
 from trainer.attention import block_causal
-from trainer.models.adapter import ModelAdapter, register
+from trainer.models.adapter import ModelAdapter
+from trainer.models.registry import register
 
 
 def image_blocks(is_image: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@ concatenate along the tile dimension, and turns end with <end_of_utterance>."""
 
 from __future__ import annotations
 
-from trainer.models.adapter import ModelAdapter, register
+from trainer.models.adapter import ModelAdapter
+from trainer.models.registry import register
 
 
 @register

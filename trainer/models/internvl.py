@@ -12,7 +12,8 @@ transformers' convert_internvl_weights_to_hf.py.
 
 from __future__ import annotations
 
-from trainer.models.adapter import ModelAdapter, register
+from trainer.models.adapter import ModelAdapter
+from trainer.models.registry import register
 
 
 @register

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from trainer.models.adapter import ModelAdapter, register
+from trainer.models.adapter import ModelAdapter
+from trainer.models.registry import register
 
 
 @register

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.models.adapter import register
 from trainer.models.llava import LlavaAdapter
+from trainer.models.registry import register
 
 
 @register

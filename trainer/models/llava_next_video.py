@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer.models.adapter import register
 from trainer.models.llava_next import LlavaNextAdapter
+from trainer.models.registry import register
 
 
 def split_videos(parts: list[dict[str, torch.Tensor]]) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:

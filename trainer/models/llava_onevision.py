@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from trainer.models.adapter import register
 from trainer.models.llava_next import LlavaNextAdapter
 from trainer.models.llava_next_video import split_videos
+from trainer.models.registry import register
 
 
 @register

@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from trainer.attention import block_causal
-from trainer.models.adapter import IGNORE, ModelAdapter, register
+from trainer.models.adapter import IGNORE, ModelAdapter
 from trainer.models.gemma3 import mask_ids, masked_attention
+from trainer.models.registry import register
 
 
 @register

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer.models.adapter import ModelAdapter, register
+from trainer.models.adapter import ModelAdapter
+from trainer.models.registry import register
 
 
 @register

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from trainer.models.adapter import register
 from trainer.models.qwen2_vl import Qwen2VLAdapter
+from trainer.models.registry import register
 
 
 @register

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from trainer.models.adapter import ModelAdapter, register
+from trainer.models.adapter import ModelAdapter
+from trainer.models.registry import register
 
 
 @register
@@ -34,7 +35,6 @@ class Qwen2VLAdapter(ModelAdapter):
     media_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
     end_of_turn_tokens = ("<|im_end|>",)
     media_token_pattern = r"<\|vision_(start|end)\|>"
-    rope_dims = 4
     video = "native"
 
     def _model_class(self) -> Any:

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from trainer.models.adapter import VideoFrames, register
+from trainer.models.adapter import VideoFrames
 from trainer.models.qwen2_vl import Qwen2VLAdapter
+from trainer.models.registry import register
 
 
 @register

@@ -9,8 +9,8 @@ needs the `num2words` package (it spells out frame counts in video prompts).
 
 from __future__ import annotations
 
-from trainer.models.adapter import register
 from trainer.models.idefics3 import Idefics3Adapter
+from trainer.models.registry import register
 
 
 @register

@@ -38,7 +38,7 @@ def build_tiny(family: str, out: str | Path, dtype: str = "float32") -> Path:
     in `dtype` ("bfloat16" like most published checkpoints); return `out`."""
     import torch
 
-    from trainer.models.adapter import load_families
+    from trainer.models.registry import load_families
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}: choose one of {', '.join(FAMILIES)}")
