@@ -74,7 +74,7 @@ constraints:
 	$$($(BIN)/python -c 'import platform; print(platform.python_version(), platform.machine())'),"; \
 	  echo "# written $$(date +%Y-%m-%d) by 'make constraints'. make setup / demo / test and .ci/run install"; \
 	  echo "# through them (pip --constraint); setup.cfg keeps the lower bounds. Moving to newer releases:"; \
-	  echo "# make test-latest, fix what it finds, make constraints VENV=.venv-latest (README: Tested versions)."; \
+	  echo "# make test-latest, fix what it finds, make constraints VENV=.venv-latest (docs/development.md: Tested versions)."; \
 	  $(BIN)/python -m pip freeze --exclude-editable; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 

@@ -1,6 +1,6 @@
 """The CPU benchmark suite: runs each benchmark in its own process and prints every JSON line.
 
-    python benchmarks/run_all.py            # the figures in the README (about 8 minutes on 2 cores)
+    python benchmarks/run_all.py            # the figures in docs/performance.md (about 8 minutes on 2 cores)
     python benchmarks/run_all.py --quick    # tiny settings, about a minute: checks the suite runs
 
 The first line describes the machine (CPUs, load average, date, versions); then one line per

@@ -81,7 +81,7 @@ def parse_record(record: Any, *, media_roots: Sequence[Path]) -> Draft:
         raise Rejected(
             "unknown_format",
             f"no `conversations` or `messages` list (keys: {sorted(record)[:8]}); "
-            "see the README's 'Input formats'",
+            "see docs/data.md's 'Input formats'",
         )
     _check_turns(draft)
     return draft

@@ -11,7 +11,9 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
+from tests.support import REPO
+
+CONSTRAINTS = REPO / "constraints.txt"
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)\s*$")
 
 

@@ -51,6 +51,6 @@ def test_cli_builds_the_same_bytes_in_a_fresh_process(tiny, tmp_path: Path) -> N
 def test_readme_shows_the_current_families_table() -> None:
     from trainer.models.__main__ import table
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "families.md").read_text()
     shown = readme.split("<!-- families:start -->\n")[1].split("<!-- families:end -->")[0]
-    assert shown.strip() == table(), "README out of date: paste `python -m trainer.models --list` into it"
+    assert shown.strip() == table(), "docs/families.md out of date: paste `python -m trainer.models --list` into it"

@@ -58,7 +58,7 @@ def test_differences_name_each_package_off_its_pin(tmp_path) -> None:
 
 
 def test_the_readmes_table_of_tested_versions_is_constraints_txt() -> None:
-    readme = (CONSTRAINTS.parent / "README.md").read_text()
+    readme = (CONSTRAINTS.parent / "docs" / "development.md").read_text()
     section = readme.split("### Tested versions", 1)[1]
     table = section.split("\n\n| package | tested |", 1)[1].split("\n\n", 1)[0]
     cells = [c.strip() for line in table.splitlines()[2:] for c in line.strip("|").split("|")]
@@ -66,4 +66,4 @@ def test_the_readmes_table_of_tested_versions_is_constraints_txt() -> None:
     pins = pinned()
     assert {"torch", "transformers", "peft"} <= set(listed)
     assert {name: pins[canonicalize_name(name)] for name in listed} == listed, \
-        "README's 'Tested versions' table differs from constraints.txt: copy the new versions into it"
+        "docs/development.md's 'Tested versions' table differs from constraints.txt: copy the new versions into it"

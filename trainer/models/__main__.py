@@ -1,5 +1,5 @@
 """`python -m trainer.models --list`: the supported model families and what each supports, read from
-the adapters themselves (the README's table is this output)."""
+the adapters themselves (docs/families.md's table is this output)."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def get_adapter(path: str | Path, family: str | None = None, trust_remote_code: 
                              f"them with model.code_revision={code_revision(path)} (got {revision!r})")
     elif meta.get("auto_map"):
         raise ValueError(f"{config} names its own modeling code (auto_map): mmloom does not run it unless you set "
-                         f"model.trust_remote_code=true and pin it with model.code_revision (see README)")
+                         f"model.trust_remote_code=true and pin it with model.code_revision (see docs/families.md)")
     if family is not None:
         if family not in _ADAPTERS and family != "generic":
             raise ValueError(f"model.family={family!r} is unknown; known: generic, {', '.join(sorted(_ADAPTERS))}")
