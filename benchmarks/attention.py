@@ -50,18 +50,25 @@ def packed_inputs(tokens: int, samples: int, vocab: int, device: torch.device) -
     cuts = sorted(torch.randperm(tokens - 1, generator=gen)[: samples - 1].add(1).tolist())
     sizes = tuple(b - a for a, b in zip([0, *cuts], [*cuts, tokens]))
     cu = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int32, device=device)
-    return {"input_ids": torch.randint(0, vocab, (1, tokens), generator=gen).to(device),
-            "position_ids": torch.cat([torch.arange(n) for n in sizes])[None].to(device),
-            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(sizes), "max_length_k": max(sizes),
-            "mmloom_segments": sizes}
+    return {
+        "input_ids": torch.randint(0, vocab, (1, tokens), generator=gen).to(device),
+        "position_ids": torch.cat([torch.arange(n) for n in sizes])[None].to(device),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max(sizes),
+        "max_length_k": max(sizes),
+        "mmloom_segments": sizes,
+    }
 
 
-def measure(model: torch.nn.Module, inputs: dict, repeats: int, device: torch.device) -> tuple[float, float, int]:
+def measure(
+    model: torch.nn.Module, inputs: dict, repeats: int, device: torch.device
+) -> tuple[float, float, int]:
     """(ms per layer forward, ms per layer backward, host reads in one forward), medians of `repeats`."""
     layers = len(model.layers)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fwd, bwd = [], []
-    for _ in range(repeats + 1):                    # the first is a warm-up
+    for _ in range(repeats + 1):  # the first is a warm-up
         model.zero_grad(set_to_none=True)
         sync()
         start = time.perf_counter()
@@ -89,25 +96,38 @@ def main() -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     wide = device.type == "cuda"
-    config = Qwen2Config(hidden_size=1536 if wide else 256, intermediate_size=4096 if wide else 512,
-                         num_hidden_layers=2, num_attention_heads=12 if wide else 4, num_key_value_heads=2,
-                         vocab_size=1000, max_position_embeddings=args.tokens)
+    config = Qwen2Config(
+        hidden_size=1536 if wide else 256,
+        intermediate_size=4096 if wide else 512,
+        num_hidden_layers=2,
+        num_attention_heads=12 if wide else 4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=args.tokens,
+    )
     AttentionInterface.register(PER_LAYER, per_layer_boundaries)
     chosen = attention.choose(config, Qwen2Model, device)
     backends = [chosen, PER_LAYER, "sdpa"]
     if device.type == "cuda":
         backends += [b for b in (attention.VARLEN, "flash_attention_2") if b not in backends]
     for samples, backend in itertools.product(args.samples, backends):
-        line = {"benchmark": "attention", "backend": backend, "samples_per_pack": samples, "tokens": args.tokens,
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                "trainer_path": backend == chosen}
+        line = {
+            "benchmark": "attention",
+            "backend": backend,
+            "samples_per_pack": samples,
+            "tokens": args.tokens,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "trainer_path": backend == chosen,
+        }
         try:
             config._attn_implementation = backend
             model = Qwen2Model(config).to(device, dtype)
             inputs = packed_inputs(args.tokens, samples, config.vocab_size, device)
             fwd, bwd, reads = measure(model, inputs, args.repeats, device)
-            line.update(fwd_ms_per_layer=round(fwd, 2), bwd_ms_per_layer=round(bwd, 2), host_reads_per_forward=reads)
-        except Exception as e:                      # a backend this machine cannot run
+            line.update(
+                fwd_ms_per_layer=round(fwd, 2), bwd_ms_per_layer=round(bwd, 2), host_reads_per_forward=reads
+            )
+        except Exception as e:  # a backend this machine cannot run
             line["error"] = f"{type(e).__name__}: {e}"[:300]
         print(json.dumps(line), flush=True)
     return 0

@@ -7,8 +7,9 @@ it): 88% of samples show one photograph and ask about it, 12% are text-only. A s
 question/answer round and each further one with probability 0.45 (mean 1.8 rounds, at most 10).
 60% of answers are VQA-style (1-3 words, the question ending "Answer the question using a single
 word or phrase."), the rest free-form with a log-normal word count (median 40 words, a heavy tail
-capped at 400); text-only samples' free-form answers are three times longer. The photographs are real ones from scikit-learn / scikit-image re-encoded
-as JPEG at COCO-like sizes (480-800 px on the long side, see benchmarks/shard.py: make_images).
+capped at 400); text-only samples' free-form answers are three times longer. The photographs are
+real ones from scikit-learn / scikit-image re-encoded as JPEG at COCO-like sizes (480-800 px on the
+long side, see benchmarks/shard.py: make_images).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-WORDS = ("the cat dog man woman child bird car train boat horse chart table sits on looks at stands near "
-         "runs past shows holds is behind next to a red box green field two people old house blue sky "
-         "screen small cup open window three apples what color where how many picture left right front "
-         "of with and in by street building tree water person wearing shirt white black sign").split()
+WORDS = (
+    "the cat dog man woman child bird car train boat horse chart table sits on looks at stands near "
+    "runs past shows holds is behind next to a red box green field two people old house blue sky "
+    "screen small cup open window three apples what color where how many picture left right front "
+    "of with and in by street building tree water person wearing shirt white black sign"
+).split()
 VQA_HINT = "Answer the question using a single word or phrase."
 
 

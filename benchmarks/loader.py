@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-BATCH = 8          # the seeds' per-device batch size in the padded baseline
+BATCH = 8  # the seeds' per-device batch size in the padded baseline
 
 
 # --- the data ---------------------------------------------------------------------------------
@@ -154,10 +154,18 @@ class SeedStyleDataset(Dataset):
         return self.seed_item(rec, image) if self.labels == "seed" else self.tuned_item(rec, image)
 
     def seed_item(self, rec: dict, image: Any) -> dict[str, torch.Tensor]:
-        out = self.processor.apply_chat_template(self.messages(rec, image), tokenize=True, return_dict=True,
-                                                 return_tensors="pt", return_assistant_tokens_mask=True)
+        out = self.processor.apply_chat_template(
+            self.messages(rec, image),
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            return_assistant_tokens_mask=True,
+        )
         ids = out["input_ids"][0]
-        item = {"input_ids": ids, "labels": torch.where(torch.as_tensor(out["assistant_masks"][0]).bool(), ids, -100)}
+        item = {
+            "input_ids": ids,
+            "labels": torch.where(torch.as_tensor(out["assistant_masks"][0]).bool(), ids, -100),
+        }
         if "pixel_values" in out:
             item["pixel_values"] = out["pixel_values"]
         return item
@@ -178,7 +186,9 @@ class SeedStyleDataset(Dataset):
         labels = torch.full_like(ids, -100)
         for a, m in enumerate(messages):
             if m["role"] == "assistant":
-                start = count(proc.apply_chat_template(messages[:a], tokenize=False, add_generation_prompt=True))
+                start = count(
+                    proc.apply_chat_template(messages[:a], tokenize=False, add_generation_prompt=True)
+                )
                 end = count(proc.apply_chat_template(messages[: a + 1], tokenize=False))
                 labels[start:end] = ids[start:end]
         item = {"input_ids": ids, "labels": labels}
@@ -190,8 +200,11 @@ class SeedStyleDataset(Dataset):
 def pad_collate(items: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample of the batch (the seeds' collator)."""
     longest = max(len(x["input_ids"]) for x in items)
-    batch = {"input_ids": torch.full((len(items), longest), pad_id), "labels": torch.full((len(items), longest), -100),
-             "attention_mask": torch.zeros((len(items), longest), dtype=torch.int64)}
+    batch = {
+        "input_ids": torch.full((len(items), longest), pad_id),
+        "labels": torch.full((len(items), longest), -100),
+        "attention_mask": torch.zeros((len(items), longest), dtype=torch.int64),
+    }
     for row, x in enumerate(items):
         n = len(x["input_ids"])
         batch["input_ids"][row, :n] = x["input_ids"]
@@ -206,8 +219,14 @@ def pad_collate(items: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[s
 def baseline_batches(json_path: Path, model: Path, workers: int, labels: str = "seed") -> Iterator[int]:
     dataset = SeedStyleDataset(json_path, model, labels)
     collate = functools.partial(pad_collate, pad_id=dataset.processor.tokenizer.pad_token_id)
-    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        dataset,
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),
+    )
     for batch in loader:
         yield batch["input_ids"].shape[0]
 
@@ -254,17 +273,26 @@ def decode_batches(shards: Path, workers: int) -> Iterator[int]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--samples", type=int, default=2000)
-    p.add_argument("--images", type=int, default=1000, help="distinct image files (samples cycle through them)")
+    p.add_argument(
+        "--images", type=int, default=1000, help="distinct image files (samples cycle through them)"
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--trials", type=int, default=3)
     args = p.parse_args()
-    runs: dict[str, list[dict[str, float]]] = {"mmloom": [], "baseline": [], "baseline_tuned": [], "decode_only": []}
+    runs: dict[str, list[dict[str, float]]] = {
+        "mmloom": [],
+        "baseline": [],
+        "baseline_tuned": [],
+        "decode_only": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         json_path, shards, model = build_data(Path(tmp), args.samples, args.images)
-        loaders = {"mmloom": lambda: mmloom_batches(shards, model, args.workers),
-                   "baseline": lambda: baseline_batches(json_path, model, args.workers),
-                   "baseline_tuned": lambda: baseline_batches(json_path, model, args.workers, labels="tuned"),
-                   "decode_only": lambda: decode_batches(shards, args.workers)}
+        loaders = {
+            "mmloom": lambda: mmloom_batches(shards, model, args.workers),
+            "baseline": lambda: baseline_batches(json_path, model, args.workers),
+            "baseline_tuned": lambda: baseline_batches(json_path, model, args.workers, labels="tuned"),
+            "decode_only": lambda: decode_batches(shards, args.workers),
+        }
         for _ in range(args.trials):
             for name, batches in loaders.items():
                 runs[name].append(measure(batches(), args.samples))
@@ -272,15 +300,22 @@ def main() -> None:
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name])
 
-    result = {"benchmark": "loader", "samples": args.samples, "workers": args.workers, "trials": args.trials,
-              "cpus": os.cpu_count()}
+    result = {
+        "benchmark": "loader",
+        "samples": args.samples,
+        "workers": args.workers,
+        "trials": args.trials,
+        "cpus": os.cpu_count(),
+    }
     for name in runs:
         result[f"{name}_samples_per_s"] = round(med(name, "samples_per_s"), 1)
         result[f"{name}_samples_per_s_wall"] = round(med(name, "samples_per_s_wall"), 1)
         result[f"{name}_startup_s"] = round(med(name, "startup_s"), 2)
     # Per-trial ratios, so a load spike during one pair does not skew the figure.
     ratios = [m["samples_per_s"] / b["samples_per_s"] for m, b in zip(runs["mmloom"], runs["baseline"])]
-    walls = [m["samples_per_s_wall"] / b["samples_per_s_wall"] for m, b in zip(runs["mmloom"], runs["baseline"])]
+    walls = [
+        m["samples_per_s_wall"] / b["samples_per_s_wall"] for m, b in zip(runs["mmloom"], runs["baseline"])
+    ]
     tuned = [m["samples_per_s"] / b["samples_per_s"] for m, b in zip(runs["mmloom"], runs["baseline_tuned"])]
     result["loader_speedup_vs_baseline"] = round(statistics.median(ratios), 3)
     result["loader_speedup_vs_baseline_wall"] = round(statistics.median(walls), 3)

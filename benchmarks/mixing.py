@@ -46,9 +46,15 @@ from data_tools.manifest import Manifest, ShardEntry, SourceEntry  # noqa: E402
 from data_tools.mixing import compare, target_mix  # noqa: E402
 from data_tools.plan import Generation, plan_epoch, slice_ids  # noqa: E402
 
-MIX = [("general_qa", 300_000, 300_000), ("doc_chart", 170_000, 170_000), ("math_reason", 330_000, 165_000),
-       ("ocr", 75_000, 75_000), ("language", 120_000, 120_000), ("multi_image", 100_000, 100_000),
-       ("video", 35_000, 70_000)]
+MIX = [
+    ("general_qa", 300_000, 300_000),
+    ("doc_chart", 170_000, 170_000),
+    ("math_reason", 330_000, 165_000),
+    ("ocr", 75_000, 75_000),
+    ("language", 120_000, 120_000),
+    ("multi_image", 100_000, 100_000),
+    ("video", 35_000, 70_000),
+]
 SHARD, PACK = 10_000, 11
 
 
@@ -57,11 +63,26 @@ def manifest(scale: float, seed: int = 0) -> Manifest:
     for name, valid, epoch in MIX:
         valid, epoch = int(valid * scale), int(epoch * scale)
         sizes = [SHARD] * (valid // SHARD) + ([valid % SHARD] if valid % SHARD else [])
-        shards = [ShardEntry(path=f"{name}/{name}-{i:06d}.tar", samples=n, bytes=0, sha256="")
-                  for i, n in enumerate(sizes)]
-        sources.append(SourceEntry(name=name, path=f"{name}.json", samples=valid, epoch_samples=epoch,
-                                   rejected=0, rejected_by_reason={}, images=0, videos=0, text_chars=0,
-                                   media_bytes=0, fingerprint="", shards=shards))
+        shards = [
+            ShardEntry(path=f"{name}/{name}-{i:06d}.tar", samples=n, bytes=0, sha256="")
+            for i, n in enumerate(sizes)
+        ]
+        sources.append(
+            SourceEntry(
+                name=name,
+                path=f"{name}.json",
+                samples=valid,
+                epoch_samples=epoch,
+                rejected=0,
+                rejected_by_reason={},
+                images=0,
+                videos=0,
+                text_chars=0,
+                media_bytes=0,
+                fingerprint="",
+                shards=shards,
+            )
+        )
     return Manifest(seed=seed, converter="benchmark", sources=sources)
 
 
@@ -79,7 +100,7 @@ def training_order(m: Manifest, ranks: int, workers: int) -> tuple[np.ndarray, n
             ranks_of.append(np.full(len(order), rank))
     source, step, rank_of = np.concatenate(sources), np.concatenate(steps), np.concatenate(ranks_of)
     position = np.concatenate([np.arange(len(s)) for s in sources])
-    by = np.lexsort((position, rank_of, step))        # step by step, rank by rank, in reading order
+    by = np.lexsort((position, rank_of, step))  # step by step, rank by rank, in reading order
     return source[by], step[by]
 
 
@@ -92,12 +113,21 @@ def measure(scale: float, ranks: int, workers: int, seeds: int) -> dict:
         step_bounds = np.concatenate([[0], np.flatnonzero(np.diff(step)) + 1, [len(step)]])
         runs["step"].append(compare(source, target, step_bounds))
         runs["epoch_1pct"].append(compare(source, target, np.arange(101) * (len(source) // 100)))
-    out = {"benchmark": "mixing", "ranks": ranks, "workers": workers, "samples": len(source), "seeds": seeds,
-           "samples_per_step": int(np.median(np.diff(step_bounds)))}
+    out = {
+        "benchmark": "mixing",
+        "ranks": ranks,
+        "workers": workers,
+        "samples": len(source),
+        "seeds": seeds,
+        "samples_per_step": int(np.median(np.diff(step_bounds))),
+    }
     for name, results in runs.items():
         r = {k: float(np.median([x[k] for x in results])) for k in results[0]}
-        out[name] = {**r, "median_vs_iid": round(r["median"] / r["iid_median"], 3),
-                     "worst_vs_iid": round(r["worst"] / r["iid_worst"], 3)}
+        out[name] = {
+            **r,
+            "median_vs_iid": round(r["median"] / r["iid_median"], 3),
+            "worst_vs_iid": round(r["worst"] / r["iid_worst"], 3),
+        }
     return out
 
 
@@ -110,8 +140,12 @@ def plan_cost(workers_total: int = 1024) -> dict:
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    return {"occurrences": len(plan), "slices": workers_total, "seconds": round(seconds, 2),
-            "peak_gib": round(peak / 2**30, 3)}
+    return {
+        "occurrences": len(plan),
+        "slices": workers_total,
+        "seconds": round(seconds, 2),
+        "peak_gib": round(peak / 2**30, 3),
+    }
 
 
 def main() -> int:
@@ -124,13 +158,23 @@ def main() -> int:
     worst = 0.0
     for ranks in args.ranks:
         line = measure(args.scale, ranks, args.workers, args.seeds)
-        worst = max(worst, *(line[w][k] for w in ("step", "epoch_1pct")
-                             for k in ("median_vs_iid", "worst_vs_iid")))
+        worst = max(
+            worst, *(line[w][k] for w in ("step", "epoch_1pct") for k in ("median_vs_iid", "worst_vs_iid"))
+        )
         print(json.dumps(line), flush=True)
     cost = plan_cost()
-    print(json.dumps({"benchmark": "mixing", "worst_ratio_to_iid": worst, "mix_bar_1_25": worst <= 1.25,
-                      "plan_10m": cost, "plan_bar_5s_1gib": cost["seconds"] < 5 and cost["peak_gib"] < 1}),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                "benchmark": "mixing",
+                "worst_ratio_to_iid": worst,
+                "mix_bar_1_25": worst <= 1.25,
+                "plan_10m": cost,
+                "plan_bar_5s_1gib": cost["seconds"] < 5 and cost["peak_gib"] < 1,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

@@ -28,7 +28,9 @@ def llava_like_mix(n: int, seed: int = 0) -> list[tuple[int, bool]]:
     out = []
     for _ in range(n):
         text = int(rng.lognormvariate(4.3, 0.9))
-        out.append((min(4000, 20 + text * 3), False) if rng.random() < 0.12 else (min(4000, 576 + 40 + text), True))
+        out.append(
+            (min(4000, 20 + text * 3), False) if rng.random() < 0.12 else (min(4000, 576 + 40 + text), True)
+        )
     return out
 
 
@@ -58,10 +60,15 @@ def padded_efficiency(lengths: list[int], batch: int, grouped: bool, seed: int =
     random.Random(seed).shuffle(order)
     if grouped:
         window = batch * 64
-        order = [i for w in range(0, len(order), window)
-                 for i in sorted(order[w: w + window], key=lambda i: -lengths[i])]
-    slots = sum(max(lengths[i] for i in order[b: b + batch]) * len(order[b: b + batch])
-                for b in range(0, len(order), batch))
+        order = [
+            i
+            for w in range(0, len(order), window)
+            for i in sorted(order[w : w + window], key=lambda i: -lengths[i])
+        ]
+    slots = sum(
+        max(lengths[i] for i in order[b : b + batch]) * len(order[b : b + batch])
+        for b in range(0, len(order), batch)
+    )
     return sum(lengths) / slots
 
 
@@ -72,8 +79,12 @@ def main() -> None:
     args = p.parse_args()
     mix = llava_like_mix(args.samples)
     lengths = [n for n, _ in mix]
-    result = {"benchmark": "packing", "samples": args.samples, "mean_tokens": round(sum(lengths) / len(lengths), 1),
-              "buffer": args.buffer}
+    result = {
+        "benchmark": "packing",
+        "samples": args.samples,
+        "mean_tokens": round(sum(lengths) / len(lengths), 1),
+        "buffer": args.buffer,
+    }
     for max_tokens in (4096, 8192):
         eff, seconds = packed_efficiency(mix, max_tokens, args.buffer)
         result[f"packing_efficiency_{max_tokens}"] = round(eff, 4)

@@ -56,10 +56,17 @@ def build_data(root: Path, distinct: int, epoch_samples: int) -> tuple[Path, Pat
 
 
 def overrides(model: Path, shards: Path, run_dir: Path, workers: int, max_tokens: int) -> list[str]:
-    return [f"model.path={model}", f"data.shards={shards}", f"run.dir={run_dir}", f"data.workers={workers}",
-            f"data.packing.max_tokens={max_tokens}",
-            "train.steps=1000", f"checkpoint.every={CHECKPOINT_STEP}", "run.export=false",
-            "train.activation_checkpointing=none"]
+    return [
+        f"model.path={model}",
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        f"data.workers={workers}",
+        f"data.packing.max_tokens={max_tokens}",
+        "train.steps=1000",
+        f"checkpoint.every={CHECKPOINT_STEP}",
+        "run.export=false",
+        "train.activation_checkpointing=none",
+    ]
 
 
 def move_to_mid_epoch(checkpoint: Path, shards: Path, seed: int = 0) -> int:
@@ -78,14 +85,15 @@ def move_to_mid_epoch(checkpoint: Path, shards: Path, seed: int = 0) -> int:
     assert states, "no pipeline state in the checkpoint"
     consumed = 0
     for state in states:
-        read = read_order(*slice_ids(plan, Generation(epoch=0), plan_seed(manifest, seed), state["part"],
-                                     state["parts"]))
+        read = read_order(
+            *slice_ids(plan, Generation(epoch=0), plan_seed(manifest, seed), state["part"], state["parts"])
+        )
         cursor = len(read) // 2
         assert cursor > state["cursor"], "the checkpoint is already past the middle of the epoch"
         # The last samples read before the new cursor are the ones held in the buffers.
-        held = read[cursor - len(state["shuffle"]) - len(state["pool"]): cursor].tolist()
+        held = read[cursor - len(state["shuffle"]) - len(state["pool"]) : cursor].tolist()
         state["cursor"] = cursor
-        state["shuffle"], state["pool"] = held[: len(state["shuffle"])], held[len(state["shuffle"]):]
+        state["shuffle"], state["pool"] = held[: len(state["shuffle"])], held[len(state["shuffle"]) :]
         consumed += cursor - len(held)
     extra["data_consumed"] = consumed
     torch.save(extra, path)
@@ -94,10 +102,20 @@ def move_to_mid_epoch(checkpoint: Path, shards: Path, seed: int = 0) -> int:
 
 def launch(args: list[str]) -> dict[str, float]:
     """Run the timed child (this file with --child); its last stdout line is its JSON timings."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "BENCH_T0": repr(time.time())}
-    proc = subprocess.run([sys.executable, __file__, "--child", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "BENCH_T0": repr(time.time()),
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"the timed run failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -132,7 +150,7 @@ def child(args: list[str]) -> None:
         mark("first_step_s")
         marks["step"] = self.state["step"]
         print(json.dumps(marks), flush=True)
-        os._exit(0)                              # the measurement ends here: no checkpoint, no export
+        os._exit(0)  # the measurement ends here: no checkpoint, no export
 
     loop.Trainer.__init__, loop.Trainer.resume, loop.Trainer.step = timed_init, timed_resume, timed_step
     from trainer.train import main as train_main
@@ -154,14 +172,26 @@ def main() -> None:
         root = Path(tmp)
         shards, model = build_data(root, args.distinct, args.epoch_samples)
         run = root / "run"
-        train = ["-m", "trainer.train", *overrides(model, shards, run, args.workers, args.max_tokens),
-                 f"train.steps={CHECKPOINT_STEP}"]
-        proc = subprocess.run([sys.executable, *train], cwd=REPO, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        train = [
+            "-m",
+            "trainer.train",
+            *overrides(model, shards, run, args.workers, args.max_tokens),
+            f"train.steps={CHECKPOINT_STEP}",
+        ]
+        proc = subprocess.run(
+            [sys.executable, *train],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         checkpoint = run / "checkpoints" / f"step-{CHECKPOINT_STEP}"
         consumed = move_to_mid_epoch(checkpoint, shards)
-        runs: dict[str, list[dict[str, float]]] = {"resume": []} if args.no_fresh else {"resume": [], "fresh": []}
+        runs: dict[str, list[dict[str, float]]] = (
+            {"resume": []} if args.no_fresh else {"resume": [], "fresh": []}
+        )
         for trial in range(args.trials):
             out = launch(overrides(model, shards, run, args.workers, args.max_tokens))
             assert out["resumed"] and out["step"] == CHECKPOINT_STEP + 1, out
@@ -171,12 +201,20 @@ def main() -> None:
                 assert not out["resumed"] and out["step"] == 1, out
                 runs["fresh"].append(out)
 
-    result: dict[str, Any] = {"benchmark": "resume", "epoch_samples": args.epoch_samples, "distinct": args.distinct,
-                              "workers": args.workers, "max_tokens": args.max_tokens, "trials": args.trials,
-                              "resumed_at_occurrences": consumed}
+    result: dict[str, Any] = {
+        "benchmark": "resume",
+        "epoch_samples": args.epoch_samples,
+        "distinct": args.distinct,
+        "workers": args.workers,
+        "max_tokens": args.max_tokens,
+        "trials": args.trials,
+        "resumed_at_occurrences": consumed,
+    }
     for name, outs in runs.items():
-        med = {k: statistics.median(o[k] for o in outs) for k in
-               ("imports_s", "trainer_built_s", "checkpoint_loaded_s", "first_batch_s", "first_step_s")}
+        med = {
+            k: statistics.median(o[k] for o in outs)
+            for k in ("imports_s", "trainer_built_s", "checkpoint_loaded_s", "first_batch_s", "first_step_s")
+        }
         result[f"{name}_to_first_step_s"] = round(med["first_step_s"], 2)
         result[f"{name}_imports_s"] = round(med["imports_s"], 2)
         result[f"{name}_build_s"] = round(med["trainer_built_s"] - med["imports_s"], 2)

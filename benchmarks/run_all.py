@@ -24,25 +24,33 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-SUITE: dict[str, tuple[list[str], list[str]]] = {   # name: (full arguments, --quick arguments)
+SUITE: dict[str, tuple[list[str], list[str]]] = {  # name: (full arguments, --quick arguments)
     "packing": ([], ["--samples", "5000"]),
     "loader": ([], ["--samples", "40", "--images", "12", "--workers", "0", "--trials", "1"]),
     "train": ([], ["--samples", "8", "--trials", "1", "--overhead-repeats", "1"]),
     "shard": ([], ["--images", "40", "--text", "2000", "--workers", "1"]),
-    "resume": ([], ["--distinct", "300", "--workers", "0", "--trials", "1", "--max-tokens", "2048",
-                          "--no-fresh"]),
+    "resume": (
+        [],
+        ["--distinct", "300", "--workers", "0", "--trials", "1", "--max-tokens", "2048", "--no-fresh"],
+    ),
     "video_decode": ([], ["--repeats", "1"]),
     "mixing": ([], ["--ranks", "1", "8", "--scale", "0.1", "--seeds", "1"]),
-    "memory": ([], []),       # meta-device models: seconds either way
+    "memory": ([], []),  # meta-device models: seconds either way
 }
 
 
 def machine() -> dict:
     import torch
 
-    return {"benchmark": "machine", "cpus": os.cpu_count(), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__}
+    return {
+        "benchmark": "machine",
+        "cpus": os.cpu_count(),
+        "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def main() -> int:
@@ -67,8 +75,10 @@ def main() -> int:
             failed = True
             line = {"benchmark": name, "error": f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
         print(json.dumps(line), flush=True)
-    print(json.dumps({"benchmark": "machine_after", "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()]}),
-          flush=True)
+    print(
+        json.dumps({"benchmark": "machine_after", "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()]}),
+        flush=True,
+    )
     return 1 if failed else 0
 
 

@@ -32,12 +32,19 @@ def make_images(root: Path, n: int) -> list[Path]:
 
     from data_tools.samples import SKIMAGE, SKLEARN
 
-    bases = [Image.open(p).convert("RGB") for p in
-             (SKLEARN / "china.jpg", SKLEARN / "flower.jpg", SKIMAGE / "astronaut.png", SKIMAGE / "coffee.png")]
+    bases = [
+        Image.open(p).convert("RGB")
+        for p in (
+            SKLEARN / "china.jpg",
+            SKLEARN / "flower.jpg",
+            SKIMAGE / "astronaut.png",
+            SKIMAGE / "coffee.png",
+        )
+    ]
     paths = []
     for i in range(n):
         img = bases[i % len(bases)]
-        side = 480 + (i * 37) % 320                          # COCO-like sizes, 480-800 px
+        side = 480 + (i * 37) % 320  # COCO-like sizes, 480-800 px
         img = img.resize((side, side * img.height // img.width))
         path = root / f"img_{i:06d}.jpg"
         img.save(path, quality=80 + i % 15)
@@ -50,12 +57,23 @@ def run_cli(data_txt: Path, out: Path, workers: int) -> tuple[float, float, dict
 
     The converter's own time starts after the interpreter and imports are up and includes the
     pass that reads every JSON file first; wall time includes process start-up too."""
-    cmd = [sys.executable, str(REPO / "data_tools" / "shard.py"), str(data_txt), "--out", str(out),
-           "--workers", str(workers), "-q", "--force"]
+    cmd = [
+        sys.executable,
+        str(REPO / "data_tools" / "shard.py"),
+        str(data_txt),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "-q",
+        "--force",
+    ]
     start = time.perf_counter()
     # Measured in a child so ru_maxrss is the converter's own peak, workers included.
-    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    probe = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
     res = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - start
     own = float(re.search(r" in ([\d.]+) s: ", res.stdout).group(1))
@@ -74,10 +92,20 @@ def main() -> None:
         root = Path(tmp)
         images = make_images(root, args.images)
         with open(root / "media.json", "w") as f:
-            json.dump([{"id": str(i), "image": p.name, "conversations": [
-                {"from": "human", "value": "<image>\nDescribe the image."},
-                {"from": "gpt", "value": "A photograph used to measure the converter."}]}
-                for i, p in enumerate(images)], f)
+            json.dump(
+                [
+                    {
+                        "id": str(i),
+                        "image": p.name,
+                        "conversations": [
+                            {"from": "human", "value": "<image>\nDescribe the image."},
+                            {"from": "gpt", "value": "A photograph used to measure the converter."},
+                        ],
+                    }
+                    for i, p in enumerate(images)
+                ],
+                f,
+            )
         (root / "media.txt").write_text("media.json 1\n")
         mb = sum(p.stat().st_size for p in images) / 1e6
         result["media_mb"] = round(mb, 1)
@@ -89,9 +117,18 @@ def main() -> None:
             result[f"media_samples_per_s_{w}w"] = round(args.images / own, 1)
             result[f"media_mb_per_s_{w}w_wall"] = round(mb / wall, 1)
 
-        line = json.dumps({"id": "x", "conversations": [
-            {"from": "human", "value": "What is the capital of France? Answer briefly."},
-            {"from": "gpt", "value": "Paris is the capital and largest city of France."}]}) + "\n"
+        line = (
+            json.dumps(
+                {
+                    "id": "x",
+                    "conversations": [
+                        {"from": "human", "value": "What is the capital of France? Answer briefly."},
+                        {"from": "gpt", "value": "Paris is the capital and largest city of France."},
+                    ],
+                }
+            )
+            + "\n"
+        )
         with open(root / "text.jsonl", "w") as f:
             for i in range(args.text):
                 f.write(line.replace('"x"', f'"{i}"'))
@@ -100,9 +137,12 @@ def main() -> None:
         workers = max(args.workers)
         _, own, manifest, rss = run_cli(root / "text.txt", root / "out_text", workers)
         assert manifest["sources"][0]["samples"] == args.text
-        result.update(text_samples=args.text, text_jsonl_mb=round(jsonl_mb, 1),
-                      **{f"text_samples_per_s_{workers}w": round(args.text / own)},
-                      text_peak_rss_mb=round(rss / 1e6))
+        result.update(
+            text_samples=args.text,
+            text_jsonl_mb=round(jsonl_mb, 1),
+            **{f"text_samples_per_s_{workers}w": round(args.text / own)},
+            text_peak_rss_mb=round(rss / 1e6),
+        )
     print(json.dumps(result))
 
 

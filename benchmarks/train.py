@@ -72,13 +72,22 @@ def synth_samples(adapter: Any, n: int, seed: int = 0) -> list[Any]:
         ids = text_ids[torch.randint(len(text_ids), (length,), generator=g)]
         media = {}
         if image:
-            ids[4: 4 + 576] = image_id
+            ids[4 : 4 + 576] = image_id
             media = {"pixel_values": pixels.clone()}
         labels = torch.full((length,), IGNORE)
         answer = (length - (580 if image else 0)) // 2
-        labels[length - answer:] = ids[length - answer:]
-        samples.append(Rendered(input_ids=ids, labels=labels, position_ids=adapter.position_ids(ids, media),
-                                media=media, source=0, key=str(i), occurrence=i))
+        labels[length - answer :] = ids[length - answer :]
+        samples.append(
+            Rendered(
+                input_ids=ids,
+                labels=labels,
+                position_ids=adapter.position_ids(ids, media),
+                media=media,
+                source=0,
+                key=str(i),
+                occurrence=i,
+            )
+        )
     return samples
 
 
@@ -102,11 +111,14 @@ def padded_batches(adapter: Any, samples: list, grouped: bool, seed: int = 0) ->
     random.Random(seed).shuffle(order)
     if grouped:
         window = BATCH * 64
-        order = [i for w in range(0, len(order), window)
-                 for i in sorted(order[w: w + window], key=lambda i: -samples[i].length)]
+        order = [
+            i
+            for w in range(0, len(order), window)
+            for i in sorted(order[w : w + window], key=lambda i: -samples[i].length)
+        ]
     batches = []
     for b in range(0, len(order), BATCH):
-        rows = [samples[i] for i in order[b: b + BATCH]]
+        rows = [samples[i] for i in order[b : b + BATCH]]
         longest = max(s.length for s in rows)
         ids = torch.full((len(rows), longest), adapter.pad_id)
         labels = torch.full((len(rows), longest), IGNORE)
@@ -117,8 +129,14 @@ def padded_batches(adapter: Any, samples: list, grouped: bool, seed: int = 0) ->
         pixels = [s.media["pixel_values"] for s in rows if s.media]
         if pixels:
             inputs["pixel_values"] = torch.cat(pixels)
-        batches.append({"inputs": inputs, "labels": labels, "tokens": int(mask.sum()),
-                        "pairs": len(rows) * longest * (longest + 1) // 2})
+        batches.append(
+            {
+                "inputs": inputs,
+                "labels": labels,
+                "tokens": int(mask.sum()),
+                "pairs": len(rows) * longest * (longest + 1) // 2,
+            }
+        )
     return batches
 
 
@@ -126,8 +144,12 @@ def padded_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     from trainer.data.render import IGNORE
 
     logits = model(**batch["inputs"], use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                           ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        batch["labels"][:, 1:].flatten(),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
 
 
 def load_model(adapter: Any, attention: str) -> tuple[Any, Any]:
@@ -157,10 +179,20 @@ def framework_overhead(model_dir: Path, root: Path, pack: Any, repeats: int) -> 
     from trainer.loop import Trainer, micro_batch_loss
     from trainer.metrics import Metrics
 
-    shards = build_overfit_shards(root / "overfit")      # the Trainer needs a shard set to exist
-    cfg = load_config(None, [f"model.path={model_dir}", f"data.shards={shards}", "data.workers=0",
-                             f"run.dir={root / 'run'}", "train.activation_checkpointing=none",
-                             "train.steps=1000", "optim.lr=1e-4", "checkpoint.every=0"])
+    shards = build_overfit_shards(root / "overfit")  # the Trainer needs a shard set to exist
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.shards={shards}",
+            "data.workers=0",
+            f"run.dir={root / 'run'}",
+            "train.activation_checkpointing=none",
+            "train.steps=1000",
+            "optim.lr=1e-4",
+            "checkpoint.every=0",
+        ],
+    )
     trainer = Trainer(cfg, rank=0, world=1)
     trainer.metrics = Metrics(root / "run" / "tb", enabled=True)
     steps, fwd_bwd = [], []
@@ -173,13 +205,17 @@ def framework_overhead(model_dir: Path, root: Path, pack: Any, repeats: int) -> 
         (loss / max(pack.targets, 1)).backward()
         t_fb = time.perf_counter() - start
         trainer.optimizer.zero_grad(set_to_none=True)
-        if i:                                           # the first of each is a warm-up
+        if i:  # the first of each is a warm-up
             steps.append(t_step)
             fwd_bwd.append(t_fb)
     trainer.metrics.close()
     step, fb = statistics.median(steps) * 1e3, statistics.median(fwd_bwd) * 1e3
-    return {"step_ms": round(step, 1), "fwd_bwd_ms": round(fb, 1), "framework_overhead_ms_per_step": round(step - fb, 1),
-            "framework_overhead_fraction": round((step - fb) / step, 4)}
+    return {
+        "step_ms": round(step, 1),
+        "fwd_bwd_ms": round(fb, 1),
+        "framework_overhead_ms_per_step": round(step - fb, 1),
+        "framework_overhead_fraction": round((step - fb) / step, 4),
+    }
 
 
 def main() -> None:
@@ -188,7 +224,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--overhead-repeats", type=int, default=10)
-    p.add_argument("--overhead-tokens", type=int, default=2048, help="pack budget for the overhead measurement")
+    p.add_argument(
+        "--overhead-tokens", type=int, default=2048, help="pack budget for the overhead measurement"
+    )
     args = p.parse_args()
     torch.manual_seed(0)
     from trainer.data.render import IGNORE
@@ -210,37 +248,67 @@ def main() -> None:
         with torch.no_grad():
             same = [float(micro_batch_loss(m, adapter, packs[0], cpu)) for m in (model, masked_model)]
         assert abs(same[0] - same[1]) <= 1e-4 * abs(same[0]), same
-        plans = {"packed": (model, optimizer, [(lambda pk=pk: micro_batch_loss(model, adapter, pk, cpu), pk.targets)
-                                               for pk in packs]),
-                 "packed_masked_row": (masked_model, masked_optimizer,
-                                       [(lambda pk=pk: micro_batch_loss(masked_model, adapter, pk, cpu), pk.targets)
-                                        for pk in packs])}
-        padded = {"padded": padded_batches(adapter, samples, grouped=False),
-                  "padded_grouped": padded_batches(adapter, samples, grouped=True)}
+        plans = {
+            "packed": (
+                model,
+                optimizer,
+                [(lambda pk=pk: micro_batch_loss(model, adapter, pk, cpu), pk.targets) for pk in packs],
+            ),
+            "packed_masked_row": (
+                masked_model,
+                masked_optimizer,
+                [
+                    (lambda pk=pk: micro_batch_loss(masked_model, adapter, pk, cpu), pk.targets)
+                    for pk in packs
+                ],
+            ),
+        }
+        padded = {
+            "padded": padded_batches(adapter, samples, grouped=False),
+            "padded_grouped": padded_batches(adapter, samples, grouped=True),
+        }
         for name, batches in padded.items():
             assert sum(b["tokens"] for b in batches) == useful
-            plans[name] = (model, optimizer, [(lambda b=b: padded_loss(model, b),
-                                               int((b["labels"][:, 1:] != IGNORE).sum())) for b in batches])
-        for m, opt, steps in plans.values():                                       # warm-up
+            plans[name] = (
+                model,
+                optimizer,
+                [
+                    (lambda b=b: padded_loss(model, b), int((b["labels"][:, 1:] != IGNORE).sum()))
+                    for b in batches
+                ],
+            )
+        for m, opt, steps in plans.values():  # warm-up
             run_steps(m, opt, steps[:1])
         times: dict[str, list[float]] = {name: [] for name in plans}
         for _ in range(args.trials):
             for name, (m, opt, steps) in plans.items():
                 times[name].append(run_steps(m, opt, steps))
         small = packed_batches(adapter, samples, args.overhead_tokens)
-        overhead = framework_overhead(model_dir, root, max(small, key=lambda pk: pk.tokens), args.overhead_repeats)
+        overhead = framework_overhead(
+            model_dir, root, max(small, key=lambda pk: pk.tokens), args.overhead_repeats
+        )
 
-    result: dict[str, Any] = {"benchmark": "train", "samples": args.samples, "useful_tokens": useful,
-                              "max_tokens": args.max_tokens, "attention": adapter.attn_implementation(),
-                              "trials": args.trials, "threads": torch.get_num_threads()}
+    result: dict[str, Any] = {
+        "benchmark": "train",
+        "samples": args.samples,
+        "useful_tokens": useful,
+        "max_tokens": args.max_tokens,
+        "attention": adapter.attn_implementation(),
+        "trials": args.trials,
+        "threads": torch.get_num_threads(),
+    }
     for name in plans:
         result[f"{name}_useful_tokens_per_s"] = round(useful / statistics.median(times[name]), 1)
         result[f"{name}_steps"] = len(plans[name][2])
-    slots = {"packed": sum(pk.length for pk in packs),
-             **{name: sum(b["inputs"]["input_ids"].numel() for b in batches) for name, batches in padded.items()}}
-    pairs = {"packed": sum(s.length * (s.length + 1) // 2 for s in samples),
-             "packed_masked_row": sum(pk.length * (pk.length + 1) // 2 for pk in packs),
-             **{name: sum(b["pairs"] for b in batches) for name, batches in padded.items()}}
+    slots = {
+        "packed": sum(pk.length for pk in packs),
+        **{name: sum(b["inputs"]["input_ids"].numel() for b in batches) for name, batches in padded.items()},
+    }
+    pairs = {
+        "packed": sum(s.length * (s.length + 1) // 2 for s in samples),
+        "packed_masked_row": sum(pk.length * (pk.length + 1) // 2 for pk in packs),
+        **{name: sum(b["pairs"] for b in batches) for name, batches in padded.items()},
+    }
     for name in slots:
         result[f"{name}_token_efficiency"] = round(useful / slots[name], 4)
     for name in pairs:

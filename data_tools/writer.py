@@ -23,7 +23,7 @@ _SAFE_MEMBER = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_.-]+$")
 
 @dataclass(frozen=True)
 class ShardInfo:
-    path: str           # relative to the shards directory, e.g. "coco/coco-000000.tar"
+    path: str  # relative to the shards directory, e.g. "coco/coco-000000.tar"
     samples: int
     bytes: int
     sha256: str
@@ -114,8 +114,12 @@ class ShardWriter:
         self._file.write(bytes(2 * _BLOCK))
         self._file.write(bytes(-self._file.size % tarfile.RECORDSIZE))
         self._file.close()
-        self.shards.append(ShardInfo(path=f"{self.prefix}/{self._path.name}",
-                                     samples=self._samples, bytes=self._file.size,
-                                     sha256=self._file.sha256.hexdigest()))
+        self.shards.append(
+            ShardInfo(
+                path=f"{self.prefix}/{self._path.name}",
+                samples=self._samples,
+                bytes=self._file.size,
+                sha256=self._file.sha256.hexdigest(),
+            )
+        )
         self._file = self._path = None
-

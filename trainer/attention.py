@@ -56,22 +56,51 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _packed_row(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Any,
-                is_causal: bool | None, kwargs: dict) -> bool:
+def _packed_row(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: Any,
+    is_causal: bool | None,
+    kwargs: dict,
+) -> bool:
     """Whether this call is causal self-attention over one packed row with its boundaries given."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    return (kwargs.get("cu_seq_lens_q") is not None and attention_mask is None and causal and query.shape[0] == 1
-            and key.shape[2] == query.shape[2] and not kwargs.get("softcap"))
+    return (
+        kwargs.get("cu_seq_lens_q") is not None
+        and attention_mask is None
+        and causal
+        and query.shape[0] == 1
+        and key.shape[2] == query.shape[2]
+        and not kwargs.get("softcap")
+    )
 
 
-@torch.compiler.disable    # a Python loop over the pack's samples: compiled, it would recompile per make-up
-def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                     is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+@torch.compiler.disable  # a Python loop over the pack's samples: compiled, it would recompile per make-up
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """Per-sample SDPA over [1, heads, tokens, dim] (the CPU backend)."""
     if not _packed_row(module, query, key, attention_mask, is_causal, kwargs):
-        return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                     is_causal=is_causal, **kwargs)
+        return _sdpa(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
     # The lengths as Python ints from collate; a compiled block is not handed them (trainer/parallel.py:
     # Dynamo would recompile for every make-up), so they come from the CPU tensor of boundaries.
     sizes = kwargs.get("mmloom_segments") or kwargs["cu_seq_lens_q"].diff().tolist()
@@ -82,41 +111,71 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2)):
         n = q.shape[2]
         mask = None
-        if window and window < n:            # token i sees j when 0 <= i - j < window
+        if window and window < n:  # token i sees j when 0 <= i - j < window
             offset = torch.arange(n)[:, None] - torch.arange(n)[None, :]
             mask = ((offset >= 0) & (offset < window)).to(q.device)
-        outputs.append(_sdpa(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=mask is None)[0])
+        outputs.append(
+            _sdpa(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=mask is None)[0]
+        )
     return torch.cat(outputs, dim=1), None
 
 
-def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                     is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """torch's varlen flash kernel over the packed row (the CUDA backend without flash-attn)."""
-    if not _packed_row(module, query, key, attention_mask, is_causal, kwargs) or (dropout and module.training):
-        return packed_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                is_causal=is_causal, **kwargs)
+    if not _packed_row(module, query, key, attention_mask, is_causal, kwargs) or (
+        dropout and module.training
+    ):
+        return packed_attention(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
     from torch.nn.attention.varlen import varlen_attn
 
     cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     window = kwargs.get("sliding_window")
     window = window if window and window < longest else None
-    if "window_size" in _parameters(varlen_attn):         # torch 2.14: causal is a window of (-1, 0)
+    if "window_size" in _parameters(varlen_attn):  # torch 2.14: causal is a window of (-1, 0)
         mask = {"window_size": (window - 1 if window else -1, 0)}
-    elif window is None:                                   # older torch: is_causal, no windows
+    elif window is None:  # older torch: is_causal, no windows
         mask = {"is_causal": True}
     else:
-        return packed_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                is_causal=is_causal, **kwargs)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))          # [tokens, heads, dim]
+        return packed_attention(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim]
     gqa = {}
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in _parameters(varlen_attn):
             gqa = {"enable_gqa": True}
-        else:                                              # older torch: one key-value head per query head
+        else:  # older torch: one key-value head per query head
             k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **mask, **gqa)
-    return out[None], None                                                  # [1, tokens, heads, dim]
+    return out[None], None  # [1, tokens, heads, dim]
 
 
 @functools.cache
@@ -150,8 +209,10 @@ def choose(config: Any, model_class: type | None, device: torch.device) -> str:
     if importlib.util.find_spec("flash_attn") is not None:
         if getattr(model_class, "_supports_flash_attn", False):
             return "flash_attention_2"
-        log_once(f"{getattr(model_class, '__name__', model_class)} does not support flash_attention_2: "
-                 f"attention goes through torch's varlen kernel instead")
+        log_once(
+            f"{getattr(model_class, '__name__', model_class)} does not support flash_attention_2: "
+            f"attention goes through torch's varlen kernel instead"
+        )
     return VARLEN
 
 
@@ -220,8 +281,11 @@ def count_host_reads(layers: Iterable[torch.nn.Module]) -> Iterator[list[str]]:
     def leave(*_: Any) -> None:
         depth[0] -= 1
 
-    handles = [h for layer in layers for h in (layer.register_forward_pre_hook(enter),
-                                                layer.register_forward_hook(leave))]
+    handles = [
+        h
+        for layer in layers
+        for h in (layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave))
+    ]
     try:
         with Watch():
             yield reads
@@ -230,5 +294,13 @@ def count_host_reads(layers: Iterable[torch.nn.Module]) -> Iterator[list[str]]:
             handle.remove()
 
 
-HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.nonzero, torch.Tensor.nonzero, torch.Tensor.__bool__,
-              torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.__float__}
+HOST_READS = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.nonzero,
+    torch.Tensor.nonzero,
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__index__,
+    torch.Tensor.__float__,
+}

@@ -50,7 +50,8 @@ TEMPLATES = {
         "{% endgeneration %}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
     ),
-    # ChatML (Qwen, LLaVA-OneVision): "<|im_start|>user\n<image>\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n".
+    # ChatML (Qwen, LLaVA-OneVision):
+    # "<|im_start|>user\n<image>\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n".
     "chatml": (
         "{% macro body(content) %}{% if content is string %}{{ content }}{% else %}"
         "{{ '<image>\\n' * (content | selectattr('type', 'equalto', 'image') | list | length) }}"
@@ -83,7 +84,7 @@ def _vision_part(path: Path):
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    if getattr(config, "vision_config", None) is not None:          # CLIPModel, SiglipModel: take the tower
+    if getattr(config, "vision_config", None) is not None:  # CLIPModel, SiglipModel: take the tower
         vision_config = config.vision_config
         tower = AutoModel.from_config(vision_config)
         tower.load_state_dict(model.vision_model.state_dict())
@@ -106,7 +107,9 @@ def compose(vision: str | Path, llm: str | Path, out: str | Path, template: str 
     vision, llm, out = Path(vision), Path(llm), Path(out)
     for part, what in ((vision, "model.compose.vision"), (llm, "model.compose.llm")):
         if not (part / "config.json").is_file():
-            raise FileNotFoundError(f"{what}={part}: no config.json there; it must be a local Hugging Face checkpoint")
+            raise FileNotFoundError(
+                f"{what}={part}: no config.json there; it must be a local Hugging Face checkpoint"
+            )
     tokenizer = AutoTokenizer.from_pretrained(llm, local_files_only=True)
     if template is None:
         template = "chatml" if "<|im_start|>" in tokenizer.get_vocab() else "vicuna"
@@ -122,17 +125,20 @@ def compose(vision: str | Path, llm: str | Path, out: str | Path, template: str 
     language.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     text_config = language.config
     text_config.pad_token_id = tokenizer.pad_token_id
-    has_cls = vision_config.model_type.startswith("clip")      # SigLIP has no CLS token
+    has_cls = vision_config.model_type.startswith("clip")  # SigLIP has no CLS token
     config = LlavaConfig(
-        vision_config=vision_config, text_config=text_config,
+        vision_config=vision_config,
+        text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
-        vision_feature_select_strategy="default" if has_cls else "full", vision_feature_layer=-2,
-        projector_hidden_act="gelu", tie_word_embeddings=text_config.tie_word_embeddings,
+        vision_feature_select_strategy="default" if has_cls else "full",
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=text_config.tie_word_embeddings,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = LlavaForConditionalGeneration(config)              # the projector's initial weights
+        model = LlavaForConditionalGeneration(config)  # the projector's initial weights
     model.model.vision_tower.load_state_dict(tower.state_dict())
     model.model.language_model.load_state_dict(language.get_decoder().state_dict())
     model.lm_head.load_state_dict(language.get_output_embeddings().state_dict())
@@ -141,17 +147,30 @@ def compose(vision: str | Path, llm: str | Path, out: str | Path, template: str 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     image_processor = AutoImageProcessor.from_pretrained(vision, local_files_only=True)
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               patch_size=vision_config.patch_size,
-                               vision_feature_select_strategy=config.vision_feature_select_strategy,
-                               num_additional_image_tokens=int(has_cls), chat_template=TEMPLATES[template],
-                               image_token=IMAGE_TOKEN)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=int(has_cls),
+        chat_template=TEMPLATES[template],
+        image_token=IMAGE_TOKEN,
+    )
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    (tmp / "composed_from.json").write_text(json.dumps(
-        {"vision": str(vision), "llm": str(llm), "template": template, "added_tokens": added,
-         "fingerprint": fingerprint(vision, llm, template)}, indent=1))
+    (tmp / "composed_from.json").write_text(
+        json.dumps(
+            {
+                "vision": str(vision),
+                "llm": str(llm),
+                "template": template,
+                "added_tokens": added,
+                "fingerprint": fingerprint(vision, llm, template),
+            },
+            indent=1,
+        )
+    )
     tmp.rename(out)
     logger.info("composed %s + %s (%s turns) -> %s", vision, llm, template, out)
     return out
@@ -171,11 +190,15 @@ def ensure_composed(model_cfg, rank: int) -> None:
         if record.is_file():
             made = json.loads(record.read_text())
             if made["fingerprint"] != fingerprint(c.vision, c.llm, c.template or made["template"]):
-                raise ValueError(f"{out} was composed from {made['vision']} + {made['llm']}, not from "
-                                 f"model.compose {c.vision} + {c.llm}: choose another model.path or delete it")
+                raise ValueError(
+                    f"{out} was composed from {made['vision']} + {made['llm']}, not from "
+                    f"model.compose {c.vision} + {c.llm}: choose another model.path or delete it"
+                )
         elif out.exists():
-            raise FileExistsError(f"model.path={out} exists and is not a composed checkpoint; with model.compose "
-                                  f"it is where the composed model is written: choose an empty path")
+            raise FileExistsError(
+                f"model.path={out} exists and is not a composed checkpoint; with model.compose "
+                f"it is where the composed model is written: choose an empty path"
+            )
         else:
             compose(c.vision, c.llm, out, c.template)
     if dist.is_initialized():

@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 @dataclass(kw_only=True)
 class ComposeConfig:
     """A new LLaVA-style model from parts (trainer/compose.py), written to model.path on first use."""
-    vision: str | None = None           # vision encoder checkpoint (CLIP, SigLIP; vision-only or dual)
-    llm: str | None = None              # language model checkpoint with its tokenizer
-    template: Literal["vicuna", "chatml"] | None = None   # None: chatml if the tokenizer has <|im_start|>
+
+    vision: str | None = None  # vision encoder checkpoint (CLIP, SigLIP; vision-only or dual)
+    llm: str | None = None  # language model checkpoint with its tokenizer
+    template: Literal["vicuna", "chatml"] | None = None  # None: chatml if the tokenizer has <|im_start|>
 
     def __post_init__(self) -> None:
         if bool(self.vision) != bool(self.llm):
@@ -44,22 +45,24 @@ class ComposeConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    path: str = ""                      # a local Hugging Face checkpoint directory (no hub downloads)
-    family: str | None = None           # adapter name; None = from the checkpoint's model_type
+    path: str = ""  # a local Hugging Face checkpoint directory (no hub downloads)
+    family: str | None = None  # adapter name; None = from the checkpoint's model_type
     compose: ComposeConfig = field(default_factory=ComposeConfig)
-    trust_remote_code: bool = False     # run the checkpoint's own *.py modeling code (needs code_revision)
-    code_revision: str | None = None    # pins that code; without it the error message gives the value
+    trust_remote_code: bool = False  # run the checkpoint's own *.py modeling code (needs code_revision)
+    code_revision: str | None = None  # pins that code; without it the error message gives the value
 
     def __post_init__(self) -> None:
         if not self.path:
-            raise ValueError("model.path is required: a local checkpoint directory, e.g. model.path=/ckpt/llava")
+            raise ValueError(
+                "model.path is required: a local checkpoint directory, e.g. model.path=/ckpt/llava"
+            )
 
 
 @dataclass(kw_only=True)
 class PackingConfig:
-    max_tokens: int = 8192              # tokens per packed sequence, media tokens included
-    buffer: int = 64                    # rendered samples held while choosing packs (their pixels too)
-    overlong: Literal["trim", "drop"] = "trim"   # a sample over max_tokens: cut at a turn boundary, or drop it
+    max_tokens: int = 8192  # tokens per packed sequence, media tokens included
+    buffer: int = 64  # rendered samples held while choosing packs (their pixels too)
+    overlong: Literal["trim", "drop"] = "trim"  # a sample over max_tokens: cut at a turn boundary, or drop it
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
@@ -70,13 +73,13 @@ class PackingConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    shards: str = ""                    # a directory written by data_tools/shard.py
-    eval_shards: str | None = None      # another one, for the eval loss (train.eval_every)
-    workers: int = 2                    # dataloader worker processes per rank (0 = in the main process)
-    shuffle_buffer: int = 1000          # raw samples held for sample-level shuffling
-    max_skip_fraction: float = 0.01     # abort when more than this share of an epoch's samples is skipped
+    shards: str = ""  # a directory written by data_tools/shard.py
+    eval_shards: str | None = None  # another one, for the eval loss (train.eval_every)
+    workers: int = 2  # dataloader worker processes per rank (0 = in the main process)
+    shuffle_buffer: int = 1000  # raw samples held for sample-level shuffling
+    max_skip_fraction: float = 0.01  # abort when more than this share of an epoch's samples is skipped
     packing: PackingConfig = field(default_factory=PackingConfig)
-    video: VideoPolicy = field(default_factory=VideoPolicy)   # frame sampling (data_tools/video.py)
+    video: VideoPolicy = field(default_factory=VideoPolicy)  # frame sampling (data_tools/video.py)
 
     def __post_init__(self) -> None:
         if not self.shards:
@@ -91,10 +94,10 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    seed: int = 0                       # with the manifest seed, decides every epoch's mix and order
-    epochs: int = 1                     # used when steps is 0
-    steps: int = 0                      # optimizer steps in all; 0 = as many as `epochs` take
-    grad_accum: int = 1                 # micro-batches (packs) per optimizer step on each rank
+    seed: int = 0  # with the manifest seed, decides every epoch's mix and order
+    epochs: int = 1  # used when steps is 0
+    steps: int = 0  # optimizer steps in all; 0 = as many as `epochs` take
+    grad_accum: int = 1  # micro-batches (packs) per optimizer step on each rank
     # FSDP with grad_accum > 1: "micro_batch" reduce-scatters after every micro-batch, so gradients
     # stay sharded (otherwise a rank holds the whole model's fp32 gradients between micro-batches:
     # +30 GB for a 7B full finetune); "step" once per step (less communication); "auto": "step" for
@@ -103,21 +106,23 @@ class TrainConfig:
     # Compute dtype (auto: bf16 on GPU, fp32 on CPU). Weights are held as loaded: trained ones in fp32
     # (master weights), frozen ones in the checkpoint's dtype (4-bit for QLoRA's base).
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
-    reduce_dtype: Literal["fp32", "bf16"] = "fp32"     # FSDP's gradient reduce-scatter / all-reduce
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # FSDP's gradient reduce-scatter / all-reduce
     # HSDP: shard parameters, gradients and optimizer state within groups of this many ranks (e.g. a
     # node's 8 GPUs) and replicate across groups; 0 = shard over all ranks (FSDP).
     shard_group: int = 0
-    loss_chunk: int = 1024              # target positions per cross-entropy chunk (bounds memory); 0 = all
-    dist_timeout_s: int = 1800          # collective timeout; how long ranks wait for rank 0's load or export
+    loss_chunk: int = 1024  # target positions per cross-entropy chunk (bounds memory); 0 = all
+    dist_timeout_s: int = 1800  # collective timeout; how long ranks wait for rank 0's load or export
     # Recompute activations in backward: each block's ("full"), or every other block's ("selective").
     activation_checkpointing: Literal["none", "full", "selective"] = "full"
-    compile: bool = False               # torch.compile each block, inside activation checkpointing
-    nonfinite: Literal["skip", "abort"] = "skip"     # a NaN/inf loss on any rank: skip the step everywhere, or stop
-    log_every: int = 1                  # optimizer steps between metric logs
+    compile: bool = False  # torch.compile each block, inside activation checkpointing
+    nonfinite: Literal["skip", "abort"] = (
+        "skip"  # a NaN/inf loss on any rank: skip the step everywhere, or stop
+    )
+    log_every: int = 1  # optimizer steps between metric logs
     # The device's dense bf16 peak in TFLOP/s, for perf/mfu; 0 = the table of known GPUs in
     # trainer/flops.py (without a figure, only perf/model_tflops_per_s is logged).
     peak_tflops: float = 0.0
-    eval_every: int = 0                 # steps between eval-loss passes over data.eval_shards; 0 = never
+    eval_every: int = 0  # steps between eval-loss passes over data.eval_shards; 0 = never
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**32:
@@ -131,52 +136,61 @@ class TrainConfig:
         if self.log_every < 1 or self.eval_every < 0:
             raise ValueError("train.log_every must be >= 1 and train.eval_every >= 0")
         if self.peak_tflops < 0:
-            raise ValueError(f"train.peak_tflops must be >= 0 (0 = from the device name), got {self.peak_tflops}")
+            raise ValueError(
+                f"train.peak_tflops must be >= 0 (0 = from the device name), got {self.peak_tflops}"
+            )
         if self.shard_group < 0 or self.loss_chunk < 0 or self.dist_timeout_s < 1:
-            raise ValueError(f"train.shard_group and train.loss_chunk must be >= 0 and train.dist_timeout_s "
-                             f">= 1, got {self.shard_group}, {self.loss_chunk}, {self.dist_timeout_s}")
+            raise ValueError(
+                f"train.shard_group and train.loss_chunk must be >= 0 and train.dist_timeout_s "
+                f">= 1, got {self.shard_group}, {self.loss_chunk}, {self.dist_timeout_s}"
+            )
 
 
 @dataclass(kw_only=True)
 class LoraConfig:
-    r: int = 16                         # rank of the adapters
-    alpha: int = 32                     # scale: the adapter's update is multiplied by alpha / r
-    dropout: float = 0.05               # on the adapters' input
-    targets: list[str] | None = None    # module name patterns; None = the family's default
-    vision: bool = False                # LoRA on the vision tower too
+    r: int = 16  # rank of the adapters
+    alpha: int = 32  # scale: the adapter's update is multiplied by alpha / r
+    dropout: float = 0.05  # on the adapters' input
+    targets: list[str] | None = None  # module name patterns; None = the family's default
+    vision: bool = False  # LoRA on the vision tower too
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha < 1:
-            raise ValueError(f"finetune.lora.r and finetune.lora.alpha must be >= 1, got {self.r}, {self.alpha}")
+            raise ValueError(
+                f"finetune.lora.r and finetune.lora.alpha must be >= 1, got {self.r}, {self.alpha}"
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"finetune.lora.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(kw_only=True)
 class QuantConfig:
-    quant_type: Literal["nf4", "fp4"] = "nf4"                # the frozen base's 4-bit format (bitsandbytes)
-    double_quant: bool = True                               # quantize the quantization constants too
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # the frozen base's 4-bit format (bitsandbytes)
+    double_quant: bool = True  # quantize the quantization constants too
     compute_dtype: Literal["auto", "bf16", "fp32"] = "auto"  # dequantized matmuls; auto = train.dtype
 
 
 # The freeze flags each finetune.stage sets; without a stage, flags left unset take the defaults.
 FREEZE_DEFAULTS = {"freeze_vision": True, "freeze_projector": False, "freeze_llm": False}
 STAGES = {1: {**FREEZE_DEFAULTS, "freeze_llm": True}, 2: FREEZE_DEFAULTS}
-PARTS = {"freeze_vision": "the vision tower", "freeze_projector": "the projector",
-         "freeze_llm": "the language model"}
+PARTS = {
+    "freeze_vision": "the vision tower",
+    "freeze_projector": "the projector",
+    "freeze_llm": "the language model",
+}
 
 
 @dataclass(kw_only=True)
 class FinetuneConfig:
-    method: Literal["full", "lora", "qlora"] = "full"   # train the unfrozen parts, or LoRA adapters on them
+    method: Literal["full", "lora", "qlora"] = "full"  # train the unfrozen parts, or LoRA adapters on them
     # stage 1 (LLaVA pre-training): projector only; stage 2: projector + language model (full or
     # LoRA), vision frozen. A stage sets the three freeze flags; a flag given too must agree with it.
     stage: Literal[1, 2] | None = None
     # The freeze flags are None until resolved, so that a flag given beside finetune.stage can be told
     # from one the stage sets: after loading they are always true or false.
-    freeze_vision: bool | None = None     # the vision tower; unset: as finetune.stage says, else true
+    freeze_vision: bool | None = None  # the vision tower; unset: as finetune.stage says, else true
     freeze_projector: bool | None = None  # the projector; unset: as finetune.stage says, else false
-    freeze_llm: bool | None = None        # the language model; unset: as finetune.stage says, else false
+    freeze_llm: bool | None = None  # the language model; unset: as finetune.stage says, else false
     lora: LoraConfig = field(default_factory=LoraConfig)
     qlora: QuantConfig = field(default_factory=QuantConfig)
 
@@ -189,41 +203,51 @@ class FinetuneConfig:
                 setattr(self, key, frozen)
             elif self.stage and given != frozen:
                 does = "freezes" if frozen else "trains"
-                raise ValueError(f"finetune.{key}={str(given).lower()} contradicts "
-                                 f"finetune.stage={self.stage} (which {does} {PARTS[key]}); drop one of them")
+                raise ValueError(
+                    f"finetune.{key}={str(given).lower()} contradicts "
+                    f"finetune.stage={self.stage} (which {does} {PARTS[key]}); drop one of them"
+                )
         if self.lora.vision and self.method == "full":
-            raise ValueError("finetune.lora.vision=true puts LoRA on the vision tower, but "
-                             "finetune.method=full has no LoRA: set finetune.method=lora (or qlora), or drop "
-                             "finetune.lora.vision (full finetuning trains the whole tower with "
-                             "finetune.freeze_vision=false)")
+            raise ValueError(
+                "finetune.lora.vision=true puts LoRA on the vision tower, but "
+                "finetune.method=full has no LoRA: set finetune.method=lora (or qlora), or drop "
+                "finetune.lora.vision (full finetuning trains the whole tower with "
+                "finetune.freeze_vision=false)"
+            )
         if self.lora.vision and self.freeze_vision:
             if self.stage:
-                raise ValueError(f"finetune.lora.vision=true contradicts finetune.stage={self.stage} (which "
-                                 f"freezes the vision tower); drop one of them")
-            raise ValueError("finetune.lora.vision=true puts LoRA on the vision tower, but "
-                             "finetune.freeze_vision=true freezes it: set finetune.freeze_vision=false")
+                raise ValueError(
+                    f"finetune.lora.vision=true contradicts finetune.stage={self.stage} (which "
+                    f"freezes the vision tower); drop one of them"
+                )
+            raise ValueError(
+                "finetune.lora.vision=true puts LoRA on the vision tower, but "
+                "finetune.freeze_vision=true freezes it: set finetune.freeze_vision=false"
+            )
         # With LoRA, the vision tower trains only through finetune.lora.vision.
         vision_trains = not self.freeze_vision and (self.method == "full" or self.lora.vision)
         if self.freeze_projector and self.freeze_llm and not vision_trains:
             if self.method == "full":
                 raise ValueError("finetune.freeze_* freeze everything: nothing would train")
-            raise ValueError(f"finetune.freeze_projector=true and finetune.freeze_llm=true leave nothing for "
-                             f"finetune.method={self.method} to train: unfreeze one, or set "
-                             f"finetune.lora.vision=true with finetune.freeze_vision=false")
+            raise ValueError(
+                f"finetune.freeze_projector=true and finetune.freeze_llm=true leave nothing for "
+                f"finetune.method={self.method} to train: unfreeze one, or set "
+                f"finetune.lora.vision=true with finetune.freeze_vision=false"
+            )
 
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    lr: float = 2e-5                    # language model (and lm_head)
-    vision_lr: float | None = None      # None = lr
-    projector_lr: float | None = None   # None = lr
-    weight_decay: float = 0.0           # never on norms and biases
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])   # AdamW's
-    eps: float = 1e-8                   # AdamW's
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"   # the decay after warmup
-    warmup_steps: int = 0               # optimizer steps of linear warmup from 0 to each group's LR
-    min_lr_ratio: float = 0.0           # the schedule ends at lr * min_lr_ratio
-    max_grad_norm: float = 1.0          # 0 = no clipping
+    lr: float = 2e-5  # language model (and lm_head)
+    vision_lr: float | None = None  # None = lr
+    projector_lr: float | None = None  # None = lr
+    weight_decay: float = 0.0  # never on norms and biases
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's
+    eps: float = 1e-8  # AdamW's
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # the decay after warmup
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to each group's LR
+    min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
+    max_grad_norm: float = 1.0  # 0 = no clipping
 
     def __post_init__(self) -> None:
         for key in ("lr", "vision_lr", "projector_lr"):
@@ -233,13 +257,15 @@ class OptimConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.max_grad_norm < 0:
-            raise ValueError("optim.warmup_steps >= 0, optim.min_lr_ratio in [0, 1], optim.max_grad_norm >= 0")
+            raise ValueError(
+                "optim.warmup_steps >= 0, optim.min_lr_ratio in [0, 1], optim.max_grad_norm >= 0"
+            )
 
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
-    every: int = 500                    # optimizer steps between checkpoints; 0 = only at the end
-    keep: int = 2                       # newest checkpoints kept
+    every: int = 500  # optimizer steps between checkpoints; 0 = only at the end
+    keep: int = 2  # newest checkpoints kept
     # Training waits only while the state is copied to host memory (pinned on CUDA, kept between saves:
     # about 12 bytes per trained parameter / ranks); the files are written in the background, and the
     # next save or the end of the run waits for that write. false: every save blocks until written.
@@ -247,15 +273,17 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.keep < 1:
-            raise ValueError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got {self.every}, {self.keep}")
+            raise ValueError(
+                f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got {self.every}, {self.keep}"
+            )
 
 
 @dataclass(kw_only=True)
 class RunConfig:
-    dir: str = "runs/run"               # checkpoints/, tb/, hf/ and config.yaml go here
-    export: bool = True                 # save_pretrained into run.dir/hf at the end
-    merge_lora: bool = False            # with LoRA: also write a merged full model to run.dir/hf/merged
-    export_shard_gib: float = 5.0       # largest safetensors file of the export (bigger tensors get their own)
+    dir: str = "runs/run"  # checkpoints/, tb/, hf/ and config.yaml go here
+    export: bool = True  # save_pretrained into run.dir/hf at the end
+    merge_lora: bool = False  # with LoRA: also write a merged full model to run.dir/hf/merged
+    export_shard_gib: float = 5.0  # largest safetensors file of the export (bigger tensors get their own)
 
     def __post_init__(self) -> None:
         if self.export_shard_gib <= 0:
@@ -275,22 +303,33 @@ class Config:
     def __post_init__(self) -> None:
         """Settings of different sections that contradict each other."""
         if self.train.eval_every and not self.data.eval_shards:
-            raise ValueError(f"train.eval_every={self.train.eval_every} evaluates on data.eval_shards, "
-                             f"which is not set: set data.eval_shards (a data_tools/shard.py --out "
-                             f"directory) or train.eval_every=0")
+            raise ValueError(
+                f"train.eval_every={self.train.eval_every} evaluates on data.eval_shards, "
+                f"which is not set: set data.eval_shards (a data_tools/shard.py --out "
+                f"directory) or train.eval_every=0"
+            )
         if self.data.eval_shards and not self.train.eval_every:
-            raise ValueError("data.eval_shards is set, but train.eval_every=0 never evaluates: set "
-                             "train.eval_every (steps between eval passes) or drop data.eval_shards")
+            raise ValueError(
+                "data.eval_shards is set, but train.eval_every=0 never evaluates: set "
+                "train.eval_every (steps between eval passes) or drop data.eval_shards"
+            )
         # A run shorter than its warmup or its eval interval is a mistake in a real run, but not in a
         # few-step smoke test of a real config, so these only warn.
         steps = self.train.steps
         if steps and self.optim.warmup_steps >= steps:
-            logger.warning("optim.warmup_steps=%d >= train.steps=%d: the whole run is warmup, and the LR "
-                           "never decays; lower optim.warmup_steps unless this is a smoke test",
-                           self.optim.warmup_steps, steps)
+            logger.warning(
+                "optim.warmup_steps=%d >= train.steps=%d: the whole run is warmup, and the LR "
+                "never decays; lower optim.warmup_steps unless this is a smoke test",
+                self.optim.warmup_steps,
+                steps,
+            )
         if steps and self.train.eval_every > steps:
-            logger.warning("train.eval_every=%d > train.steps=%d: no eval pass will run; lower "
-                           "train.eval_every unless this is a smoke test", self.train.eval_every, steps)
+            logger.warning(
+                "train.eval_every=%d > train.steps=%d: no eval pass will run; lower "
+                "train.eval_every unless this is a smoke test",
+                self.train.eval_every,
+                steps,
+            )
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
@@ -303,8 +342,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  
         tree = loaded or {}
         # Relative paths in a config file are relative to that file, so configs travel with their
         # data; relative paths given as overrides are relative to the current directory.
-        for keys in (("model", "path"), ("data", "shards"), ("data", "eval_shards"), ("model", "compose", "vision"),
-                     ("model", "compose", "llm")):
+        for keys in (
+            ("model", "path"),
+            ("data", "shards"),
+            ("data", "eval_shards"),
+            ("model", "compose", "vision"),
+            ("model", "compose", "llm"),
+        ):
             *parents, key = keys
             node = tree
             for k in parents:
@@ -360,7 +404,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tokens = tokenize.generate_tokens(io.StringIO(source).readline)
     comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
     docs = {}
-    for node in ast.parse(source).body[0].body:                 # type: ignore[attr-defined]
+    for node in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
         if node.end_lineno in comments:
@@ -381,8 +425,10 @@ def _build(cls: type, tree: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(tree) - set(fields))
     if unknown:
-        raise ValueError(f"unknown config key {prefix}{unknown[0]}; known keys under "
-                         f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
+        raise ValueError(
+            f"unknown config key {prefix}{unknown[0]}; known keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}"
+        )
     kwargs = {}
     for name, f in fields.items():
         key = prefix + name
@@ -422,9 +468,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):
         try:
-            return float(value)             # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         except ValueError:
             pass
-    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+    if tp in (int, float, str, bool) and not (
+        isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    ):
         raise ValueError(f"{key} must be {tp.__name__}, got {value!r}")
     return value

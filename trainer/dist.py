@@ -1,6 +1,6 @@
 """Process-group set-up from torchrun's environment: NCCL on GPUs, gloo on CPU.
 
-    rank, world = init_distributed()     # (0, 1) without torchrun
+rank, world = init_distributed()     # (0, 1) without torchrun
 """
 
 from __future__ import annotations
@@ -44,16 +44,21 @@ def wait_for_rank0(what: str, timeout_s: int) -> None:
     else:
         try:
             store.wait([key], timedelta(seconds=timeout_s))
-        except RuntimeError as e:   # the store's timeout error
-            raise TimeoutError(f"rank 0 did not finish {what} within train.dist_timeout_s={timeout_s} s; "
-                               f"raise it for slow filesystems") from e
+        except RuntimeError as e:  # the store's timeout error
+            raise TimeoutError(
+                f"rank 0 did not finish {what} within train.dist_timeout_s={timeout_s} s; "
+                f"raise it for slow filesystems"
+            ) from e
 
 
 def setup_logging(rank: int) -> None:
     """One format for every rank, the rank in every line; rank 0 at INFO, the others at WARNING."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
 
 
 def gather_objects(obj: object) -> list[object]:

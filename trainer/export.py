@@ -45,11 +45,17 @@ def trained_key(name: str) -> bool:
     return "lora_" in name or "modules_to_save." in name
 
 
-def export(model: nn.Module, adapter: Building, cfg: Config, out: Path, merge: bool = False,
-           max_shard_gib: float = MAX_SHARD_GIB) -> Path | None:
+def export(
+    model: nn.Module,
+    adapter: Building,
+    cfg: Config,
+    out: Path,
+    merge: bool = False,
+    max_shard_gib: float = MAX_SHARD_GIB,
+) -> Path | None:
     """Write the model (collective: every rank calls it); returns `out` on rank 0."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    state = get_model_state_dict(model)        # this rank's shards under the plain model's keys: no gather
+    state = get_model_state_dict(model)  # this rank's shards under the plain model's keys: no gather
     with written(out, adapter, rank) as tmp:
         if cfg.finetune.method == "full":
             write_full(state, adapter, tmp, rank, max_shard_gib)
@@ -82,7 +88,7 @@ def gather(tensor: torch.Tensor, dtype: torch.dtype, rank: int) -> torch.Tensor 
     """The full tensor in `dtype` on rank 0's host (None elsewhere); collective for a sharded one."""
     full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
     if full.is_floating_point():
-        full = full.to(dtype)                  # on the device: half the bytes to copy for bf16
+        full = full.to(dtype)  # on the device: half the bytes to copy for bf16
     return full.detach().to("cpu") if rank == 0 else None
 
 
@@ -107,8 +113,9 @@ def saved_names(model: nn.Module) -> dict[str, str] | None:
     return None if None in names or len(names) != len(kept) else names
 
 
-def write_full(state: dict[str, torch.Tensor], adapter: Building, out: Path, rank: int,
-               max_shard_gib: float) -> None:
+def write_full(
+    state: dict[str, torch.Tensor], adapter: Building, out: Path, rank: int, max_shard_gib: float
+) -> None:
     """Stream a full finetune into safetensors files (collective)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -118,20 +125,25 @@ def write_full(state: dict[str, torch.Tensor], adapter: Building, out: Path, ran
         model = skeleton(adapter)
         names = saved_names(model)
         if names is None:
-            raise NotImplementedError(f"{type(model).__name__}: transformers converts its weights on save "
-                                      f"(not a renaming); the streamed export cannot write it")
+            raise NotImplementedError(
+                f"{type(model).__name__}: transformers converts its weights on save "
+                f"(not a renaming); the streamed export cannot write it"
+            )
         meta = model.state_dict()
-        split = split_torch_state_dict_into_shards({saved: meta[key] for key, saved in names.items()},
-                                                   filename_pattern="model{suffix}.safetensors",
-                                                   max_shard_size=int(max_shard_gib * 2**30))
+        split = split_torch_state_dict_into_shards(
+            {saved: meta[key] for key, saved in names.items()},
+            filename_pattern="model{suffix}.safetensors",
+            max_shard_size=int(max_shard_gib * 2**30),
+        )
         by_saved = {saved: key for key, saved in names.items()}
-        files = [(file, [(by_saved[s], s) for s in saved])
-                 for file, saved in split.filename_to_tensors.items()]
+        files = [
+            (file, [(by_saved[s], s) for s in saved]) for file, saved in split.filename_to_tensors.items()
+        ]
         plan = [(files, split.is_sharded, split.metadata)]
         model.config.save_pretrained(out)
         if model.can_generate() and model.generation_config is not None:
             model.generation_config.save_pretrained(out)
-        if getattr(model, "_auto_class", None) is not None:         # remote code travels with the weights
+        if getattr(model, "_auto_class", None) is not None:  # remote code travels with the weights
             from transformers.dynamic_module_utils import custom_object_save
 
             custom_object_save(model, out, config=model.config)
@@ -150,8 +162,9 @@ def write_full(state: dict[str, torch.Tensor], adapter: Building, out: Path, ran
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def write_lora(trained: dict[str, torch.Tensor], adapter: Building, cfg: Config, out: Path,
-               merge: bool) -> None:
+def write_lora(
+    trained: dict[str, torch.Tensor], adapter: Building, cfg: Config, out: Path, merge: bool
+) -> None:
     """The adapter (and peft's copy of a trained projector) through peft's own writer; with `merge`,
     also the base with the adapters merged in, in out/merged."""
     from trainer.lora import apply_lora, lora_config
@@ -178,11 +191,13 @@ def load_trained(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    trained = {n: torch.empty(p.shape, dtype=torch.float32)
-               for n, p in model.named_parameters() if p.requires_grad}
+    trained = {
+        n: torch.empty(p.shape, dtype=torch.float32) for n, p in model.named_parameters() if p.requires_grad
+    }
     state = {"model": trained}
-    dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True),
-             no_dist=True)
+    dcp.load(
+        state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True
+    )
     return state["model"]
 
 
@@ -199,10 +214,15 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.run_dir / "config.yaml")
-    path = args.run_dir / "checkpoints" / f"step-{args.step}" if args.step else checkpoint.latest(args.run_dir)
+    path = (
+        args.run_dir / "checkpoints" / f"step-{args.step}" if args.step else checkpoint.latest(args.run_dir)
+    )
     if path is None or not path.is_dir():
-        print(f"error: no checkpoint {'step-' + str(args.step) if args.step else ''} in {args.run_dir}/checkpoints",
-              file=sys.stderr)
+        print(
+            f"error: no checkpoint {'step-' + str(args.step) if args.step else ''} "
+            f"in {args.run_dir}/checkpoints",
+            file=sys.stderr,
+        )
         return 2
     adapter = adapter_for(cfg.model)
     # The training model's names on the meta device (a QLoRA model's names are its unquantized twin's).
@@ -221,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         if unexpected:
             raise RuntimeError(f"export: {path} holds weights the model lacks: {unexpected[:5]}")
         export(model, adapter, cfg, out, max_shard_gib=cfg.run.export_shard_gib)
-    else:                                      # the adapter needs nothing else
+    else:  # the adapter needs nothing else
         with written(out, adapter, rank=0) as tmp:
             dtype = checkpoint_dtype(adapter)
             write_lora({k: v.to(dtype) for k, v in trained.items()}, adapter, cfg, tmp, args.merge)

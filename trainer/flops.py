@@ -45,8 +45,17 @@ if TYPE_CHECKING:
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s); the first name found in the
 # device's name wins.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.4), ("H100", 989.4),
-                    ("H800", 989.4), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1))
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200", 989.4),
+    ("H100", 989.4),
+    ("H800", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+)
 # Parameter groups in the order data flows through them (patch_embed: the vision tower's convolutions).
 CHAIN = ("patch_embed", "vision", "projector", "llm", "lm_head")
 
@@ -77,16 +86,16 @@ def causal_pairs(length: int, window: int | None = None) -> int:
 class ModelFlops:
     """What a model's step FLOPs depend on, read once from the model (see the module docstring)."""
 
-    forward: dict[str, int]              # matmul parameters by group (CHAIN)
-    backward: dict[str, int]             # the same, each weighted by its matmuls in backward (0, 1 or 2)
+    forward: dict[str, int]  # matmul parameters by group (CHAIN)
+    backward: dict[str, int]  # the same, each weighted by its matmuls in backward (0, 1 or 2)
     attention_backward: dict[str, bool]  # backward runs through the group's attention ("llm", "vision")
-    text_width: int                      # heads x head_dim of the language model's attention
-    text_layers: tuple[tuple[int, int | None], ...]   # (attention layers, sliding window or None)
+    text_width: int  # heads x head_dim of the language model's attention
+    text_layers: tuple[tuple[int, int | None], ...]  # (attention layers, sliding window or None)
     vision_width: int
     vision_depth: int
-    patch_size: tuple[int, int]          # (height, width) in pixels; (0, 0) without a vision tower
-    class_token: int                     # 1 when the tower prepends a class token to each frame
-    media_tokens: tuple[int, ...]        # token ids of the image / video placeholders
+    patch_size: tuple[int, int]  # (height, width) in pixels; (0, 0) without a vision tower
+    class_token: int  # 1 when the tower prepends a class token to each frame
+    media_tokens: tuple[int, ...]  # token ids of the image / video placeholders
 
     @classmethod
     def of(cls, model: nn.Module, adapter: ModelAdapter) -> ModelFlops:
@@ -96,23 +105,29 @@ class ModelFlops:
         vision = getattr(config, "vision_config", None)
         names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
         ids = (getattr(config, name, None) for name in names)
-        return cls(forward={g: counts[g][0] for g in CHAIN}, backward={g: counts[g][1] for g in CHAIN},
-                   attention_backward={"llm": counts["llm"][2], "vision": counts["vision"][2]},
-                   text_width=_width(text), text_layers=_attention_layers(text),
-                   vision_width=(getattr(vision, "embed_dim", None) or getattr(vision, "hidden_size", 0)),
-                   vision_depth=(getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", 0)),
-                   patch_size=_pair(getattr(vision, "patch_size", 0) or 0),
-                   class_token=int(any(n.endswith("class_embedding") for n, _ in model.named_parameters())),
-                   media_tokens=tuple(sorted({i for i in ids if isinstance(i, int) and i >= 0})))
+        return cls(
+            forward={g: counts[g][0] for g in CHAIN},
+            backward={g: counts[g][1] for g in CHAIN},
+            attention_backward={"llm": counts["llm"][2], "vision": counts["vision"][2]},
+            text_width=_width(text),
+            text_layers=_attention_layers(text),
+            vision_width=(getattr(vision, "embed_dim", None) or getattr(vision, "hidden_size", 0)),
+            vision_depth=(getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", 0)),
+            patch_size=_pair(getattr(vision, "patch_size", 0) or 0),
+            class_token=int(any(n.endswith("class_embedding") for n, _ in model.named_parameters())),
+            media_tokens=tuple(sorted({i for i in ids if isinstance(i, int) and i >= 0})),
+        )
 
     def frames(self, pack: Pack) -> list[int]:
         """Patches of each frame the vision tower attends over (none for a text-only pack)."""
         if pack.dummy:
             return []
         inputs, frames = pack.inputs, []
-        for grids, pixels in ((inputs.get("image_grid_thw"), inputs.get("pixel_values")),
-                              (inputs.get("video_grid_thw"), inputs.get("pixel_values_videos"))):
-            if isinstance(grids, torch.Tensor):                # Qwen-VL: (frames, height, width) in patches
+        for grids, pixels in (
+            (inputs.get("image_grid_thw"), inputs.get("pixel_values")),
+            (inputs.get("video_grid_thw"), inputs.get("pixel_values_videos")),
+        ):
+            if isinstance(grids, torch.Tensor):  # Qwen-VL: (frames, height, width) in patches
                 frames += [h * w for t, h, w in grids.tolist() for _ in range(t)]
             elif isinstance(pixels, torch.Tensor) and pixels.ndim >= 4 and all(self.patch_size):
                 n = (pixels.shape[-2] // self.patch_size[0]) * (pixels.shape[-1] // self.patch_size[1])
@@ -127,20 +142,28 @@ class ModelFlops:
         if frames:
             ids = pack.inputs["input_ids"].reshape(-1)[:tokens]
             media = sum(int((ids == i).sum()) for i in self.media_tokens)
-        return {"patch_embed": sum(frames) - self.class_token * len(frames), "vision": sum(frames),
-                "projector": media, "llm": tokens, "lm_head": pack.targets}
+        return {
+            "patch_embed": sum(frames) - self.class_token * len(frames),
+            "vision": sum(frames),
+            "projector": media,
+            "llm": tokens,
+            "lm_head": pack.targets,
+        }
 
     def forward_flops(self, pack: Pack) -> dict[str, int]:
         """Forward FLOPs of one pack by part."""
         applied, frames = self.applied(pack), self.frames(pack)
-        pairs = sum(n * causal_pairs(length, window)
-                    for n, window in self.text_layers for length in pack.lengths)
-        return {"llm_linear": 2 * self.forward["llm"] * applied["llm"],
-                "lm_head": 2 * self.forward["lm_head"] * applied["lm_head"],
-                "llm_attention": 4 * pairs * self.text_width,
-                "vision_linear": 2 * sum(self.forward[g] * applied[g] for g in ("patch_embed", "vision")),
-                "vision_attention": 4 * sum(n * n for n in frames) * self.vision_width * self.vision_depth,
-                "projector": 2 * self.forward["projector"] * applied["projector"]}
+        pairs = sum(
+            n * causal_pairs(length, window) for n, window in self.text_layers for length in pack.lengths
+        )
+        return {
+            "llm_linear": 2 * self.forward["llm"] * applied["llm"],
+            "lm_head": 2 * self.forward["lm_head"] * applied["lm_head"],
+            "llm_attention": 4 * pairs * self.text_width,
+            "vision_linear": 2 * sum(self.forward[g] * applied[g] for g in ("patch_embed", "vision")),
+            "vision_attention": 4 * sum(n * n for n in frames) * self.vision_width * self.vision_depth,
+            "projector": 2 * self.forward["projector"] * applied["projector"],
+        }
 
     def step(self, packs: Sequence[Pack]) -> float:
         """Model FLOPs of forward and backward over these packs (one rank's micro-batches)."""
@@ -161,10 +184,10 @@ def matmul_counts(model: nn.Module, adapter: ModelAdapter) -> dict[str, tuple[in
     modules: dict[str, list[tuple[int, bool]]] = {g: [] for g in CHAIN}
     if isinstance(head, nn.Linear):
         modules["lm_head"].append((_elements(head.weight), head.weight.requires_grad))
-    seen: set[int] = set()          # a tied embedding still counts: it makes the gradient flow
+    seen: set[int] = set()  # a tied embedding still counts: it makes the gradient flow
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
-        if not own or module is head or ".original_module." in f".{name}.":   # peft's unused frozen copy
+        if not own or module is head or ".original_module." in f".{name}.":  # peft's unused frozen copy
             continue
         seen.update(map(id, own))
         group = adapter.param_group(unwrapped_name(name) + ".weight")
@@ -207,8 +230,10 @@ def _attention_layers(text: Any) -> tuple[tuple[int, int | None], ...]:
     if not kinds:
         cross = len(getattr(text, "cross_attention_layers", None) or ())
         return ((text.num_hidden_layers - cross, None),)
-    layers = ((sum(k == "full_attention" for k in kinds), None),
-              (sum(k == "sliding_attention" for k in kinds), getattr(text, "sliding_window", None)))
+    layers = (
+        (sum(k == "full_attention" for k in kinds), None),
+        (sum(k == "sliding_attention" for k in kinds), getattr(text, "sliding_window", None)),
+    )
     return tuple((n, window) for n, window in layers if n)
 
 
@@ -216,8 +241,6 @@ def _elements(p: torch.Tensor) -> int:
     """Weights a parameter stands for (a bitsandbytes Params4bit stores two per byte)."""
     state = getattr(p, "quant_state", None)
     return math.prod(state.shape) if state is not None else p.numel()
-
-
 
 
 def _pair(size: int | list[int] | tuple[int, ...]) -> tuple[int, int]:

@@ -32,11 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     processor = AutoProcessor.from_pretrained(args.model)
     content = [{"type": "image", "image": Image.open(i).convert("RGB")} for i in args.image]
     content.append({"type": "text", "text": args.prompt})
-    inputs = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=True, return_tensors="pt")
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         out = model.eval().generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    print(processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     return 0
 
 

@@ -24,13 +24,15 @@ def lora_targets(adapter: Building, model: nn.Module, ft: FinetuneConfig) -> lis
         if adapter.param_group(name + ".weight") not in groups:
             continue
         if not any(f".{lst}." in f".{name}." for lst in BLOCK_LISTS):
-            continue                            # embeddings, heads, mergers: not inside blocks
+            continue  # embeddings, heads, mergers: not inside blocks
         if ft.lora.targets and not any(name == t or name.endswith("." + t) for t in ft.lora.targets):
             continue
         names.append(name)
     if not names:
-        raise ValueError(f"finetune.lora.targets={ft.lora.targets} matches no linear layer inside the "
-                         f"{' and '.join(sorted(groups))} blocks")
+        raise ValueError(
+            f"finetune.lora.targets={ft.lora.targets} matches no linear layer inside the "
+            f"{' and '.join(sorted(groups))} blocks"
+        )
     return names
 
 
@@ -51,8 +53,14 @@ def lora_config(adapter: Building, model: nn.Module, ft: FinetuneConfig):
     # A trained projector is saved with the adapter (peft's modules_to_save), so the adapter
     # alone reproduces the finetuned model.
     keep = projector_modules(adapter, model) if not ft.freeze_projector else None
-    return LoraConfig(r=ft.lora.r, lora_alpha=ft.lora.alpha, lora_dropout=ft.lora.dropout,
-                      target_modules=lora_targets(adapter, model, ft), modules_to_save=keep, bias="none")
+    return LoraConfig(
+        r=ft.lora.r,
+        lora_alpha=ft.lora.alpha,
+        lora_dropout=ft.lora.dropout,
+        target_modules=lora_targets(adapter, model, ft),
+        modules_to_save=keep,
+        bias="none",
+    )
 
 
 def apply_lora(model: nn.Module, config) -> nn.Module:

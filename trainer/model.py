@@ -73,8 +73,12 @@ def load_pretrained(adapter: Building, cfg: Config, device: torch.device, dtype:
         q = cfg.finetune.qlora
         compute = dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=adapter.quant_skip_modules())
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=compute,
+            llm_int8_skip_modules=adapter.quant_skip_modules(),
+        )
         kwargs["device_map"] = {"": device}
     return adapter.load_model(**kwargs)
 
@@ -114,7 +118,7 @@ def _prepare(model: nn.Module, adapter: Building, cfg: Config) -> tuple[nn.Modul
     if cfg.finetune.method in ("lora", "qlora"):
         model = apply_lora(model, lora_config(adapter, model, cfg.finetune))
     counts = freeze(model, adapter, cfg)
-    model.train()                             # from_pretrained returns eval mode: no dropout
+    model.train()  # from_pretrained returns eval mode: no dropout
     if hasattr(model, "config"):
         model.config.use_cache = False
     return model, counts
@@ -133,11 +137,15 @@ def build_mesh(cfg: Config, device: torch.device, world: int) -> DeviceMesh | No
 
 
 def build_model(adapter: Building, cfg: Config, rank: int, world: int) -> Built:
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     dtype = compute_dtype(cfg, device)
     mesh = build_mesh(cfg, device, world)
     quantized = cfg.finetune.method == "qlora"
-    torch.manual_seed(cfg.train.seed)         # LoRA initialisation is the same on every rank
+    torch.manual_seed(cfg.train.seed)  # LoRA initialisation is the same on every rank
     full: dict[str, torch.Tensor] = {}
     buffers: dict[str, torch.Tensor] = {}
     if quantized or mesh is None:
@@ -152,35 +160,47 @@ def build_model(adapter: Building, cfg: Config, rank: int, world: int) -> Built:
             transient = set(_non_persistent_buffers(loaded))
             buffers = {name: buf for name, buf in loaded.named_buffers() if name in transient}
             del loaded
-            logger.info("rank 0 loaded %s in %.0f s (%.1f GiB in host memory)", adapter.path,
-                        time.perf_counter() - start, sum(t.nbytes for t in full.values()) / 2**30)
+            logger.info(
+                "rank 0 loaded %s in %.0f s (%.1f GiB in host memory)",
+                adapter.path,
+                time.perf_counter() - start,
+                sum(t.nbytes for t in full.values()) / 2**30,
+            )
         wait_for_rank0("loading the checkpoint", cfg.train.dist_timeout_s)
         with torch.device("meta"):
-            model = adapter.model_from_config(dtype=checkpoint_dtype(adapter),
-                                              attn_implementation=adapter.attn_implementation())
+            model = adapter.model_from_config(
+                dtype=checkpoint_dtype(adapter), attn_implementation=adapter.attn_implementation()
+            )
     model, counts = _prepare(model, adapter, cfg)
     logger.info("trainable parameters: %s", {k: f"{v:,}" for k, v in counts.items()})
     # Without FSDP's mixed-precision policy nothing casts bf16 frozen weights for fp32 compute.
     set_dtypes(model, frozen_dtype=torch.float32 if mesh is None and dtype == torch.float32 else None)
-    if cfg.train.compile:                     # inside the checkpoint wrappers: Dynamo never meets them
+    if cfg.train.compile:  # inside the checkpoint wrappers: Dynamo never meets them
         apply_compile(model)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     if mesh is None:
         return Built(model=model.to(device), mesh=None, device=device, compute_dtype=dtype)
 
     ignored = {p for n, p in model.named_parameters() if quantized and _is_quantized(p)}
-    apply_fsdp(model, mesh, param_dtype=dtype, reduce_dtype=DTYPES[cfg.train.reduce_dtype], ignored=ignored,
-               root_block=adapter.fsdp_root_block)
+    apply_fsdp(
+        model,
+        mesh,
+        param_dtype=dtype,
+        reduce_dtype=DTYPES[cfg.train.reduce_dtype],
+        ignored=ignored,
+        root_block=adapter.fsdp_root_block,
+    )
     _sum_gradients(model)
     if not quantized:
         model.to_empty(device=device)
-        broadcast_weights(model, {**full, **buffers}, rank, device)   # non-persistent buffers too
+        broadcast_weights(model, {**full, **buffers}, rank, device)  # non-persistent buffers too
         del full, buffers
     return Built(model=model, mesh=mesh, device=device, compute_dtype=dtype)
 
 
-def broadcast_weights(model: nn.Module, full: dict[str, torch.Tensor], rank: int,
-                      device: torch.device) -> None:
+def broadcast_weights(
+    model: nn.Module, full: dict[str, torch.Tensor], rank: int, device: torch.device
+) -> None:
     """Rank 0's full tensors (`full`, emptied as it goes) into every rank's shards, one tensor at a
     time: staged through one pinned buffer on CUDA, cast on the device to the parameter's dtype
     (fp32 masters from a bf16 checkpoint), broadcast, and each rank keeps its slice."""
@@ -196,17 +216,18 @@ def broadcast_weights(model: nn.Module, full: dict[str, torch.Tensor], rank: int
         if rank == 0:
             source = full.pop(name)
             if staging is not None:
-                source = staging[:source.nbytes].view(source.dtype).view(source.shape).copy_(source)
+                source = staging[: source.nbytes].view(source.dtype).view(source.shape).copy_(source)
             tensor = source.to(device, non_blocking=True)
             if staging is not None:
-                torch.cuda.current_stream().synchronize()      # the staging buffer is free again
+                torch.cuda.current_stream().synchronize()  # the staging buffer is free again
             tensor = tensor.to(target.dtype)
         else:
             tensor = torch.empty(target.shape, dtype=target.dtype, device=device)
         dist.broadcast(tensor, src=0)
         if isinstance(target, DTensor):
-            shape, offset = compute_local_shape_and_global_offset(tensor.shape, target.device_mesh,
-                                                                  target.placements)
+            shape, offset = compute_local_shape_and_global_offset(
+                tensor.shape, target.device_mesh, target.placements
+            )
             tensor = tensor[tuple(slice(o, o + n) for n, o in zip(shape, offset))]
             target = target.to_local()
         with torch.no_grad():
@@ -221,7 +242,7 @@ def _sum_gradients(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)   # plain SUM: gloo has no pre-multiplied sum
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
 
 
 def _non_persistent_buffers(model: nn.Module) -> list[str]:

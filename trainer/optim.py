@@ -17,20 +17,36 @@ from trainer.models.building import Building
 
 
 def no_decay(name: str, p: nn.Parameter) -> bool:
-    return p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() or "embeddings.class_embedding" in name
+    return (
+        p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() or "embeddings.class_embedding" in name
+    )
 
 
-def build_optimizer(model: nn.Module, adapter: Building, cfg: OptimConfig, fused: bool) -> torch.optim.Optimizer:
-    lrs = {"llm": cfg.lr, "vision": cfg.lr if cfg.vision_lr is None else cfg.vision_lr,
-           "projector": cfg.lr if cfg.projector_lr is None else cfg.projector_lr}
+def build_optimizer(
+    model: nn.Module, adapter: Building, cfg: OptimConfig, fused: bool
+) -> torch.optim.Optimizer:
+    lrs = {
+        "llm": cfg.lr,
+        "vision": cfg.lr if cfg.vision_lr is None else cfg.vision_lr,
+        "projector": cfg.lr if cfg.projector_lr is None else cfg.projector_lr,
+    }
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups.setdefault((adapter.param_group(name), no_decay(name, p)), []).append(p)
-    param_groups = [{"params": ps, "lr": lrs[g], "base_lr": lrs[g], "weight_decay": 0.0 if nd else cfg.weight_decay,
-                     "name": f"{g}{'/no_decay' if nd else ''}"} for (g, nd), ps in sorted(groups.items())]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=fused or None)
+    param_groups = [
+        {
+            "params": ps,
+            "lr": lrs[g],
+            "base_lr": lrs[g],
+            "weight_decay": 0.0 if nd else cfg.weight_decay,
+            "name": f"{g}{'/no_decay' if nd else ''}",
+        }
+        for (g, nd), ps in sorted(groups.items())
+    ]
+    return torch.optim.AdamW(
+        param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None
+    )
 
 
 def lr_factor(step: int, progress: float, cfg: OptimConfig) -> float:

@@ -20,14 +20,27 @@ def training_order(per_rank: list[list[tuple]]) -> list[tuple]:
     """(micro-batch, rank, source, ...) of every sample as the steps take them: micro-batch by micro-batch,
     rank by rank within one, each rank's samples in its order. `per_rank[r]` lists rank r's samples as
     (micro-batch, source, ...)."""
-    rows = [(row[0], rank, i, row[1:])
-            for rank, samples in enumerate(per_rank) for i, row in enumerate(samples)]
+    rows = [
+        (row[0], rank, i, row[1:]) for rank, samples in enumerate(per_rank) for i, row in enumerate(samples)
+    ]
     return [(micro_batch, rank, *rest) for micro_batch, rank, _, rest in sorted(rows)]
 
 
 def order_line(epoch: int, grad_accum: int, micro_batch: int, rank: int, source: str, sample_id: str) -> str:
-    return json.dumps({"epoch": epoch, "step": micro_batch // grad_accum, "micro_batch": micro_batch,
-                       "rank": rank, "source": source, "id": sample_id}, ensure_ascii=False) + "\n"
+    return (
+        json.dumps(
+            {
+                "epoch": epoch,
+                "step": micro_batch // grad_accum,
+                "micro_batch": micro_batch,
+                "rank": rank,
+                "source": source,
+                "id": sample_id,
+            },
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
 
 
 class OrderLog:
@@ -40,18 +53,25 @@ class OrderLog:
         """Keep only the lines of steps before `step`: later ones were trained after the checkpoint."""
         if self.rank != 0 or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-                if json.loads(line)["step"] < step]
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if json.loads(line)["step"] < step
+        ]
         self.path.write_text("".join(kept), encoding="utf-8")
 
     def log(self, epoch: int, step: int, packs: list[Any]) -> None:
         """Every rank calls this for every step taken, with the step's packs."""
         first = step * self.grad_accum
-        mine = [(first + i, source, sample_id) for i, pack in enumerate(packs)
-                for source, sample_id in zip(pack.sources, pack.ids)]
+        mine = [
+            (first + i, source, sample_id)
+            for i, pack in enumerate(packs)
+            for source, sample_id in zip(pack.sources, pack.ids)
+        ]
         everyone = gather_objects(mine)
         if self.rank == 0:
             with open(self.path, "a", encoding="utf-8") as f:
                 for micro_batch, rank, source, sample_id in training_order(everyone):
-                    f.write(order_line(epoch, self.grad_accum, micro_batch, rank, self.sources[source],
-                                       sample_id))
+                    f.write(
+                        order_line(epoch, self.grad_accum, micro_batch, rank, self.sources[source], sample_id)
+                    )

@@ -45,8 +45,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
         return
     for n, (parent, _, i) in enumerate(transformer_blocks(model)):
         if mode == "full" or n % 2 == 0:
-            parent[i] = checkpoint_wrapper(parent[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT,
-                                           preserve_rng_state=True)
+            parent[i] = checkpoint_wrapper(
+                parent[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=True
+            )
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -104,9 +105,14 @@ def _without_python_lengths(module: nn.Module, args: tuple, kwargs: dict) -> tup
     return args, kwargs
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype,
-               reduce_dtype: torch.dtype = torch.float32, ignored: set[nn.Parameter] = frozenset(),
-               root_block: Callable[[str], bool] | None = None) -> None:
+def apply_fsdp(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype = torch.float32,
+    ignored: set[nn.Parameter] = frozenset(),
+    root_block: Callable[[str], bool] | None = None,
+) -> None:
     """fully_shard every block, then the root: computing in `param_dtype`, reducing gradients in
     `reduce_dtype`. A 2-D mesh (replicate, shard) is HSDP. Blocks of a list for which
     `root_block(name)` holds stay in the root unit (adapter.fsdp_root_block)."""
@@ -114,8 +120,19 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype,
     blocks = [b for b in transformer_blocks(model) if root_block is None or not root_block(b[1])]
     for n, (parent, _, i) in enumerate(blocks):
         # The last block's parameters are needed right away in backward: no point resharding them.
-        fully_shard(parent[i], mesh=mesh, mp_policy=mp, reshard_after_forward=n < len(blocks) - 1,
-                    ignored_params=ignored & set(parent[i].parameters()) or None)
+        fully_shard(
+            parent[i],
+            mesh=mesh,
+            mp_policy=mp,
+            reshard_after_forward=n < len(blocks) - 1,
+            ignored_params=ignored & set(parent[i].parameters()) or None,
+        )
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=set(ignored) or None)
-    logger.info("FSDP2: %d blocks + root on a mesh of %s (%s), computing in %s, reducing in %s", len(blocks),
-                tuple(mesh.shape), ", ".join(mesh.mesh_dim_names or ()), param_dtype, reduce_dtype)
+    logger.info(
+        "FSDP2: %d blocks + root on a mesh of %s (%s), computing in %s, reducing in %s",
+        len(blocks),
+        tuple(mesh.shape),
+        ", ".join(mesh.mesh_dim_names or ()),
+        param_dtype,
+        reduce_dtype,
+    )

@@ -2,7 +2,7 @@
 are trained on.
 
     python -m trainer.preview --model runs/tiny-llava --sample data.json --index 3
-    python -m trainer.preview --model DIR --sample data.jsonl --json     # {"input_ids": [...], "labels": [...]}
+    python -m trainer.preview --model DIR --sample data.jsonl --json  # {"input_ids": [...], "labels": [...]}
 
 The sample goes through the converter's own validation (a rejected sample prints its reason)
 and the trainer's own rendering. In a terminal, trained tokens are green and runs of media
@@ -44,17 +44,28 @@ def show(tokens: list[str], labels: list[int], media_tokens: set[str], color: bo
             i = j
         else:
             piece, i = tok, i + 1
-        out.append((GREEN if trained else DIM) + piece + RESET if color else (f"[{piece}]" if trained else piece))
+        out.append(
+            (GREEN if trained else DIM) + piece + RESET if color else (f"[{piece}]" if trained else piece)
+        )
     return "".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.preview", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a local checkpoint directory")
-    p.add_argument("--sample", required=True, type=Path, help="a JSON array or JSONL file in any accepted format")
+    p.add_argument(
+        "--sample", required=True, type=Path, help="a JSON array or JSONL file in any accepted format"
+    )
     p.add_argument("--index", type=int, default=0, help="which record of the file (from 0)")
-    p.add_argument("--media-root", dest="media_roots", type=Path, action="append", default=[], metavar="DIR",
-                   help="folder relative media paths resolve against (repeatable: the first that has it)")
+    p.add_argument(
+        "--media-root",
+        dest="media_roots",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder relative media paths resolve against (repeatable: the first that has it)",
+    )
     p.add_argument("--family", help="adapter name, if not the checkpoint's model_type")
     p.add_argument("--json", action="store_true", help='print {"input_ids": [...], "labels": [...]}')
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
@@ -64,8 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, IndexError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    converted = convert_record(args.index, line, record, "preview", args.sample.resolve().parent,
-                               ConvertOptions(media_roots=tuple(root.resolve() for root in args.media_roots)))
+    converted = convert_record(
+        args.index,
+        line,
+        record,
+        "preview",
+        args.sample.resolve().parent,
+        ConvertOptions(media_roots=tuple(root.resolve() for root in args.media_roots)),
+    )
     if converted.members is None:
         print(f"rejected ({converted.code}): {converted.reason}", file=sys.stderr)
         return 1
@@ -84,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     tokens = adapter.tokenizer.convert_ids_to_tokens(ids)
     tokens = [adapter.tokenizer.convert_tokens_to_string([t]) for t in tokens]
     # The tokenizer's image token too: Gemma 3's processor names <start_of_image>, the run is of soft tokens.
-    media = {t for t in (adapter.image_token, adapter.video_token, getattr(adapter.tokenizer, "image_token", None))
-             if t}
+    media = {
+        t
+        for t in (adapter.image_token, adapter.video_token, getattr(adapter.tokenizer, "image_token", None))
+        if t
+    }
     print(show(tokens, labels, media, color))
     trained = sum(label != IGNORE for label in labels)
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in rendered.media.items()) or "no media"

@@ -37,11 +37,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
     p.add_argument("--dry-run", action="store_true", help="stream one epoch of data without a model")
     p.add_argument("--epoch", type=int, default=0, help="with --dry-run: which epoch to plan")
-    p.add_argument("--order-out", type=Path, metavar="FILE",
-                   help="write the training order to FILE, one JSON line per sample (trainer/order.py): an "
-                        "epoch's with --dry-run, else what each step trains")
-    p.add_argument("--help-config", action="store_true",
-                   help="print every config key with its default and doc, and exit")
+    p.add_argument(
+        "--order-out",
+        type=Path,
+        metavar="FILE",
+        help="write the training order to FILE, one JSON line per sample (trainer/order.py): an "
+        "epoch's with --dry-run, else what each step trains",
+    )
+    p.add_argument(
+        "--help-config", action="store_true", help="print every config key with its default and doc, and exit"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.workers=4")
     args = p.parse_args(argv)
     if args.help_config:
@@ -68,7 +73,7 @@ def dry_run(cfg: Config, epoch: int, order_out: Path | None = None) -> dict:
     loader.dataset.set_epoch(epoch)
     batches = EpochBatches(loader, adapter, cfg.data.max_skip_fraction)
     packs = tokens = samples = trimmed = 0
-    order = []                        # (micro-batch, source, id) of each sample, in this rank's order
+    order = []  # (micro-batch, source, id) of each sample, in this rank's order
     for micro_batch, pack in enumerate(batches):
         order += [(micro_batch, source, id_) for source, id_ in zip(pack.sources, pack.ids)]
         if pack.empty:
@@ -77,9 +82,16 @@ def dry_run(cfg: Config, epoch: int, order_out: Path | None = None) -> dict:
         tokens += pack.tokens
         samples += len(pack.sources)
         trimmed += pack.trimmed
-    mine = {"samples": samples, "packs": packs, "tokens": tokens, "trimmed": trimmed, "steps": batches.steps,
-            "per_source": dict(batches.per_source), "skips": dict(batches.skips),
-            "order": order if order_out else [(m, s) for m, s, _ in order]}
+    mine = {
+        "samples": samples,
+        "packs": packs,
+        "tokens": tokens,
+        "trimmed": trimmed,
+        "steps": batches.steps,
+        "per_source": dict(batches.per_source),
+        "skips": dict(batches.skips),
+        "order": order if order_out else [(m, s) for m, s, _ in order],
+    }
     everyone = gather_objects(mine)
     manifest = loader.dataset.manifest
     trained = training_order([r["order"] for r in everyone])
@@ -88,8 +100,11 @@ def dry_run(cfg: Config, epoch: int, order_out: Path | None = None) -> dict:
     if order_out and rank == 0:
         with open(order_out, "w", encoding="utf-8") as f:
             for micro_batch, r, source, sample_id in trained:
-                f.write(order_line(epoch, cfg.train.grad_accum, micro_batch, r, manifest.sources[source].path,
-                                   sample_id))
+                f.write(
+                    order_line(
+                        epoch, cfg.train.grad_accum, micro_batch, r, manifest.sources[source].path, sample_id
+                    )
+                )
     per_source: Counter[str] = Counter({s.path: 0 for s in manifest.sources})
     skipped: Counter[str] = Counter()
     skipped_per_source: Counter[str] = Counter()
@@ -102,11 +117,18 @@ def dry_run(cfg: Config, epoch: int, order_out: Path | None = None) -> dict:
             skipped_per_source[manifest.sources[int(src)].path] += n
     total = {k: sum(r[k] for r in everyone) for k in ("samples", "packs", "tokens", "trimmed")}
     slots = total["packs"] * cfg.data.packing.max_tokens
-    return {**total, "per_source": dict(per_source), "skipped": dict(sorted(skipped.items())),
-            "skipped_per_source": dict(skipped_per_source),
-            "packing_efficiency": round(total["tokens"] / slots, 6) if slots else 0.0,
-            "steps_per_rank": [r["steps"] for r in everyone], "ranks": world, "epoch": epoch,
-            "max_tokens": cfg.data.packing.max_tokens, "mix": mix}
+    return {
+        **total,
+        "per_source": dict(per_source),
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_per_source": dict(skipped_per_source),
+        "packing_efficiency": round(total["tokens"] / slots, 6) if slots else 0.0,
+        "steps_per_rank": [r["steps"] for r in everyone],
+        "ranks": world,
+        "epoch": epoch,
+        "max_tokens": cfg.data.packing.max_tokens,
+        "mix": mix,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 
             result = train(cfg, args.order_out)
             if rank == 0:
-                print(json.dumps({k: v for k, v in result.items() if k != "losses"}, sort_keys=True), flush=True)
+                print(
+                    json.dumps({k: v for k, v in result.items() if k != "losses"}, sort_keys=True), flush=True
+                )
         else:
             result = dry_run(cfg, args.epoch, args.order_out)
             if rank == 0:

@@ -57,9 +57,16 @@ import torch.distributed as dist
 from trainer.flops import ModelFlops, peak_tflops
 
 # Qwen/Qwen2-VL-2B-Instruct config.json: the architecture sizes (token ids stay the tiny tokenizer's).
-QWEN2_VL_2B_TEXT = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                        max_window_layers=28, initializer_range=0.02)
+QWEN2_VL_2B_TEXT = dict(
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_window_layers=28,
+    initializer_range=0.02,
+)
 QWEN2_VL_2B_VISION = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4)
 
 
@@ -96,7 +103,7 @@ def random_checkpoint(family: str, out: Path, edit: Callable[[dict], None] | Non
 def qwen2_vl_2b(config: dict) -> None:
     """The tiny Qwen2-VL's config.json -> Qwen2-VL-2B's architecture."""
     config["text_config"].update(QWEN2_VL_2B_TEXT)
-    config["text_config"].pop("layer_types", None)          # recomputed for 28 layers
+    config["text_config"].pop("layer_types", None)  # recomputed for 28 layers
     config["text_config"]["rope_parameters"]["mrope_section"] = [16, 24, 24]
     config["vision_config"].update(QWEN2_VL_2B_VISION)
 
@@ -121,14 +128,14 @@ class CompileCounts:
 
             def emit(self, record: logging.LogRecord) -> None:
                 self.n += 1
-                if len(self.reasons) < 3:           # the first few, to say why
+                if len(self.reasons) < 3:  # the first few, to say why
                     self.reasons.append(record.getMessage()[-300:])
 
         self.recompiles = Counter()
         torch._logging.set_logs(recompiles=True)
         log = logging.getLogger("torch._dynamo.guards.__recompiles")
         log.addHandler(self.recompiles)
-        log.propagate = False                # counted, not printed
+        log.propagate = False  # counted, not printed
 
     def reset(self) -> None:
         from torch._dynamo.utils import counters
@@ -140,9 +147,12 @@ class CompileCounts:
     def read(self) -> dict[str, Any]:
         from torch._dynamo.utils import counters
 
-        return {"graphs": int(counters["stats"]["unique_graphs"]),
-                "graph_breaks": int(sum(counters["graph_break"].values())), "recompiles": self.recompiles.n,
-                "recompile_reasons": list(self.recompiles.reasons)}
+        return {
+            "graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "recompiles": self.recompiles.n,
+            "recompile_reasons": list(self.recompiles.reasons),
+        }
 
 
 def matmul_tflops() -> float:
@@ -155,7 +165,7 @@ def matmul_tflops() -> float:
     for _ in range(reps):
         a @ b
     torch.cuda.synchronize()
-    return 2 * 8192 ** 3 * reps / (time.perf_counter() - start) / 1e12
+    return 2 * 8192**3 * reps / (time.perf_counter() - start) / 1e12
 
 
 # --- the data ------------------------------------------------------------------------------------
@@ -178,18 +188,39 @@ def build_shards(root: Path, samples: int) -> Path:
 # --- one configuration ---------------------------------------------------------------------------
 
 
-def run_config(args: argparse.Namespace, ckpt: Path, shards: Path, run_dir: Path, ac: str, compile_: bool,
-               rank: int, world: int, counts: CompileCounts) -> dict[str, Any]:
+def run_config(
+    args: argparse.Namespace,
+    ckpt: Path,
+    shards: Path,
+    run_dir: Path,
+    ac: str,
+    compile_: bool,
+    rank: int,
+    world: int,
+    counts: CompileCounts,
+) -> dict[str, Any]:
     from trainer import loop
     from trainer.config import load_config
     from trainer.data.pipeline import EpochBatches
     from trainer.metrics import Metrics
 
-    cfg = load_config(None, [f"model.path={ckpt}", f"data.shards={shards}", f"run.dir={run_dir}",
-                             f"data.workers={args.workers}", f"data.packing.max_tokens={args.max_tokens}",
-                             f"train.activation_checkpointing={ac}", f"train.compile={str(compile_).lower()}",
-                             "train.steps=1000000", "checkpoint.every=0", "run.export=false", "optim.lr=1e-5",
-                             f"finetune.freeze_vision={str(not args.train_vision).lower()}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={ckpt}",
+            f"data.shards={shards}",
+            f"run.dir={run_dir}",
+            f"data.workers={args.workers}",
+            f"data.packing.max_tokens={args.max_tokens}",
+            f"train.activation_checkpointing={ac}",
+            f"train.compile={str(compile_).lower()}",
+            "train.steps=1000000",
+            "checkpoint.every=0",
+            "run.export=false",
+            "optim.lr=1e-5",
+            f"finetune.freeze_vision={str(not args.train_vision).lower()}",
+        ],
+    )
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.empty_cache()
@@ -215,7 +246,7 @@ def run_config(args: argparse.Namespace, ckpt: Path, shards: Path, run_dir: Path
             t0 = time.perf_counter()
             pack = next(it)
             t1 = time.perf_counter()
-            trainer.step([pack], t1 - t0)            # ends in .item()/.tolist(): the GPU is done
+            trainer.step([pack], t1 - t0)  # ends in .item()/.tolist(): the GPU is done
             t2 = time.perf_counter()
             if i >= args.warmup:
                 waits.append(t1 - t0)
@@ -228,13 +259,15 @@ def run_config(args: argparse.Namespace, ckpt: Path, shards: Path, run_dir: Path
         wall = sum(waits) + sum(steps)
         peak = peak_tflops(trainer.device, args.peak_tflops)
         row.update(
-            steps=args.steps, step_s=round(statistics.median(steps), 4),
+            steps=args.steps,
+            step_s=round(statistics.median(steps), 4),
             tokens_per_s=round(float(totals[1]) / wall, 1),
             model_tflops_per_s_per_gpu=float(f"{float(totals[0]) / wall / world / 1e12:.4g}"),
             mfu=round(float(totals[0]) / wall / world / (peak * 1e12), 4) if peak else None,
             data_wait_fraction=round(sum(waits) / wall, 4),
             peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None)
+            peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+        )
         if compile_:
             row["compile_counts"] = counts.read()
     except torch.OutOfMemoryError as e:
@@ -253,8 +286,9 @@ def init_process_group() -> tuple[int, int]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("cpu:gloo,cuda:nccl")
@@ -265,28 +299,39 @@ def init_process_group() -> tuple[int, int]:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--ac", nargs="+", default=["none", "selective", "full"],
-                   choices=["none", "selective", "full"])
-    p.add_argument("--compile", nargs="+", default=None, choices=["off", "on"],
-                   help="default: off on (--smoke: off)")
-    p.add_argument("--attn", default=None, help="the language model's attention backend: mmloom_varlen, "
-                   "flash_attention_2, mmloom_packed, sdpa (default: trainer/attention.py's choice)")
+    p.add_argument(
+        "--ac", nargs="+", default=["none", "selective", "full"], choices=["none", "selective", "full"]
+    )
+    p.add_argument(
+        "--compile", nargs="+", default=None, choices=["off", "on"], help="default: off on (--smoke: off)"
+    )
+    p.add_argument(
+        "--attn",
+        default=None,
+        help="the language model's attention backend: mmloom_varlen, "
+        "flash_attention_2, mmloom_packed, sdpa (default: trainer/attention.py's choice)",
+    )
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--samples", type=int, default=3000, help="samples in the benchmark's shard set")
-    p.add_argument("--workers", type=int, default=None,
-                   help="data workers per rank (default: cores / ranks - 1)")
+    p.add_argument(
+        "--workers", type=int, default=None, help="data workers per rank (default: cores / ranks - 1)"
+    )
     p.add_argument("--train-vision", action="store_true", help="train the vision tower too (default: frozen)")
-    p.add_argument("--peak-tflops", type=float, default=0.0,
-                   help="the device's dense bf16 peak, if not in the table")
-    p.add_argument("--smoke", action="store_true",
-                   help="on CPU: the tiny Qwen2-VL, 2 steps per configuration")
+    p.add_argument(
+        "--peak-tflops", type=float, default=0.0, help="the device's dense bf16 peak, if not in the table"
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="on CPU: the tiny Qwen2-VL, 2 steps per configuration"
+    )
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not torch.cuda.is_available() and not args.smoke:
-        print("benchmarks/gpu/mfu.py: no GPU here (torch.cuda.is_available() is False); nothing measured",
-              file=sys.stderr)
+        print(
+            "benchmarks/gpu/mfu.py: no GPU here (torch.cuda.is_available() is False); nothing measured",
+            file=sys.stderr,
+        )
         print(json.dumps({"benchmark": "gpu_mfu", "skipped": "no GPU"}))
         return 0
     if args.smoke:
@@ -315,20 +360,39 @@ def main() -> int:
             build_shards(root / "data", args.samples)
         dist.barrier()
         ckpt, shards = root / "qwen2-vl-2b-random", root / "data" / "shards"
-        result: dict[str, Any] = {"benchmark": "gpu_mfu", "smoke": args.smoke, "world": world,
-                                  "max_tokens": args.max_tokens, "train_vision": args.train_vision}
+        result: dict[str, Any] = {
+            "benchmark": "gpu_mfu",
+            "smoke": args.smoke,
+            "world": world,
+            "max_tokens": args.max_tokens,
+            "train_vision": args.train_vision,
+        }
         if torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())
-            result.update(device=torch.cuda.get_device_name(),
-                          peak_bf16_tflops=peak_tflops(device, args.peak_tflops),
-                          matmul_tflops=round(matmul_tflops(), 1), torch=torch.__version__)
+            result.update(
+                device=torch.cuda.get_device_name(),
+                peak_bf16_tflops=peak_tflops(device, args.peak_tflops),
+                matmul_tflops=round(matmul_tflops(), 1),
+                torch=torch.__version__,
+            )
         runs, counts = [], CompileCounts()
         for compile_ in args.compile:
             for ac in args.ac:
-                runs.append(run_config(args, ckpt, shards, root / f"run-{ac}-{compile_}", ac,
-                                       compile_ == "on", rank, world, counts))
+                runs.append(
+                    run_config(
+                        args,
+                        ckpt,
+                        shards,
+                        root / f"run-{ac}-{compile_}",
+                        ac,
+                        compile_ == "on",
+                        rank,
+                        world,
+                        counts,
+                    )
+                )
                 if rank == 0:
-                    print(json.dumps(runs[-1]), file=sys.stderr, flush=True)      # progress
+                    print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # progress
         from trainer.models.registry import get_adapter
 
         config = get_adapter(ckpt).config

@@ -27,8 +27,9 @@ Stages:
 2. oracle: packed loss == sum of per-sample losses in bf16 (relative difference <= ORACLE_TOL) with
    the trainer's own micro_batch_loss, for llava, qwen2_5_vl, mllama and gemma3 (tiny random-weight
    builds), on every attention backend that can run here (mmloom_varlen and flash_attention_2 on
-   CUDA, mmloom_packed, sdpa; gemma3's block masks: flex_attention on CUDA, sdpa), on three real samples of the bundled demo data (one image and two
-   turns, two images, text only) rendered by the trainer; the backend the trainer picks is named.
+   CUDA, mmloom_packed, sdpa; gemma3's block masks: flex_attention on CUDA, sdpa), on three real
+   samples of the bundled demo data (one image and two turns, two images, text only) rendered by
+   the trainer; the backend the trainer picks is named.
 3. attention: benchmarks/attention.py, its JSON lines (skipped, "missing", while it does not exist);
    the trainer's path must read nothing back to the host.
 4. mfu: benchmarks/gpu/mfu.py (Qwen2-VL-2B-shaped, random bf16 weights written once, built by
@@ -72,14 +73,18 @@ DEPS = REPO / ".gpu-deps"
 MISSING_THERE = ("webdataset", "braceexpand", "torchdata", "num2words", "docopt")
 STAGES = ("env", "oracle", "attention", "mfu", "memory", "run")
 SHARE = {"env": 0.04, "oracle": 0.12, "attention": 0.08, "mfu": 0.46, "memory": 0.13, "run": 0.17}
-ORACLE_FAMILIES = ("llava", "qwen2_5_vl", "mllama", "gemma3")     # gemma3: block masks
+ORACLE_FAMILIES = ("llava", "qwen2_5_vl", "mllama", "gemma3")  # gemma3: block masks
 # Relative, on the summed losses in bf16. Measured on CPU: packed and per-sample agree to 3e-5 (the
 # roundings differ in order), and attention across the samples' boundaries moves the sum by 0.3 %
 # on these tiny random models: the tolerance sits between the two.
 ORACLE_TOL = 1e-3
-DEMO_SOURCES = ("llava_images.json 0.012", "minicpm_chat.jsonl 0.004", "openai_messages.jsonl 0.003",
-                "text_only.json 0.004")          # the demo without its video source (no decoder needed)
-DEMO_IDS = ("astro-1", "compare-1", "t-1")       # one image and two turns, two images, text only
+DEMO_SOURCES = (
+    "llava_images.json 0.012",
+    "minicpm_chat.jsonl 0.004",
+    "openai_messages.jsonl 0.003",
+    "text_only.json 0.004",
+)  # the demo without its video source (no decoder needed)
+DEMO_IDS = ("astro-1", "compare-1", "t-1")  # one image and two turns, two images, text only
 
 
 # --- the parent: stages as subprocesses ----------------------------------------------------------
@@ -91,9 +96,13 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     p.add_argument("--smoke", action="store_true", help="on CPU with tiny sizes: every stage's code")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    p.add_argument("--pack-deps", nargs="*", metavar="DIST",
-                   help=f"write .gpu-deps/ from this Python's packages (default: {' '.join(MISSING_THERE)})")
-    p.add_argument("--run-stage", choices=STAGES, help=argparse.SUPPRESS)     # the child
+    p.add_argument(
+        "--pack-deps",
+        nargs="*",
+        metavar="DIST",
+        help=f"write .gpu-deps/ from this Python's packages (default: {' '.join(MISSING_THERE)})",
+    )
+    p.add_argument("--run-stage", choices=STAGES, help=argparse.SUPPRESS)  # the child
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.pack_deps is not None:
@@ -107,8 +116,12 @@ def main() -> int:
             remaining = args.timeout_s - (time.monotonic() - start)
             limit = min(SHARE[name] * args.timeout_s + carry, remaining)
             if limit < 5:
-                line = {"stage": name, "status": "skipped", "reason": "out of time (--timeout-s)",
-                        "seconds": 0.0}
+                line = {
+                    "stage": name,
+                    "status": "skipped",
+                    "reason": "out of time (--timeout-s)",
+                    "seconds": 0.0,
+                }
             else:
                 line = run_stage(name, limit, work, args.smoke)
                 carry = max(0.0, limit - line["seconds"])
@@ -117,9 +130,18 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     bad = [n for n, s in statuses.items() if s not in ("ok", "skipped")]
-    emit({"summary": True, "status": "failed" if bad else "ok", "stages": statuses, "failed": bad,
-          "seconds": round(time.monotonic() - start, 1), "timeout_s": args.timeout_s, "smoke": args.smoke},
-         args.out)
+    emit(
+        {
+            "summary": True,
+            "status": "failed" if bad else "ok",
+            "stages": statuses,
+            "failed": bad,
+            "seconds": round(time.monotonic() - start, 1),
+            "timeout_s": args.timeout_s,
+            "smoke": args.smoke,
+        },
+        args.out,
+    )
     return 1 if bad else 0
 
 
@@ -135,22 +157,34 @@ def emit(line: dict, out: Path | None) -> None:
 def child_env() -> dict[str, str]:
     """The stages' environment: the repository and the carried zips ahead of the machine's packages."""
     paths = [str(REPO), *sorted(str(z) for z in DEPS.glob("*.zip")), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in paths if p),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def run_stage(name: str, limit: float, work: Path, smoke: bool) -> dict[str, Any]:
     """Run one stage in its own process group; kill the group at `limit` seconds."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--run-stage", name, "--work", str(work)]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd + (["--smoke"] if smoke else []), cwd=REPO, env=child_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd + (["--smoke"] if smoke else []),
+        cwd=REPO,
+        env=child_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     timed_out = False
     try:
         out, err = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
         timed_out = True
-        os.killpg(proc.pid, signal.SIGKILL)          # the stage and everything it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the stage and everything it started
         out, err = proc.communicate()
     lines = [x for x in json_lines(out) if x.get("stage") == name]
     line = dict(lines[-1]) if lines else {"stage": name}
@@ -184,8 +218,13 @@ def pack_deps(names: list[str]) -> int:
     DEPS.mkdir(exist_ok=True)
     for name in names:
         dist = importlib.metadata.distribution(name)
-        files = [f for f in dist.files or () if "__pycache__" not in f.parts
-                 and not f.parts[0].startswith("..") and Path(dist.locate_file(f)).is_file()]
+        files = [
+            f
+            for f in dist.files or ()
+            if "__pycache__" not in f.parts
+            and not f.parts[0].startswith("..")
+            and Path(dist.locate_file(f)).is_file()
+        ]
         target = DEPS / f"{dist.metadata['Name'].lower()}-{dist.version}.zip"
         with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as z:
             for f in files:
@@ -201,11 +240,16 @@ def child(args: argparse.Namespace) -> int:
     name, start = args.run_stage, time.monotonic()
     try:
         result = STAGE_FUNCTIONS[name](args)
-    except Exception as e:          # the stage's own failure is its result
-        result = {"status": "error", "error": f"{type(e).__name__}: {e}",
-                  "traceback": traceback.format_exc()[-2000:]}
-    print(json.dumps({"stage": name, **result, "seconds": round(time.monotonic() - start, 1)}, default=str),
-          flush=True)
+    except Exception as e:  # the stage's own failure is its result
+        result = {
+            "status": "error",
+            "error": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc()[-2000:],
+        }
+    print(
+        json.dumps({"stage": name, **result, "seconds": round(time.monotonic() - start, 1)}, default=str),
+        flush=True,
+    )
     return 0
 
 
@@ -264,8 +308,9 @@ def demo_samples(adapter: Any, shards: Path) -> list[Any]:
 
 def stream(cmd: list[str], on_line: Callable[[dict], None]) -> tuple[int, list[str]]:
     """Run `cmd` with stderr into stdout; hand each JSON line to `on_line`; return (status, other lines)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=child_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     other = []
     assert proc.stdout is not None
     for raw in proc.stdout:
@@ -282,30 +327,61 @@ def stream(cmd: list[str], on_line: Callable[[dict], None]) -> tuple[int, list[s
 
 def stage_env(args: argparse.Namespace) -> dict[str, Any]:
     versions = {}
-    for dist in ("torch", "transformers", "peft", "flash-attn", "accelerate", "tokenizers", "triton",
-                 "webdataset", "torchdata", "tensorboard", "bitsandbytes", "av", "decord", "num2words"):
+    for dist in (
+        "torch",
+        "transformers",
+        "peft",
+        "flash-attn",
+        "accelerate",
+        "tokenizers",
+        "triton",
+        "webdataset",
+        "torchdata",
+        "tensorboard",
+        "bitsandbytes",
+        "av",
+        "decord",
+        "num2words",
+    ):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
     imports = {}
-    for module in ("torch", "transformers", "peft", "webdataset", "torchdata.stateful_dataloader",
-                   "tensorboard", "trainer.loop", "trainer.attention", "trainer.flops"):
+    for module in (
+        "torch",
+        "transformers",
+        "peft",
+        "webdataset",
+        "torchdata.stateful_dataloader",
+        "tensorboard",
+        "trainer.loop",
+        "trainer.attention",
+        "trainer.flops",
+    ):
         try:
             mod = importlib.import_module(module)
             imports[module] = "carried" if str(DEPS) in str(getattr(mod, "__file__", "")) else "ok"
         except Exception as e:
             imports[module] = f"{type(e).__name__}: {e}"[:300]
-    out: dict[str, Any] = {"python": sys.version.split()[0], "versions": versions, "imports": imports,
-                           "flash_attn_installed": importlib.util.find_spec("flash_attn") is not None}
+    out: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "imports": imports,
+        "flash_attn_installed": importlib.util.find_spec("flash_attn") is not None,
+    }
     import torch
 
     out["cuda"] = torch.cuda.is_available()
     out["torch_cuda"] = torch.version.cuda
     if out["cuda"]:
         props = torch.cuda.get_device_properties(0)
-        out.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                   capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count)
+        out.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            capability=f"{props.major}.{props.minor}",
+            multiprocessors=props.multi_processor_count,
+        )
         try:
             from trainer.flops import peak_tflops
 
@@ -339,9 +415,14 @@ def check_varlen() -> dict[str, Any]:
         q, k, v = (torch.randn(sum(lengths), 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         cu = torch.tensor([0, 5, 22, 64], device="cuda", dtype=torch.int32)
         out = varlen_attn(q, k, v, cu, cu, max(lengths), max(lengths), **causal)
-        ref = torch.cat([F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (a, b, c)),
-                                                        is_causal=True)[0].transpose(0, 1)
-                         for a, b, c in zip(q.split(lengths), k.split(lengths), v.split(lengths))])
+        ref = torch.cat(
+            [
+                F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (a, b, c)), is_causal=True)[
+                    0
+                ].transpose(0, 1)
+                for a, b, c in zip(q.split(lengths), k.split(lengths), v.split(lengths))
+            ]
+        )
         return {**found, "runs": True, "max_abs_diff": float((out - ref).abs().max())}
     except Exception as e:
         return {**found, "runs": False, "error": f"{type(e).__name__}: {e}"[:300]}
@@ -385,8 +466,9 @@ def stage_oracle(args: argparse.Namespace) -> dict[str, Any]:
             rendered = demo_samples(adapter, shards)
             model_class = adapter.auto_class()._model_mapping.get(type(adapter.config), None)
             masked = type(adapter).attention_masks is not ModelAdapter.attention_masks
-            entry["trainer_backend"] = (attention.choose_masked(dev) if masked else
-                                        attention.choose(adapter.config, model_class, dev))
+            entry["trainer_backend"] = (
+                attention.choose_masked(dev) if masked else attention.choose(adapter.config, model_class, dev)
+            )
             entry["samples"] = [r.length for r in rendered]
             for backend in backends_here(model_class, masked):
                 try:
@@ -394,22 +476,35 @@ def stage_oracle(args: argparse.Namespace) -> dict[str, Any]:
                     impl = "sdpa" if backend == "sdpa" else attention.per_module(adapter.config, backend)
                     model = adapter.load_model(dtype=torch.bfloat16, attn_implementation=impl).to(dev).eval()
                     with torch.no_grad():
-                        alone = sum(float(micro_batch_loss(model, adapter, collate(adapter, [r]), dev))
-                                    for r in rendered)
+                        alone = sum(
+                            float(micro_batch_loss(model, adapter, collate(adapter, [r]), dev))
+                            for r in rendered
+                        )
                         packed = float(micro_batch_loss(model, adapter, collate(adapter, rendered), dev))
                     diff = abs(packed - alone) / abs(alone)
-                    entry[backend] = {"packed": round(packed, 4), "alone": round(alone, 4),
-                                      "rel_diff": float(f"{diff:.3g}"), "ok": diff <= ORACLE_TOL}
+                    entry[backend] = {
+                        "packed": round(packed, 4),
+                        "alone": round(alone, 4),
+                        "rel_diff": float(f"{diff:.3g}"),
+                        "ok": diff <= ORACLE_TOL,
+                    }
                     del model
                 except Exception as e:
                     entry[backend] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:400]}
         except Exception as e:
             entry["error"] = f"{type(e).__name__}: {e}"[:400]
         partial("oracle", families=families)
-    ok = all("error" not in e and all(v["ok"] for v in e.values() if isinstance(v, dict))
-             for e in families.values())
-    return {"status": "ok" if ok else "failed", "dtype": "bfloat16", "tolerance": ORACLE_TOL,
-            "device": str(dev), "families": families}
+    ok = all(
+        "error" not in e and all(v["ok"] for v in e.values() if isinstance(v, dict))
+        for e in families.values()
+    )
+    return {
+        "status": "ok" if ok else "failed",
+        "dtype": "bfloat16",
+        "tolerance": ORACLE_TOL,
+        "device": str(dev),
+        "families": families,
+    }
 
 
 # --- 3. attention microbenchmark -----------------------------------------------------------------
@@ -419,11 +514,20 @@ def stage_attention(args: argparse.Namespace) -> dict[str, Any]:
     script = REPO / "benchmarks" / "attention.py"
     if not script.exists():
         return {"status": "skipped", "reason": "missing: benchmarks/attention.py is not in this tree yet"}
-    usage = subprocess.run([sys.executable, str(script), "--help"], cwd=REPO, env=child_env(), text=True,
-                           capture_output=True, timeout=120).stdout
+    usage = subprocess.run(
+        [sys.executable, str(script), "--help"],
+        cwd=REPO,
+        env=child_env(),
+        text=True,
+        capture_output=True,
+        timeout=120,
+    ).stdout
     # --smoke: the smallest pack the script takes (its flags, where it has them).
-    small = {"--tokens": ["--tokens", "1024"], "--samples": ["--samples", "4"],
-             "--repeats": ["--repeats", "1"]}
+    small = {
+        "--tokens": ["--tokens", "1024"],
+        "--samples": ["--samples", "4"],
+        "--repeats": ["--repeats", "1"],
+    }
     flags = [x for flag, value in small.items() if flag in usage for x in value] if args.smoke else []
     lines: list[dict] = []
 
@@ -434,8 +538,12 @@ def stage_attention(args: argparse.Namespace) -> dict[str, Any]:
     status, other = stream([sys.executable, str(script), *flags], seen)
     trainer_path = [x for x in lines if x.get("trainer_path")]
     ok = status == 0 and bool(lines) and all(x.get("host_reads_per_forward") == 0 for x in trainer_path)
-    out = {"status": "ok" if ok else "failed", "flags": flags, "lines": lines,
-           "trainer_path_host_reads": [x.get("host_reads_per_forward") for x in trainer_path]}
+    out = {
+        "status": "ok" if ok else "failed",
+        "flags": flags,
+        "lines": lines,
+        "trainer_path_host_reads": [x.get("host_reads_per_forward") for x in trainer_path],
+    }
     if not ok:
         out["output_tail"] = other[-15:]
     return out
@@ -446,14 +554,31 @@ def stage_attention(args: argparse.Namespace) -> dict[str, Any]:
 
 def stage_mfu(args: argparse.Namespace) -> dict[str, Any]:
     script = REPO / "benchmarks" / "gpu" / "mfu.py"
-    flags = (["--smoke", "--ac", "none"] if args.smoke else
-             ["--ac", "none", "full", "--compile", "off", "on", "--steps", "5", "--warmup", "3",
-              "--samples", "400", "--workers", "4"])
+    flags = (
+        ["--smoke", "--ac", "none"]
+        if args.smoke
+        else [
+            "--ac",
+            "none",
+            "full",
+            "--compile",
+            "off",
+            "on",
+            "--steps",
+            "5",
+            "--warmup",
+            "3",
+            "--samples",
+            "400",
+            "--workers",
+            "4",
+        ]
+    )
     runs: list[dict] = []
     result: dict[str, Any] = {}
 
     def seen(line: dict) -> None:
-        if "ac" in line:                     # one configuration done (mfu.py's progress, on stderr)
+        if "ac" in line:  # one configuration done (mfu.py's progress, on stderr)
             runs.append(line)
             partial("mfu", runs=runs)
         elif line.get("benchmark") == "gpu_mfu":
@@ -463,8 +588,13 @@ def stage_mfu(args: argparse.Namespace) -> dict[str, Any]:
     result["runs"] = result.get("runs", runs)
     ok = status == 0 and bool(result["runs"]) and not any("error" in r for r in result["runs"])
     mfus = [r["mfu"] for r in result["runs"] if r.get("mfu") is not None]
-    out = {"status": "ok" if ok else "failed", "flags": flags, **result, "best_mfu": max(mfus, default=None),
-           "mfu_bar_0_45": max(mfus) >= 0.45 if mfus else None}
+    out = {
+        "status": "ok" if ok else "failed",
+        "flags": flags,
+        **result,
+        "best_mfu": max(mfus, default=None),
+        "mfu_bar_0_45": max(mfus) >= 0.45 if mfus else None,
+    }
     if not ok:
         out["output_tail"] = other[-15:]
     return out
@@ -475,40 +605,70 @@ def stage_mfu(args: argparse.Namespace) -> dict[str, Any]:
 
 def qwen2_5_vl_small(config: dict) -> None:
     """The tiny Qwen2.5-VL's config.json -> 8 + 8 layers at Qwen2.5-VL-3B-like widths (1.0B)."""
-    config["text_config"].update(hidden_size=1536, intermediate_size=8960, num_hidden_layers=8,
-                                 num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                                 max_window_layers=8)
+    config["text_config"].update(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_window_layers=8,
+    )
     config["text_config"].pop("layer_types", None)
     config["text_config"]["rope_parameters"]["mrope_section"] = [16, 24, 24]
-    config["vision_config"].update(depth=8, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                                   out_hidden_size=1536, fullatt_block_indexes=[3, 7])
+    config["vision_config"].update(
+        depth=8,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=1536,
+        fullatt_block_indexes=[3, 7],
+    )
 
 
 def stage_memory(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.gpu.mfu import build_shards, random_checkpoint
 
-    ckpt = random_checkpoint("qwen2_5_vl", args.work / "qwen2.5-vl-small",
-                             None if args.smoke else qwen2_5_vl_small)
+    ckpt = random_checkpoint(
+        "qwen2_5_vl", args.work / "qwen2.5-vl-small", None if args.smoke else qwen2_5_vl_small
+    )
     shards = build_shards(args.work / "memory-data", 40 if args.smoke else 200)
     tokens = 1024 if args.smoke else 8192
     rows: list[dict] = []
     for method, accum in (("full", 1), ("full", 4), ("lora", 1), ("lora", 4)):
         try:
-            rows.append(measure_memory(ckpt, shards, args.work / f"memory-{method}-{accum}", method, accum,
-                                       tokens, workers=0 if args.smoke else 2))
+            rows.append(
+                measure_memory(
+                    ckpt,
+                    shards,
+                    args.work / f"memory-{method}-{accum}",
+                    method,
+                    accum,
+                    tokens,
+                    workers=0 if args.smoke else 2,
+                )
+            )
         except Exception as e:
             rows.append({"method": method, "grad_accum": accum, "error": f"{type(e).__name__}: {e}"[:400]})
         partial("memory", rows=rows)
     ok = not any("error" in r for r in rows)
     by = {(r["method"], r["grad_accum"]): r for r in rows}
-    growth = {m: round(by[m, 4]["peak_gib"] / by[m, 1]["peak_gib"], 3)
-              for m in ("full", "lora") if ok and by[m, 1].get("peak_gib")}
-    return {"status": "ok" if ok else "failed", "tokens": tokens, "rows": rows,
-            "peak_accum4_over_accum1": growth}
+    growth = {
+        m: round(by[m, 4]["peak_gib"] / by[m, 1]["peak_gib"], 3)
+        for m in ("full", "lora")
+        if ok and by[m, 1].get("peak_gib")
+    }
+    return {
+        "status": "ok" if ok else "failed",
+        "tokens": tokens,
+        "rows": rows,
+        "peak_accum4_over_accum1": growth,
+    }
 
 
-def measure_memory(ckpt: Path, shards: Path, run_dir: Path, method: str, accum: int, tokens: int,
-                   workers: int) -> dict:
+def measure_memory(
+    ckpt: Path, shards: Path, run_dir: Path, method: str, accum: int, tokens: int, workers: int
+) -> dict:
     """Peak CUDA memory of the trainer's second step (the first creates the optimizer state), and
     what benchmarks/memory.py's accounting predicts for it."""
     import gc
@@ -521,11 +681,21 @@ def measure_memory(ckpt: Path, shards: Path, run_dir: Path, method: str, accum: 
     from trainer.data.pipeline import EpochBatches
     from trainer.metrics import Metrics
 
-    cfg = load_config(None, [f"model.path={ckpt}", f"data.shards={shards}", f"run.dir={run_dir}",
-                             f"data.workers={workers}",
-                             f"data.packing.max_tokens={tokens}", f"train.grad_accum={accum}",
-                             f"finetune.method={method}", "train.steps=1000", "checkpoint.every=0",
-                             "run.export=false"])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={ckpt}",
+            f"data.shards={shards}",
+            f"run.dir={run_dir}",
+            f"data.workers={workers}",
+            f"data.packing.max_tokens={tokens}",
+            f"train.grad_accum={accum}",
+            f"finetune.method={method}",
+            "train.steps=1000",
+            "checkpoint.every=0",
+            "run.export=false",
+        ],
+    )
     cuda = torch.cuda.is_available()
     trainer = loop.Trainer(cfg, 0, 1)
     try:
@@ -545,17 +715,28 @@ def measure_memory(ckpt: Path, shards: Path, run_dir: Path, method: str, accum: 
         groups = {trainer.adapter.param_group(n) for n in trainable}
         act = activation_bytes(trainer.adapter.config, tokens, "vision" in groups, "projector" in groups)
         vocab = trainer.adapter.config.get_text_config().vocab_size
-        predicted_peak = (sum(state.values()) + act["llm_kept"] + act["vision_kept"] + act["model_level"]
-                          + act["block_peak"] + LOSS_CHUNK * vocab * 4 * 3)
+        predicted_peak = (
+            sum(state.values())
+            + act["llm_kept"]
+            + act["vision_kept"]
+            + act["model_level"]
+            + act["block_peak"]
+            + LOSS_CHUNK * vocab * 4 * 3
+        )
         kept = sum(state.values()) - state["gradients"]
-        row = {"method": method, "grad_accum": accum,
-               "trainable_params": sum(named[n].numel() for n in trainable),
-               "predicted": {"state_gib": round(sum(state.values()) / gib, 3),
-                             "params_and_optimizer_gib": round(kept / gib, 3),
-                             "peak_gib": round(predicted_peak / gib, 3)},
-               "peak_gib": round(torch.cuda.max_memory_allocated() / gib, 3) if cuda else None,
-               "after_step_gib": round(torch.cuda.memory_allocated() / gib, 3) if cuda else None}
-        if cuda:        # after the step: parameters and AdamW state (gradients are freed)
+        row = {
+            "method": method,
+            "grad_accum": accum,
+            "trainable_params": sum(named[n].numel() for n in trainable),
+            "predicted": {
+                "state_gib": round(sum(state.values()) / gib, 3),
+                "params_and_optimizer_gib": round(kept / gib, 3),
+                "peak_gib": round(predicted_peak / gib, 3),
+            },
+            "peak_gib": round(torch.cuda.max_memory_allocated() / gib, 3) if cuda else None,
+            "after_step_gib": round(torch.cuda.memory_allocated() / gib, 3) if cuda else None,
+        }
+        if cuda:  # after the step: parameters and AdamW state (gradients are freed)
             row["after_step_over_predicted"] = round(torch.cuda.memory_allocated() / kept, 3)
         return row
     finally:
@@ -571,14 +752,25 @@ def measure_memory(ckpt: Path, shards: Path, run_dir: Path, method: str, accum: 
 def stage_run(args: argparse.Namespace) -> dict[str, Any]:
     tiny, shards = tiny_checkpoint(args.work, "llava"), demo_shards(args.work)
     run_dir = args.work / "tiny-run"
-    train = [sys.executable, "-m", "trainer.train", "--config", str(REPO / "configs" / "tiny-llava.yaml"),
-             f"model.path={tiny}", f"data.shards={shards}", f"run.dir={run_dir}",
-             "data.packing.max_tokens=2048", "checkpoint.every=2", "run.export=false"]
+    train = [
+        sys.executable,
+        "-m",
+        "trainer.train",
+        "--config",
+        str(REPO / "configs" / "tiny-llava.yaml"),
+        f"model.path={tiny}",
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        "data.packing.max_tokens=2048",
+        "checkpoint.every=2",
+        "run.export=false",
+    ]
     out: dict[str, Any] = {}
     checks: dict[str, bool] = {}
     for name, steps in (("first", 4), ("resumed", 6)):
-        proc = subprocess.run(train + [f"train.steps={steps}"], cwd=REPO, env=child_env(), text=True,
-                              capture_output=True)
+        proc = subprocess.run(
+            train + [f"train.steps={steps}"], cwd=REPO, env=child_env(), text=True, capture_output=True
+        )
         last = list(json_lines(proc.stdout))
         out[name] = {k: v for k, v in last[-1].items() if k != "losses"} if last else {"rc": proc.returncode}
         checks[f"{name}_ran"] = proc.returncode == 0 and bool(last)
@@ -589,10 +781,16 @@ def stage_run(args: argparse.Namespace) -> dict[str, Any]:
         partial("run", checks=checks, **out)
     if all(checks.values()):
         export = args.work / "tiny-export"
-        proc = subprocess.run([sys.executable, "-m", "trainer.export", str(run_dir), "--out", str(export)],
-                              cwd=REPO, env=child_env(), text=True, capture_output=True)
-        checks["export"] = proc.returncode == 0 and (export / "config.json").exists() and \
-            any(export.glob("*.safetensors"))
+        proc = subprocess.run(
+            [sys.executable, "-m", "trainer.export", str(run_dir), "--out", str(export)],
+            cwd=REPO,
+            env=child_env(),
+            text=True,
+            capture_output=True,
+        )
+        checks["export"] = (
+            proc.returncode == 0 and (export / "config.json").exists() and any(export.glob("*.safetensors"))
+        )
         out["export_files"] = sorted(f.name for f in export.iterdir()) if export.exists() else []
         if not checks["export"]:
             out["export_stderr_tail"] = proc.stderr[-1500:]
@@ -600,8 +798,13 @@ def stage_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "env": stage_env, "oracle": stage_oracle, "attention": stage_attention, "mfu": stage_mfu,
-    "memory": stage_memory, "run": stage_run}
+    "env": stage_env,
+    "oracle": stage_oracle,
+    "attention": stage_attention,
+    "mfu": stage_mfu,
+    "memory": stage_memory,
+    "run": stage_run,
+}
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ def main() -> None:
         if pack.empty:
             empty += 1
         seen.extend(pack.keys)
-    (out / f"rank{rank}.json").write_text(json.dumps({"keys": seen, "steps": batches.steps, "empty": empty,
-                                                      "world": world}))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps({"keys": seen, "steps": batches.steps, "empty": empty, "world": world})
+    )
     shutdown()
 
 

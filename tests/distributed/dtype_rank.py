@@ -43,17 +43,33 @@ def main() -> None:
         same = None
         if key in reference and "lora_" not in name and p.is_floating_point():
             same = torch.equal(full.detach().cpu(), reference[key].to(full.dtype))
-        params[name] = {"dtype": str(p.dtype).removeprefix("torch."), "trainable": p.requires_grad,
-                        "class": type(p.to_local() if hasattr(p, "to_local") else p).__name__, "equal": same}
-    loader = build_loader(cfg.data, trainer.adapter, cfg.train.seed)      # the same packs on every rank
+        params[name] = {
+            "dtype": str(p.dtype).removeprefix("torch."),
+            "trainable": p.requires_grad,
+            "class": type(p.to_local() if hasattr(p, "to_local") else p).__name__,
+            "equal": same,
+        }
+    loader = build_loader(cfg.data, trainer.adapter, cfg.train.seed)  # the same packs on every rank
     packs = [p for p in loader if not p.empty][:1]
     loss = trainer.step(packs, wait=0.0)
-    states = sorted({str(v.dtype).removeprefix("torch.") for s in trainer.optimizer.state.values()
-                     for v in s.values() if torch.is_tensor(v) and v.dim() > 0})
-    after = sorted({str(p.dtype).removeprefix("torch.") for p in trainer.model.parameters()
-                    if p.requires_grad})
-    result = {"stored": str(stored), "params": params, "loss": loss, "optimizer_states": states,
-              "trainable_after_step": after}
+    states = sorted(
+        {
+            str(v.dtype).removeprefix("torch.")
+            for s in trainer.optimizer.state.values()
+            for v in s.values()
+            if torch.is_tensor(v) and v.dim() > 0
+        }
+    )
+    after = sorted(
+        {str(p.dtype).removeprefix("torch.") for p in trainer.model.parameters() if p.requires_grad}
+    )
+    result = {
+        "stored": str(stored),
+        "params": params,
+        "loss": loss,
+        "optimizer_states": states,
+        "trainable_after_step": after,
+    }
     (out / f"{tag}-rank{rank}.json").write_text(json.dumps(result))
     if dist.is_initialized():
         dist.barrier()

@@ -32,9 +32,11 @@ def held(model) -> dict[str, int]:
                 for g in (p.unsharded_accumulated_grad, autograd):
                     unsharded += 0 if g is None else g.numel() * g.element_size()
     with_grad = [p for p in model.parameters() if p.grad is not None]
-    return {"unsharded": unsharded,
-            "sharded": sum(p.grad.to_local().numel() * p.grad.element_size() for p in with_grad),
-            "full": sum(p.grad.numel() * p.grad.element_size() for p in with_grad)}
+    return {
+        "unsharded": unsharded,
+        "sharded": sum(p.grad.to_local().numel() * p.grad.element_size() for p in with_grad),
+        "full": sum(p.grad.numel() * p.grad.element_size() for p in with_grad),
+    }
 
 
 def main() -> None:
@@ -42,7 +44,7 @@ def main() -> None:
     rank, world = init_distributed()
     cfg = load_config(None, overrides)
     trainer = loop.Trainer(cfg, rank, world)
-    loader = build_loader(cfg.data, trainer.adapter, cfg.train.seed)      # the same packs on every rank
+    loader = build_loader(cfg.data, trainer.adapter, cfg.train.seed)  # the same packs on every rank
     packs = [p for p in loader if not p.empty][:2]
     seen = []
     compute = loop.micro_batch_loss

@@ -16,7 +16,7 @@ from trainer.dist import init_distributed, shutdown, wait_for_rank0
 
 def main() -> None:
     out = Path(sys.argv[1])
-    rank, _ = init_distributed(timeout_s=2)      # shorter than rank 0's work: no collective may wait it out
+    rank, _ = init_distributed(timeout_s=2)  # shorter than rank 0's work: no collective may wait it out
     result = {}
     for timeout in (1, 30):
         start = time.monotonic()

@@ -14,12 +14,31 @@ from tests.support import REPO
 
 
 def dry_run(tiny, shards: Path, *extra: str, ranks: int = 1) -> dict:
-    args = ["-m", "trainer.train", "--dry-run", f"model.path={tiny('llava')}", f"data.shards={shards}",
-            "data.shuffle_buffer=8", "data.packing.buffer=4", "data.packing.max_tokens=2048", *extra]
+    args = [
+        "-m",
+        "trainer.train",
+        "--dry-run",
+        f"model.path={tiny('llava')}",
+        f"data.shards={shards}",
+        "data.shuffle_buffer=8",
+        "data.packing.buffer=4",
+        "data.packing.max_tokens=2048",
+        *extra,
+    ]
     if ranks > 1:
-        args = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", "29519", *args]
+        args = [
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(ranks),
+            "--master-port",
+            "29519",
+            *args,
+        ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -32,7 +51,7 @@ def test_dry_run_counts_on_one_and_two_ranks(tiny, stream_shards: Path) -> None:
     assert one["samples"] == sum(expected.values()) == 58
     assert one["tokens"] <= one["packs"] * 2048
     assert 0 < one["packing_efficiency"] == round(one["tokens"] / (one["packs"] * 2048), 6) <= 1
-    assert one == dry_run(tiny, stream_shards, "data.workers=0")          # the same JSON again
+    assert one == dry_run(tiny, stream_shards, "data.workers=0")  # the same JSON again
     two = dry_run(tiny, stream_shards, "data.workers=2", ranks=2)
     assert two["per_source"] == expected and two["samples"] == 58 and two["ranks"] == 2
     assert len(set(two["steps_per_rank"])) == 1
@@ -43,11 +62,15 @@ def test_dry_run_reports_skips_by_reason(tiny, tmp_path: Path) -> None:
     # tokens each: over 2048 tokens, counted per source; with 2 frames by default both fit.
     from data_tools.shard import main as shard_main
 
-    shard_main([str(REPO / "data_tools" / "demo" / "data.txt"), "--out", str(tmp_path / "s"), "-q", "--workers", "1"])
+    shard_main(
+        [str(REPO / "data_tools" / "demo" / "data.txt"), "--out", str(tmp_path / "s"), "-q", "--workers", "1"]
+    )
     out = dry_run(tiny, tmp_path / "s", "data.workers=0", "data.max_skip_fraction=0.2")
     assert out["skipped"] == {"too_long": 2} and out["skipped_per_source"] == {"video_qa.json": 2}
     assert out["per_source"]["video_qa.json"] == 0 and out["samples"] == 21
-    out = dry_run(tiny, tmp_path / "s", "data.workers=0", "data.packing.max_tokens=4096", "data.video.num_frames=2")
+    out = dry_run(
+        tiny, tmp_path / "s", "data.workers=0", "data.packing.max_tokens=4096", "data.video.num_frames=2"
+    )
     assert out["skipped"] == {} and out["per_source"]["video_qa.json"] == 2 and out["samples"] == 23
 
 
@@ -66,13 +89,20 @@ def test_a_video_broken_after_conversion_is_a_counted_skip_on_two_ranks(tiny, tm
         with tarfile.open(shard) as tar:
             videos = [m for m in tar.getmembers() if m.name.endswith(".mp4")]
         if videos and not damaged:
-            with open(shard, "r+b") as f:                  # same size: the shard still reads as a tar
+            with open(shard, "r+b") as f:  # same size: the shard still reads as a tar
                 f.seek(videos[0].offset_data)
-                f.write(b"\0" * 64)                        # the container header: no decoder opens it
+                f.write(b"\0" * 64)  # the container header: no decoder opens it
             damaged = 1
     assert damaged
-    out = dry_run(tiny, shards, "data.workers=1", "data.packing.max_tokens=4096", "data.video.num_frames=2",
-                  "data.max_skip_fraction=0.2", ranks=2)
+    out = dry_run(
+        tiny,
+        shards,
+        "data.workers=1",
+        "data.packing.max_tokens=4096",
+        "data.video.num_frames=2",
+        "data.max_skip_fraction=0.2",
+        ranks=2,
+    )
     assert out["skipped"] == {"bad_video": 1} and out["per_source"]["video_qa.json"] == 1
     assert out["samples"] == 22 and len(set(out["steps_per_rank"])) == 1
 
@@ -82,8 +112,15 @@ def test_order_out_is_the_training_order_and_carries_the_mix(tiny, mix_shards: P
     in step order, and 1 %-of-epoch windows as close to the target mix as an i.i.d. order."""
     for ranks, workers in ((1, 0), (2, 2)):
         out = tmp_path / f"order-{ranks}.jsonl"
-        summary = dry_run(tiny, mix_shards, f"data.workers={workers}", "train.grad_accum=2",
-                          "--order-out", str(out), ranks=ranks)
+        summary = dry_run(
+            tiny,
+            mix_shards,
+            f"data.workers={workers}",
+            "train.grad_accum=2",
+            "--order-out",
+            str(out),
+            ranks=ranks,
+        )
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert len(rows) == summary["samples"] == 1200
         assert {r["source"] for r in rows} == {"long.jsonl", "mid.jsonl", "short.jsonl"}

@@ -17,9 +17,15 @@ from tests.e2e.test_shard_cli import dump, read_samples, shard
 
 EGO4D = "ego4d/0219ad48-8f54-4f61-b22f-4d1e8173e584.mp4"
 # lmms-finetune's file names -> the real media of tests/media.py they are copies of
-IMAGES = {"bm.jpg": "flower.jpg", "curry.jpg": "PHOTO.JPG", "soccer1.jpg": "progressive.jpg",
-          "soccer2.jpg": "rotated.jpg", "post1.png": "gray.png", "post2.png": "rgba.png",
-          "celeba/000001.jpg": "cmyk.jpg"}
+IMAGES = {
+    "bm.jpg": "flower.jpg",
+    "curry.jpg": "PHOTO.JPG",
+    "soccer1.jpg": "progressive.jpg",
+    "soccer2.jpg": "rotated.jpg",
+    "post1.png": "gray.png",
+    "post2.png": "rgba.png",
+    "celeba/000001.jpg": "cmyk.jpg",
+}
 VIDEOS = {"bm_teaser.mp4": "carphone.mp4", "curry_vs_thunder.mp4": "short.mp4", EGO4D: "vfr.mp4"}
 
 
@@ -30,28 +36,39 @@ def qa(question: str, answer: str) -> list[dict]:
 # The shapes of lmms-finetune's example JSON files, shortened.
 SOURCES = {
     "single_image_has_text_only.json": [
-        {"system_prompt": "Answer the following questions about the image.", "image": "bm.jpg",
-         "conversations": qa("<image>Who are the people in this image?", "A band.")
-         + qa("When will their album be released?", "In April.")},
+        {
+            "system_prompt": "Answer the following questions about the image.",
+            "image": "bm.jpg",
+            "conversations": qa("<image>Who are the people in this image?", "A band.")
+            + qa("When will their album be released?", "In April."),
+        },
         {"image": "curry.jpg", "conversations": qa("<image>Describe this image.", "A basketball player.")},
         {"conversations": qa("What is the capital of France?", "Paris.")},
     ],
     "multi_images.json": [
-        {"system_prompt": "Answer the following questions by considering all images.",
-         "image": ["soccer1.jpg", "soccer2.jpg"],
-         "conversations": qa("<image><image>Which image has more people?", "The second.")},
+        {
+            "system_prompt": "Answer the following questions by considering all images.",
+            "image": ["soccer1.jpg", "soccer2.jpg"],
+            "conversations": qa("<image><image>Which image has more people?", "The second."),
+        },
         {"image": ["post1.png", "post2.png"], "conversations": qa("Write a post.<image><image>", "Milan.")},
     ],
     "video.json": [
-        {"system_prompt": "Answer the following questions about the video.", "video": "bm_teaser.mp4",
-         "image": "bm.jpg", "conversations": qa("<video>What is this video about?", "A teaser.")
-         + qa("<image>What does this image show?", "The band.")},
+        {
+            "system_prompt": "Answer the following questions about the video.",
+            "video": "bm_teaser.mp4",
+            "image": "bm.jpg",
+            "conversations": qa("<video>What is this video about?", "A teaser.")
+            + qa("<image>What does this image show?", "The band."),
+        },
         {"video": "curry_vs_thunder.mp4", "conversations": qa("<video>Describe this video.", "A last shot.")},
     ],
     "celeba_image_train.json": [
-        {"image": "celeba/000001.jpg", "conversations": qa("<image>Describe the person.", "Smiling.")}],
+        {"image": "celeba/000001.jpg", "conversations": qa("<image>Describe the person.", "Smiling.")}
+    ],
     "ego4d_video_train.json": [
-        {"video": EGO4D, "conversations": qa("<video>Please describe the video in detail.", "Office work.")}],
+        {"video": EGO4D, "conversations": qa("<video>Please describe the video in detail.", "Office work.")}
+    ],
 }
 WITH_VIDEO = {("video.json", 0), ("video.json", 1), ("ego4d_video_train.json", 0)}
 
@@ -77,8 +94,9 @@ def media_by_sample(out: Path) -> dict[tuple[str, int], list[tuple[str, str, byt
         for members in read_samples(out, source) if source["shards"] else []:
             sample = json.loads(members["json"])
             parts = [p for turn in sample["turns"] for p in turn["parts"] if p["type"] != "text"]
-            got[source["path"], sample["index"]] = sorted((p["type"], p["origin"], members[p["member"]])
-                                                          for p in parts)
+            got[source["path"], sample["index"]] = sorted(
+                (p["type"], p["origin"], members[p["member"]]) for p in parts
+            )
     return got
 
 
@@ -91,8 +109,9 @@ def expected_media(root: Path, keep: set[tuple[str, int]] | None = None) -> dict
                 images, video = record.get("image", []), record.get("video")
                 items = [("image", "images", p) for p in ([images] if isinstance(images, str) else images)]
                 items += [("video", "videos", video)] if video else []
-                want[name, i] = sorted((kind, path, (root / folder / path).read_bytes())
-                                       for kind, folder, path in items)
+                want[name, i] = sorted(
+                    (kind, path, (root / folder / path).read_bytes()) for kind, folder, path in items
+                )
     return want
 
 
@@ -135,8 +154,13 @@ def test_the_first_root_holding_a_path_wins(tmp_path: Path, media: dict[str, Pat
         root.mkdir()
         shutil.copy(media[both], root / "both.jpg")
     shutil.copy(media["one.png"], second / "only_second.png")
-    dump(tmp_path / "a.json", [{"id": name, "image": name, "conversations": qa("<image>What?", "This.")}
-                               for name in ("both.jpg", "only_second.png", "nowhere.jpg")])
+    dump(
+        tmp_path / "a.json",
+        [
+            {"id": name, "image": name, "conversations": qa("<image>What?", "This.")}
+            for name in ("both.jpg", "only_second.png", "nowhere.jpg")
+        ],
+    )
     (tmp_path / "data.txt").write_text("a.json 0.003\n")
 
     def stored(out: Path) -> dict[str, bytes]:
@@ -144,13 +168,17 @@ def test_the_first_root_holding_a_path_wins(tmp_path: Path, media: dict[str, Pat
 
     out = tmp_path / "shards"
     shard(tmp_path / "data.txt", out, "--media-root", first, "--media-root", second)
-    assert stored(out) == {"both.jpg": media["flower.jpg"].read_bytes(),
-                           "only_second.png": media["one.png"].read_bytes()}
+    assert stored(out) == {
+        "both.jpg": media["flower.jpg"].read_bytes(),
+        "only_second.png": media["one.png"].read_bytes(),
+    }
     [missing] = rejections(out).values()
     assert (missing["id"], missing["index"], missing["code"]) == ("nowhere.jpg", 2, "missing_media")
     searched = f"{first.resolve()}, {second.resolve()}"
-    assert f"image 'nowhere.jpg' not found in any media root (searched in order: {searched});" \
+    assert (
+        f"image 'nowhere.jpg' not found in any media root (searched in order: {searched});"
         in missing["reason"]
+    )
 
     swapped = tmp_path / "swapped"
     shard(tmp_path / "data.txt", swapped, "--media-root", second, "--media-root", first)
@@ -175,8 +203,9 @@ print("1")
 """
 
 
-def test_array_tasks_get_every_root(example_data: Path, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_array_tasks_get_every_root(
+    example_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # What --slurm-tasks passes on to the tasks; the real cluster runs tests/e2e/test_slurm.py.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -17,14 +17,14 @@ import pytest
 from tests.support import REPO
 from trainer.models.registry import code_revision, get_adapter
 
-CONFIGURATION = '''
+CONFIGURATION = """
 from transformers import LlavaConfig
 
 
 class RemoteLlavaConfig(LlavaConfig):
     model_type = "mmloom_remote_llava"
-'''
-MODELING = '''
+"""
+MODELING = """
 from transformers import LlavaForConditionalGeneration
 
 from .configuration_remote import RemoteLlavaConfig
@@ -32,7 +32,7 @@ from .configuration_remote import RemoteLlavaConfig
 
 class RemoteLlavaForCausalLM(LlavaForConditionalGeneration):
     config_class = RemoteLlavaConfig
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +42,14 @@ def remote(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
     (path / "configuration_remote.py").write_text(CONFIGURATION)
     (path / "modeling_remote.py").write_text(MODELING)
     config = json.loads((path / "config.json").read_text())
-    config.update(model_type="mmloom_remote_llava", architectures=["RemoteLlavaForCausalLM"], auto_map={
-        "AutoConfig": "configuration_remote.RemoteLlavaConfig",
-        "AutoModelForCausalLM": "modeling_remote.RemoteLlavaForCausalLM"})
+    config.update(
+        model_type="mmloom_remote_llava",
+        architectures=["RemoteLlavaForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_remote.RemoteLlavaConfig",
+            "AutoModelForCausalLM": "modeling_remote.RemoteLlavaForCausalLM",
+        },
+    )
     (path / "config.json").write_text(json.dumps(config))
     return path
 
@@ -66,12 +71,29 @@ def test_remote_code_runs_only_when_trusted_and_pinned(remote: Path) -> None:
 
 
 def test_a_pinned_remote_model_trains_and_exports(remote: Path, overfit_shards: Path, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "trainer.train", "--config", str(REPO / "configs" / "tiny-llava.yaml"),
-           f"model.path={remote}", f"data.shards={overfit_shards}", f"run.dir={tmp_path / 'run'}",
-           "model.trust_remote_code=true", f"model.code_revision={code_revision(remote)}", "train.steps=3",
-           "checkpoint.every=0", "data.packing.max_tokens=2048"]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.train",
+        "--config",
+        str(REPO / "configs" / "tiny-llava.yaml"),
+        f"model.path={remote}",
+        f"data.shards={overfit_shards}",
+        f"run.dir={tmp_path / 'run'}",
+        "model.trust_remote_code=true",
+        f"model.code_revision={code_revision(remote)}",
+        "train.steps=3",
+        "checkpoint.every=0",
+        "data.packing.max_tokens=2048",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 3
     from transformers import AutoModelForCausalLM

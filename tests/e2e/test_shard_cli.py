@@ -26,8 +26,9 @@ TURNS = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "
 
 
 def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -38,20 +39,35 @@ def shard(data_txt: Path, out: Path, *extra: str, check: bool = True) -> subproc
 
 
 def dump(path: Path, records: list, jsonl: bool = False) -> None:
-    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in records) if jsonl else json.dumps(records, indent=1)
+    text = (
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in records)
+        if jsonl
+        else json.dumps(records, indent=1)
+    )
     path.write_text(text, encoding="utf-8")
 
 
 # id -> expected rejection code, for every sample of the dataset that must be rejected
 EXPECTED_REJECTIONS = {
-    "missing": "missing_media", "empty-file": "empty_media", "text-as-jpg": "not_an_image",
-    "truncated-jpg": "truncated_image", "truncated-png": "truncated_image", "bomb": "image_too_large",
-    "video-as-image": "not_an_image", "too-many-placeholders": "media_count_mismatch",
-    "too-many-images": "media_count_mismatch", "no-answer-turn": "no_assistant_turn",
-    "empty-answer": "empty_answer", "bad-role": "unknown_role", "number-text": "bad_text",
-    "empty-conv": "empty_conversation", "not-a-conversation": "unknown_format",
-    "truncated-video": "undecodable_video", "truncated-faststart": "truncated_video",
-    "audio-only": "no_video_stream", "image-as-video": "not_a_video",
+    "missing": "missing_media",
+    "empty-file": "empty_media",
+    "text-as-jpg": "not_an_image",
+    "truncated-jpg": "truncated_image",
+    "truncated-png": "truncated_image",
+    "bomb": "image_too_large",
+    "video-as-image": "not_an_image",
+    "too-many-placeholders": "media_count_mismatch",
+    "too-many-images": "media_count_mismatch",
+    "no-answer-turn": "no_assistant_turn",
+    "empty-answer": "empty_answer",
+    "bad-role": "unknown_role",
+    "number-text": "bad_text",
+    "empty-conv": "empty_conversation",
+    "not-a-conversation": "unknown_format",
+    "truncated-video": "undecodable_video",
+    "truncated-faststart": "truncated_video",
+    "audio-only": "no_video_stream",
+    "image-as-video": "not_a_video",
 }
 
 
@@ -67,46 +83,125 @@ def build_dataset(root: Path, media: dict[str, Path]) -> Path:
 
     dump(root / "oddities.json", [img(name, name) for name in sorted(ACCEPTED_IMAGES)])
     broken = [
-        img("nope.jpg", "missing"), img("empty.jpg", "empty-file"), img("text.jpg", "text-as-jpg"),
-        img("truncated.jpg", "truncated-jpg"), img("truncated.png", "truncated-png"), img("bomb.png", "bomb"),
+        img("nope.jpg", "missing"),
+        img("empty.jpg", "empty-file"),
+        img("text.jpg", "text-as-jpg"),
+        img("truncated.jpg", "truncated-jpg"),
+        img("truncated.png", "truncated-png"),
+        img("bomb.png", "bomb"),
         img("bikes.mp4", "video-as-image"),
         img("flower.jpg", "too-many-placeholders", [{"from": "human", "value": "<image><image>"}, TURNS[1]]),
         {"id": "too-many-images", "image": ["media/flower.jpg", "media/one.png"], "conversations": TURNS},
         {"id": "no-answer-turn", "conversations": TURNS[:1], "image": "media/flower.jpg"},
-        {"id": "empty-answer", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
-        {"id": "bad-role", "conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]},
-        {"id": "number-text", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": 42}]},
+        {
+            "id": "empty-answer",
+            "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}],
+        },
+        {
+            "id": "bad-role",
+            "conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}],
+        },
+        {
+            "id": "number-text",
+            "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": 42}],
+        },
         {"id": "empty-conv", "conversations": []},
         {"id": "not-a-conversation", "text": "just text"},
-        {"id": "ok-between-bad-ones", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {
+            "id": "ok-between-bad-ones",
+            "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+        },
     ]
     dump(root / "broken.jsonl", broken, jsonl=True)
-    dump(root / "formats.jsonl", [
-        {"id": "llava", "image": ["media/flower.jpg", "media/gray.png"],
-         "conversations": [{"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "No."}]},
-        {"id": "xcomposer", "image": ["media/photo.webp"],
-         "conversations": [{"from": "user", "value": "<ImageHere>Describe."}, {"from": "assistant", "value": "Roof."}]},
-        {"id": "minicpm", "image": {"<image_00>": "media/one.png", "<image_01>": "media/rgba.png"},
-         "conversations": [{"role": "user", "content": "<image_01> vs <image_00>"},
-                           {"role": "assistant", "content": "Différent."}]},
-        {"id": "openai", "messages": [
-            {"role": "system", "content": "Short answers."},
-            {"role": "user", "content": [{"type": "image", "image": "media/anim.gif"}, {"type": "text", "text": "Hi"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}]},
-        {"id": "text-only", "conversations": [{"from": "user", "value": "你好"}, {"from": "assistant", "value": "你好！"}]},
-    ], jsonl=True)
-    videos = [{"id": name, "video": f"media/{name}", "num_frames": 4,
-               "conversations": [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "x"}]}
-              for name in sorted(ACCEPTED_VIDEOS)]
-    for id_, name in [("truncated-video", "truncated.mp4"), ("truncated-faststart", "truncated_faststart.mp4"),
-                      ("audio-only", "audio_only.m4a"), ("image-as-video", "jpeg_named.mp4")]:
+    dump(
+        root / "formats.jsonl",
+        [
+            {
+                "id": "llava",
+                "image": ["media/flower.jpg", "media/gray.png"],
+                "conversations": [
+                    {"from": "human", "value": "<image>\n<image>\nSame?"},
+                    {"from": "gpt", "value": "No."},
+                ],
+            },
+            {
+                "id": "xcomposer",
+                "image": ["media/photo.webp"],
+                "conversations": [
+                    {"from": "user", "value": "<ImageHere>Describe."},
+                    {"from": "assistant", "value": "Roof."},
+                ],
+            },
+            {
+                "id": "minicpm",
+                "image": {"<image_00>": "media/one.png", "<image_01>": "media/rgba.png"},
+                "conversations": [
+                    {"role": "user", "content": "<image_01> vs <image_00>"},
+                    {"role": "assistant", "content": "Différent."},
+                ],
+            },
+            {
+                "id": "openai",
+                "messages": [
+                    {"role": "system", "content": "Short answers."},
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": "media/anim.gif"},
+                            {"type": "text", "text": "Hi"},
+                        ],
+                    },
+                    {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]},
+                ],
+            },
+            {
+                "id": "text-only",
+                "conversations": [
+                    {"from": "user", "value": "你好"},
+                    {"from": "assistant", "value": "你好！"},
+                ],
+            },
+        ],
+        jsonl=True,
+    )
+    videos = [
+        {
+            "id": name,
+            "video": f"media/{name}",
+            "num_frames": 4,
+            "conversations": [
+                {"from": "human", "value": "<video>\nWhat happens?"},
+                {"from": "gpt", "value": "x"},
+            ],
+        }
+        for name in sorted(ACCEPTED_VIDEOS)
+    ]
+    for id_, name in [
+        ("truncated-video", "truncated.mp4"),
+        ("truncated-faststart", "truncated_faststart.mp4"),
+        ("audio-only", "audio_only.m4a"),
+        ("image-as-video", "jpeg_named.mp4"),
+    ]:
         videos.append({"id": id_, "video": f"media/{name}", "conversations": videos[0]["conversations"]})
     dump(root / "videos.json", videos)
-    dump(root / "text.json", [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"{i}+{i}?"},
-                                                              {"from": "gpt", "value": str(2 * i)}]} for i in range(9)])
+    dump(
+        root / "text.json",
+        [
+            {
+                "id": f"t{i}",
+                "conversations": [
+                    {"from": "human", "value": f"{i}+{i}?"},
+                    {"from": "gpt", "value": str(2 * i)},
+                ],
+            }
+            for i in range(9)
+        ],
+    )
     data_txt = root / "data.txt"
-    data_txt.write_text("# every format, oddity and failure\noddities.json 0.03\nbroken.jsonl 0.001\n"
-                        "formats.jsonl 0.005\nvideos.json   0.0025  # rounds half up to 3\ntext.json 0.004\n")
+    data_txt.write_text(
+        "# every format, oddity and failure\noddities.json 0.03\nbroken.jsonl 0.001\n"
+        "formats.jsonl 0.005\nvideos.json   0.0025  # rounds half up to 3\ntext.json 0.004\n"
+    )
     return data_txt
 
 
@@ -130,8 +225,10 @@ def read_samples(out: Path, entry: dict) -> list[dict]:
 def test_manifest_counts_and_sampling(converted: tuple[Path, str]) -> None:
     out, stdout = converted
     manifest = json.loads((out / "manifest.json").read_text())
-    got = {s["path"]: (s["samples"], s["rejected"], s["epoch_samples"], s["images"], s["videos"])
-           for s in manifest["sources"]}
+    got = {
+        s["path"]: (s["samples"], s["rejected"], s["epoch_samples"], s["images"], s["videos"])
+        for s in manifest["sources"]
+    }
     assert got == {
         "oddities.json": (16, 0, 30, 16, 0),
         "broken.jsonl": (1, 15, 1, 0, 0),
@@ -143,7 +240,8 @@ def test_manifest_counts_and_sampling(converted: tuple[Path, str]) -> None:
         assert sum(s["samples"] for s in source["shards"]) == source["samples"]
         assert all(s["samples"] <= 4 for s in source["shards"])
         assert [s["path"] for s in source["shards"]] == [
-            f"{source['name']}/{source['name']}-{i:06d}.tar" for i in range(len(source["shards"]))]
+            f"{source['name']}/{source['name']}-{i:06d}.tar" for i in range(len(source["shards"]))
+        ]
         for s in source["shards"]:
             assert hashlib.sha256((out / s["path"]).read_bytes()).hexdigest() == s["sha256"]
     assert manifest["sources"][1]["rejected_by_reason"]["media_count_mismatch"] == 2
@@ -163,18 +261,25 @@ def test_every_rejection_has_its_reason(converted: tuple[Path, str]) -> None:
     assert by_id["truncated-video"]["index"] == 5 and by_id["truncated-video"]["source"] == "videos.json"
 
 
-def test_accepted_oddities_keep_their_bytes_and_geometry(converted: tuple[Path, str], media: dict[str, Path]) -> None:
+def test_accepted_oddities_keep_their_bytes_and_geometry(
+    converted: tuple[Path, str], media: dict[str, Path]
+) -> None:
     out, _ = converted
     manifest = json.loads((out / "manifest.json").read_text())
     samples = read_samples(out, manifest["sources"][0])
     ids = [json.loads(s["json"])["id"] for s in samples]
-    assert sorted(ids) == sorted(ACCEPTED_IMAGES) and ids != sorted(ACCEPTED_IMAGES)   # shuffled: see below
+    assert sorted(ids) == sorted(ACCEPTED_IMAGES) and ids != sorted(ACCEPTED_IMAGES)  # shuffled: see below
     for s in samples:
         meta = json.loads(s["json"])
         part = meta["turns"][0]["parts"][0]
         width, height, fmt, ext = ACCEPTED_IMAGES[meta["id"]]
-        assert (part["width"], part["height"], part["format"], part["member"]) == (width, height, fmt, f"img0.{ext}")
-        assert s[f"img0.{ext}"] == media[meta["id"]].read_bytes()      # original bytes, untouched
+        assert (part["width"], part["height"], part["format"], part["member"]) == (
+            width,
+            height,
+            fmt,
+            f"img0.{ext}",
+        )
+        assert s[f"img0.{ext}"] == media[meta["id"]].read_bytes()  # original bytes, untouched
         assert meta["source"] == "oddities" and meta["key"] == s["__key__"]
         assert part["origin"] == f"media/{meta['id']}"
 
@@ -186,22 +291,38 @@ def test_videos_record_frames_and_num_frames(converted: tuple[Path, str], media:
         meta = json.loads(s["json"])
         part = meta["turns"][0]["parts"][0]
         w, h, frames, fps, duration = ACCEPTED_VIDEOS[meta["id"]]
-        assert (part["type"], part["width"], part["height"], part["frames"], part["fps"], part["duration"],
-                part["num_frames"]) == ("video", w, h, frames, fps, duration, 4)
+        assert (
+            part["type"],
+            part["width"],
+            part["height"],
+            part["frames"],
+            part["fps"],
+            part["duration"],
+            part["num_frames"],
+        ) == ("video", w, h, frames, fps, duration, 4)
         assert s["vid0.mp4"] == media[meta["id"]].read_bytes()
 
 
 def test_formats_become_canonical_samples(converted: tuple[Path, str]) -> None:
     out, _ = converted
     manifest = json.loads((out / "manifest.json").read_text())
-    samples = {json.loads(s["json"])["id"]: (json.loads(s["json"]), s) for s in read_samples(out, manifest["sources"][2])}
+    samples = {
+        json.loads(s["json"])["id"]: (json.loads(s["json"]), s)
+        for s in read_samples(out, manifest["sources"][2])
+    }
 
     def shape(meta: dict) -> list:
-        return [(t["role"], [p["text"] if p["type"] == "text" else p["member"] for p in t["parts"]]) for t in meta["turns"]]
+        return [
+            (t["role"], [p["text"] if p["type"] == "text" else p["member"] for p in t["parts"]])
+            for t in meta["turns"]
+        ]
 
     assert shape(samples["llava"][0]) == [("user", ["img0.jpg", "img1.png", "Same?"]), ("assistant", ["No."])]
     assert shape(samples["xcomposer"][0]) == [("user", ["img0.webp", "Describe."]), ("assistant", ["Roof."])]
-    assert shape(samples["minicpm"][0]) == [("user", ["img0.png", " vs ", "img1.png"]), ("assistant", ["Différent."])]
+    assert shape(samples["minicpm"][0]) == [
+        ("user", ["img0.png", " vs ", "img1.png"]),
+        ("assistant", ["Différent."]),
+    ]
     assert samples["minicpm"][0]["turns"][0]["parts"][0]["origin"] == "media/rgba.png"
     assert shape(samples["openai"][0]) == [("user", ["img0.gif", "Hi"]), ("assistant", ["Hello"])]
     assert samples["openai"][0]["system"] == "Short answers."
@@ -221,17 +342,22 @@ def test_tar_members_are_safe_and_contiguous(converted: tuple[Path, str]) -> Non
         # all members of a key are contiguous, and the json comes first
         runs = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
         assert len(runs) == len(set(runs)), tar_path
-        assert all(members[i].name.endswith(".json") for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k)
+        assert all(
+            members[i].name.endswith(".json") for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k
+        )
 
 
-def test_output_is_byte_identical_for_1_and_2_workers(converted: tuple[Path, str], dataset: Path,
-                                                      tmp_path: Path) -> None:
+def test_output_is_byte_identical_for_1_and_2_workers(
+    converted: tuple[Path, str], dataset: Path, tmp_path: Path
+) -> None:
     out2, _ = converted
     out1 = tmp_path / "one"
     shard(dataset, out1, "--workers", "1", "--shard-samples", "4")
 
     def tree(root: Path) -> dict[str, bytes]:
-        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        return {
+            p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+        }
 
     t1, t2 = tree(out1), tree(out2)
     assert sorted(t1) == sorted(t2)
@@ -253,8 +379,13 @@ def test_samples_are_written_in_a_seeded_shuffle_of_the_input(tmp_path: Path) ->
     # A JSON array (BOM, records over many lines) and a JSONL file (blank lines), both with
     # non-ASCII text; every 7th record is rejected (empty answer).
     def record(i: int) -> dict:
-        return {"id": f"r{i}", "conversations": [{"from": "human", "value": f"问题 {i} 😀"},
-                                                 {"from": "gpt", "value": "" if i % 7 == 3 else f"答 {i}"}]}
+        return {
+            "id": f"r{i}",
+            "conversations": [
+                {"from": "human", "value": f"问题 {i} 😀"},
+                {"from": "gpt", "value": "" if i % 7 == 3 else f"答 {i}"},
+            ],
+        }
 
     n = 60
     text = json.dumps([record(i) for i in range(n)], indent=2, ensure_ascii=False)
@@ -269,28 +400,28 @@ def test_samples_are_written_in_a_seeded_shuffle_of_the_input(tmp_path: Path) ->
 
     valid = [i for i in range(n) if i % 7 != 3]
     for source, keys in runs["one"].items():
-        assert sorted(keys) == valid and keys != valid, source                  # every valid record, shuffled
-        assert keys == [k for k in record_order(0, source, n) if k in valid]    # by (seed, name) alone
+        assert sorted(keys) == valid and keys != valid, source  # every valid record, shuffled
+        assert keys == [k for k in record_order(0, source, n) if k in valid]  # by (seed, name) alone
         assert runs["seed"][source] != keys and sorted(runs["seed"][source]) == valid
-    assert runs["one"]["sorted"] != runs["one"]["sorted_too"]                  # each source its own order
+    assert runs["one"]["sorted"] != runs["one"]["sorted_too"]  # each source its own order
     assert runs["one"] == runs["two"]
-    for tar_path in sorted((tmp_path / "one").glob("*/*.tar")):                 # whatever --workers is
+    for tar_path in sorted((tmp_path / "one").glob("*/*.tar")):  # whatever --workers is
         twin = tmp_path / "two" / tar_path.relative_to(tmp_path / "one")
         assert tar_path.read_bytes() == twin.read_bytes()
     for raw in wds.WebDataset(sorted(map(str, (tmp_path / "one").glob("*/*.tar"))), shardshuffle=False):
-        sample = json.loads(raw["json"])                                        # the record read at its span
+        sample = json.loads(raw["json"])  # the record read at its span
         assert sample["id"] == f"r{sample['index']}" and raw["__key__"] == f"{sample['index']:09d}"
         assert sample["turns"][0]["parts"][0]["text"] == f"问题 {sample['index']} 😀"
 
     # Rejections name their record's input index and line, listed in input order.
     listed = (tmp_path / "one" / "rejected.jsonl").read_text()
-    assert (tmp_path / "seed" / "rejected.jsonl").read_text() == listed              # whatever the seed
+    assert (tmp_path / "seed" / "rejected.jsonl").read_text() == listed  # whatever the seed
     rejected = [json.loads(line) for line in listed.splitlines()]
     starts = [i + 1 for i, line in enumerate(text.splitlines()) if line == "  {"]
     bad = [i for i in range(n) if i % 7 == 3]
-    assert [(r["source"], r["index"], r["id"], r["line"], r["code"]) for r in rejected] == \
-        [("sorted.json", i, f"r{i}", starts[i], "empty_answer") for i in bad] + \
-        [("sorted_too.jsonl", i, f"r{i}", i + 2 + i // 5, "empty_answer") for i in bad]   # + blank lines
+    assert [(r["source"], r["index"], r["id"], r["line"], r["code"]) for r in rejected] == [
+        ("sorted.json", i, f"r{i}", starts[i], "empty_answer") for i in bad
+    ] + [("sorted_too.jsonl", i, f"r{i}", i + 2 + i // 5, "empty_answer") for i in bad]  # + blank lines
 
 
 def test_rerun_reuses_unchanged_sources_and_redoes_changed_ones(dataset: Path, tmp_path: Path) -> None:
@@ -312,8 +443,11 @@ def test_rerun_reuses_unchanged_sources_and_redoes_changed_ones(dataset: Path, t
     write_video(work / "media" / "short.mp4", frames=5)
     text = json.loads((work / "text.json").read_text())
     (work / "text.json").write_text(json.dumps(text[:5]))
-    data_txt.write_text(data_txt.read_text().replace("oddities.json 0.03", "oddities.json 0.06")
-                        .replace("broken.jsonl 0.001\n", ""))
+    data_txt.write_text(
+        data_txt.read_text()
+        .replace("oddities.json 0.03", "oddities.json 0.06")
+        .replace("broken.jsonl 0.001\n", "")
+    )
     third = shard(data_txt, out, "--workers", "1")
     reused = {line.split()[0] for line in third.stdout.splitlines() if "(reused)" in line}
     assert reused == {"oddities", "formats"}
@@ -321,7 +455,9 @@ def test_rerun_reuses_unchanged_sources_and_redoes_changed_ones(dataset: Path, t
     assert [s["name"] for s in manifest["sources"]] == ["oddities", "formats", "videos", "text"]
     assert manifest["sources"][0]["epoch_samples"] == 60 and manifest["sources"][3]["samples"] == 5
     assert not (out / "broken").exists()
-    assert {json.loads(r)["source"] for r in (out / "rejected.jsonl").read_text().splitlines()} == {"videos.json"}
+    assert {json.loads(r)["source"] for r in (out / "rejected.jsonl").read_text().splitlines()} == {
+        "videos.json"
+    }
     assert not list(out.glob("*.partial"))
     assert run("data_tools/inspect.py", out, "--verify").returncode == 0
 
@@ -378,29 +514,56 @@ def test_media_root_and_inspect(tmp_path: Path, media: dict[str, Path]) -> None:
 
 def test_shard_py_runs_from_any_directory(tmp_path: Path) -> None:
     # Invoked by path from elsewhere, with no install: the script finds its package itself.
-    (tmp_path / "a.json").write_text(json.dumps([{"conversations": TURNS[1:] * 0 + [
-        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]))
+    (tmp_path / "a.json").write_text(
+        json.dumps(
+            [
+                {
+                    "conversations": TURNS[1:] * 0
+                    + [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+                }
+            ]
+        )
+    )
     (tmp_path / "data.txt").write_text("a.json 1\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, str(REPO / "data_tools" / "shard.py"), "data.txt", "--out", "s", "-q"],
-                          cwd=tmp_path, capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "data_tools" / "shard.py"), "data.txt", "--out", "s", "-q"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["sources"][0]["samples"] == 1
 
 
 def peak_rss_of_shard(data_txt: Path, out: Path) -> int:
     """Peak RSS (bytes) of a converter process, measured from a fresh parent."""
-    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    probe = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
     cmd = [sys.executable, "data_tools/shard.py", str(data_txt), "--out", str(out), "-q", "--workers", "1"]
-    proc = subprocess.run([sys.executable, "-c", probe, *cmd], cwd=REPO, capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, *cmd], cwd=REPO, capture_output=True, text=True, check=True
+    )
     return int(proc.stdout.split()[-1]) * 1024
 
 
 @pytest.mark.slow
 def test_memory_does_not_grow_with_the_dataset(tmp_path: Path) -> None:
-    line = json.dumps({"id": "x", "conversations": [{"from": "human", "value": "What is the capital of France?"},
-                                                    {"from": "gpt", "value": "Paris."}]}) + "\n"
+    line = (
+        json.dumps(
+            {
+                "id": "x",
+                "conversations": [
+                    {"from": "human", "value": "What is the capital of France?"},
+                    {"from": "gpt", "value": "Paris."},
+                ],
+            }
+        )
+        + "\n"
+    )
     rss = {}
     for n in (5_000, 80_000):
         src = tmp_path / f"text{n}.jsonl"
@@ -413,8 +576,9 @@ def test_memory_does_not_grow_with_the_dataset(tmp_path: Path) -> None:
 
 
 def test_never_deletes_what_it_did_not_write(tmp_path: Path) -> None:
-    (tmp_path / "a.json").write_text(json.dumps([{"conversations": [
-        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]))
+    (tmp_path / "a.json").write_text(
+        json.dumps([{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
+    )
     (tmp_path / "data.txt").write_text("a.json 1\n")
     keep = tmp_path / "shards" / "a" / "precious.txt"
     keep.parent.mkdir(parents=True)
@@ -429,8 +593,12 @@ def test_bundled_demo_data_converts(tmp_path: Path) -> None:
     shard(REPO / "data_tools" / "demo" / "data.txt", tmp_path / "shards", "--workers", "2")
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert {s["name"]: (s["samples"], s["rejected"], s["videos"]) for s in manifest["sources"]} == {
-        "llava_images": (6, 1, 0), "minicpm_chat": (3, 0, 0), "openai_messages": (3, 0, 0),
-        "video_qa": (2, 0, 2), "text_only": (4, 0, 0)}
+        "llava_images": (6, 1, 0),
+        "minicpm_chat": (3, 0, 0),
+        "openai_messages": (3, 0, 0),
+        "video_qa": (2, 0, 2),
+        "text_only": (4, 0, 0),
+    }
     [line] = (tmp_path / "shards" / "rejected.jsonl").read_text().splitlines()
     assert json.loads(line)["id"] == "missing-1"
 
@@ -441,7 +609,7 @@ def test_a_media_file_swapped_with_its_old_mtime_is_noticed(tmp_path: Path, medi
     (tmp_path / "data.txt").write_text("a.json 1\n")
     shard(tmp_path / "data.txt", tmp_path / "out")
     before = (tmp_path / "a.jpg").stat()
-    shutil.copy(media["PHOTO.JPG"], tmp_path / "b.jpg")          # same size? no matter: same mtime
+    shutil.copy(media["PHOTO.JPG"], tmp_path / "b.jpg")  # same size? no matter: same mtime
     os.replace(tmp_path / "b.jpg", tmp_path / "a.jpg")
     os.utime(tmp_path / "a.jpg", ns=(before.st_atime_ns, before.st_mtime_ns))
     again = shard(tmp_path / "data.txt", tmp_path / "out")
@@ -449,7 +617,10 @@ def test_a_media_file_swapped_with_its_old_mtime_is_noticed(tmp_path: Path, medi
 
 
 def test_an_unreadable_manifest_does_not_block_a_rerun(tmp_path: Path) -> None:
-    dump(tmp_path / "a.json", [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}])
+    dump(
+        tmp_path / "a.json",
+        [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}],
+    )
     (tmp_path / "data.txt").write_text("a.json 1\n")
     out = tmp_path / "out"
     shard(tmp_path / "data.txt", out)

@@ -25,21 +25,50 @@ STATE = Path("/tmp/mmloom-slurm-tests")
 def slurm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     if shutil.which("slurmctld") is None and os.geteuid() != 0:
         pytest.skip("needs slurm-wlm and munge, or root to install them")
-    env = {**os.environ, "MMLOOM_SLURM_DIR": str(STATE), "MMLOOM_SLURMCTLD_PORT": "6917",
-           "MMLOOM_SLURMD_PORT1": "6918", "MMLOOM_SLURMD_PORT2": "6919"}
-    proc = subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "start", "--clean"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "MMLOOM_SLURM_DIR": str(STATE),
+        "MMLOOM_SLURMCTLD_PORT": "6917",
+        "MMLOOM_SLURMD_PORT1": "6918",
+        "MMLOOM_SLURMD_PORT2": "6919",
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "slurm" / "local_cluster.sh"), "start", "--clean"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    yield {**env, "SLURM_CONF": str(STATE / "slurm.conf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    yield {
+        **env,
+        "SLURM_CONF": str(STATE / "slurm.conf"),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "stop"], env=env, timeout=60)
 
 
 def sbatch(env: dict, cwd: Path, tiny, shards: Path, run_dir: Path, *extra: str, wait: bool = True) -> str:
-    cmd = ["sbatch", "--parsable", "--nodes", "2", *(["--wait"] if wait else []),
-           str(REPO / "slurm" / "train.sbatch"), str(REPO / "configs" / "tiny-llava.yaml"),
-           f"model.path={tiny('llava')}", f"data.shards={shards}", f"run.dir={run_dir}", "data.workers=0",
-           "train.steps=8", "checkpoint.every=2", "checkpoint.keep=4", *extra]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--nodes",
+        "2",
+        *(["--wait"] if wait else []),
+        str(REPO / "slurm" / "train.sbatch"),
+        str(REPO / "configs" / "tiny-llava.yaml"),
+        f"model.path={tiny('llava')}",
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        "data.workers=0",
+        "train.steps=8",
+        "checkpoint.every=2",
+        "checkpoint.keep=4",
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr + log(cwd)[-4000:]
     return proc.stdout.strip().split(";")[0]
@@ -78,7 +107,9 @@ def test_two_node_job_trains_and_exports(slurm, tiny, stream_shards: Path, tmp_p
     assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
 
 
-def test_preemption_drill_resumes_to_the_same_weights(slurm, tiny, stream_shards: Path, tmp_path: Path) -> None:
+def test_preemption_drill_resumes_to_the_same_weights(
+    slurm, tiny, stream_shards: Path, tmp_path: Path
+) -> None:
     straight, drill = tmp_path / "straight", tmp_path / "drill"
     straight.mkdir()
     drill.mkdir()
@@ -98,16 +129,37 @@ def test_preemption_drill_resumes_to_the_same_weights(slurm, tiny, stream_shards
 
 
 def test_launch_py_submits_with_submitit_and_waits(slurm, tiny, stream_shards: Path, tmp_path: Path) -> None:
-    args = [sys.executable, str(REPO / "launch.py"), "--config", str(REPO / "configs" / "tiny-llava.yaml"),
-            f"model.path={tiny('llava')}", f"data.shards={stream_shards}", f"run.dir={tmp_path / 'run'}",
-            "data.workers=0", "train.steps=4", "checkpoint.every=0"]
-    dry = subprocess.run([*args[:2], "--nodes", "2", "--dry-run", *args[2:]], env=slurm, capture_output=True,
-                         text=True, timeout=120)
+    args = [
+        sys.executable,
+        str(REPO / "launch.py"),
+        "--config",
+        str(REPO / "configs" / "tiny-llava.yaml"),
+        f"model.path={tiny('llava')}",
+        f"data.shards={stream_shards}",
+        f"run.dir={tmp_path / 'run'}",
+        "data.workers=0",
+        "train.steps=4",
+        "checkpoint.every=0",
+    ]
+    dry = subprocess.run(
+        [*args[:2], "--nodes", "2", "--dry-run", *args[2:]],
+        env=slurm,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dry.returncode == 0 and "'nodes': 2" in dry.stdout and "torch.distributed.run" in dry.stdout
-    bad = subprocess.run([*args, "train.grad_accum=0"], env=slurm, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [*args, "train.grad_accum=0"], env=slurm, capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and "train.grad_accum must be >= 1" in bad.stderr
-    proc = subprocess.run([*args[:2], "--nodes", "2", "--wait", "--time", "20", *args[2:]], env=slurm,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [*args[:2], "--nodes", "2", "--wait", "--time", "20", *args[2:]],
+        env=slurm,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job = proc.stdout.split()[0]
     assert f"job {job} completed" in proc.stdout
@@ -118,11 +170,27 @@ def test_launch_py_submits_with_submitit_and_waits(slurm, tiny, stream_shards: P
 
 def test_launch_py_local_runs_torchrun_here(tiny, stream_shards: Path, tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "--local", "--nproc-per-node", "2",
-                           "--config", str(REPO / "configs" / "tiny-llava.yaml"), f"model.path={tiny('llava')}",
-                           f"data.shards={stream_shards}", f"run.dir={tmp_path / 'run'}", "data.workers=0",
-                           "train.steps=2", "checkpoint.every=0"], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch.py"),
+            "--local",
+            "--nproc-per-node",
+            "2",
+            "--config",
+            str(REPO / "configs" / "tiny-llava.yaml"),
+            f"model.path={tiny('llava')}",
+            f"data.shards={stream_shards}",
+            f"run.dir={tmp_path / 'run'}",
+            "data.workers=0",
+            "train.steps=2",
+            "checkpoint.every=0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"steps": 2' in proc.stdout and (tmp_path / "run" / "hf" / "model.safetensors").is_file()
 
@@ -137,7 +205,11 @@ def rank_process(rank: int) -> int | None:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"trainer.train" in cmdline and f"RANK={rank}".encode() in environ and b"torch.distributed.run" not in cmdline:
+        if (
+            b"trainer.train" in cmdline
+            and f"RANK={rank}".encode() in environ
+            and b"torch.distributed.run" not in cmdline
+        ):
             return int(proc.name)
     return None
 
@@ -167,16 +239,39 @@ def test_sharding_as_array_tasks_is_byte_identical(slurm, media, tmp_path: Path)
     single, spread = tmp_path / "single", tmp_path / "spread"
     script = str(REPO / "data_tools" / "shard.py")
     common = ["--workers", "1", "--shard-samples", "4", "-q"]
-    subprocess.run([sys.executable, script, str(data_txt), "--out", str(single), *common], env=slurm, check=True,
-                   capture_output=True, timeout=600)
-    proc = subprocess.run([sys.executable, script, str(data_txt), "--out", str(spread), *common,
-                           "--slurm-tasks", "3", "--wait"], env=slurm, capture_output=True, text=True, timeout=900)
+    subprocess.run(
+        [sys.executable, script, str(data_txt), "--out", str(single), *common],
+        env=slurm,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            script,
+            str(data_txt),
+            "--out",
+            str(spread),
+            *common,
+            "--slurm-tasks",
+            "3",
+            "--wait",
+        ],
+        env=slurm,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "(3 tasks)" in proc.stdout
 
     def tree(root: Path) -> dict[str, bytes]:
-        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-                if p.is_file() and p.name != ".shard.lock"}
+        return {
+            p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".shard.lock"
+        }
 
     a, b = tree(single), tree(spread)
     assert sorted(a) == sorted(b) and len([k for k in a if k.endswith(".tar")]) == 12
@@ -186,10 +281,28 @@ def test_sharding_as_array_tasks_is_byte_identical(slurm, media, tmp_path: Path)
 
 def test_launch_py_preemption_requeues_and_resumes(slurm, tiny, stream_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "--nodes", "2", "--time", "30",
-                           "--config", str(REPO / "configs" / "tiny-llava.yaml"), f"model.path={tiny('llava')}",
-                           f"data.shards={stream_shards}", f"run.dir={run}", "data.workers=0", "train.steps=8",
-                           "checkpoint.every=2"], env=slurm, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch.py"),
+            "--nodes",
+            "2",
+            "--time",
+            "30",
+            "--config",
+            str(REPO / "configs" / "tiny-llava.yaml"),
+            f"model.path={tiny('llava')}",
+            f"data.shards={stream_shards}",
+            f"run.dir={run}",
+            "data.workers=0",
+            "train.steps=8",
+            "checkpoint.every=2",
+        ],
+        env=slurm,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.split()[-1]
     deadline = time.time() + 300
@@ -197,5 +310,7 @@ def test_launch_py_preemption_requeues_and_resumes(slurm, tiny, stream_shards: P
         time.sleep(0.2)
     preempt_and_wait(slurm, job)
     logs = "".join(p.read_text() for p in (run / "submitit").glob("*_log.*"))
-    assert "preemption signal received" in logs and "resumed from" in logs and '"steps": 8' in logs, logs[-3000:]
+    assert "preemption signal received" in logs and "resumed from" in logs and '"steps": 8' in logs, logs[
+        -3000:
+    ]
     assert (run / "hf" / "model.safetensors").is_file()

@@ -7,8 +7,10 @@ from __future__ import annotations
 class VicunaTurns:
     """The rendering facts of vicuna_v1 turns (FamilyOracles' FULL_RENDER and the rest)."""
 
-    FULL_RENDER = ("You are terse. USER: <image>\nWhat is this? ASSISTANT: An astronaut.</s>"
-                   "USER: <image>\nAnd this? ASSISTANT: A palace.</s>")
+    FULL_RENDER = (
+        "You are terse. USER: <image>\nWhat is this? ASSISTANT: An astronaut.</s>"
+        "USER: <image>\nAnd this? ASSISTANT: A palace.</s>"
+    )
     GENERATION_PROMPT = "ASSISTANT:"
     ASSISTANT_TEXT = " An astronaut.</s> A palace.</s>"
     TEXT_ONLY_RENDER = "USER: Hi ASSISTANT: Hello.</s>USER: a b ASSISTANT:"
@@ -17,11 +19,13 @@ class VicunaTurns:
 PINPOINTS = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
 
 
-def anyres_grid(height: int, width: int, pinpoints: list[tuple[int, int]], tile: int,
-                per_tile: int) -> tuple[int, int]:
+def anyres_grid(
+    height: int, width: int, pinpoints: list[tuple[int, int]], tile: int, per_tile: int
+) -> tuple[int, int]:
     """Feature rows and columns of an image's tiles, as the original LLaVA-NeXT code picks them: the
     pinpoint that keeps the most pixels (then wastes the least), `per_tile` x `per_tile` features per
     `tile`-px tile, rows (or columns) of pure padding removed."""
+
     def score(pin: tuple[int, int]) -> tuple[int, int]:
         scale = min(pin[0] / height, pin[1] / width)
         kept = min(int(height * scale) * int(width * scale), height * width)
@@ -50,4 +54,3 @@ def check_anyres_views(out) -> None:
     assert anyres_tokens(512, 512) == 576 + 48 * 49 and anyres_tokens(427, 640) == 576 + 32 * 49
     assert out["pixel_values"].shape == (2, 5, 3, 336, 336)
     assert out["image_sizes"].tolist() == [[512, 512], [427, 640]]
-

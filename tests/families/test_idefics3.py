@@ -1,4 +1,5 @@
-"""HuggingFaceM4/Idefics3-8B-Llama3: "User:/Assistant:" turns, 364-px tiles of 169 tokens plus a global image."""
+"""HuggingFaceM4/Idefics3-8B-Llama3: "User:/Assistant:" turns, 364-px tiles of 169 tokens plus a
+global image."""
 
 from __future__ import annotations
 
@@ -21,18 +22,30 @@ def tiles(height: int, width: int) -> tuple[int, int]:
 
 class TestIdefics3(FamilyOracles):
     FAMILY = "idefics3"
-    SPECIAL_TOKENS = ["<|begin_of_text|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
-                      "<global-img>", "<row_1_col_1>", "<row_4_col_3>", "<row_6_col_6>"]
+    SPECIAL_TOKENS = [
+        "<|begin_of_text|>",
+        "<end_of_utterance>",
+        "<image>",
+        "<fake_token_around_image>",
+        "<global-img>",
+        "<row_1_col_1>",
+        "<row_4_col_3>",
+        "<row_6_col_6>",
+    ]
     TOKENIZER_ROLES = ("<|begin_of_text|>", "<end_of_utterance>", "<|reserved_special_token_0|>", True)
-    FULL_RENDER = ("<|begin_of_text|>System: You are terse.<end_of_utterance>\n"
-                   "User: What is this?<image><end_of_utterance>\n"
-                   "Assistant: An astronaut.<end_of_utterance>\n"
-                   "User:<image>And this?<end_of_utterance>\n"
-                   "Assistant: A palace.<end_of_utterance>\n")
+    FULL_RENDER = (
+        "<|begin_of_text|>System: You are terse.<end_of_utterance>\n"
+        "User: What is this?<image><end_of_utterance>\n"
+        "Assistant: An astronaut.<end_of_utterance>\n"
+        "User:<image>And this?<end_of_utterance>\n"
+        "Assistant: A palace.<end_of_utterance>\n"
+    )
     GENERATION_PROMPT = "Assistant:"
     ASSISTANT_TEXT = " An astronaut.<end_of_utterance> A palace.<end_of_utterance>"
-    TEXT_ONLY_RENDER = ("<|begin_of_text|>User: Hi<end_of_utterance>\nAssistant: Hello.<end_of_utterance>\n"
-                        "User: ab<end_of_utterance>\nAssistant:")
+    TEXT_ONLY_RENDER = (
+        "<|begin_of_text|>User: Hi<end_of_utterance>\nAssistant: Hello.<end_of_utterance>\n"
+        "User: ab<end_of_utterance>\nAssistant:"
+    )
     MAX_TOKENS = 8192
 
     def expected_image_tokens(self, image) -> int:

@@ -12,8 +12,9 @@ def tile_grid(height: int, width: int) -> tuple[int, int]:
     """(columns, rows) InternVL's dynamic_preprocess picks (min_dynamic_patch 1, max_dynamic_patch 12): the
     grid whose aspect ratio is closest to the image's; on a tie the larger grid, while the image covers
     more than half of its area."""
-    grids = sorted({(i, j) for i in range(1, 13) for j in range(1, 13) if i * j <= 12},
-                   key=lambda g: g[0] * g[1])
+    grids = sorted(
+        {(i, j) for i in range(1, 13) for j in range(1, 13) if i * j <= 12}, key=lambda g: g[0] * g[1]
+    )
     best, best_diff = (1, 1), float("inf")
     for cols, rows in grids:
         diff = abs(width / height - cols / rows)
@@ -31,19 +32,35 @@ def tiles(height: int, width: int) -> int:
 
 class TestInternVL(FamilyOracles):
     FAMILY = "internvl"
-    SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<img>", "</img>", "<IMG_CONTEXT>",
-                      "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+    SPECIAL_TOKENS = [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<img>",
+        "</img>",
+        "<IMG_CONTEXT>",
+        "<quad>",
+        "</quad>",
+        "<ref>",
+        "</ref>",
+        "<box>",
+        "</box>",
+    ]
     TOKENIZER_ROLES = (None, "<|im_end|>", "<|endoftext|>", False)
-    FULL_RENDER = ("<|im_start|>system\nYou are terse.<|im_end|>\n"
-                   "<|im_start|>user\nWhat is this?<IMG_CONTEXT>\n<|im_end|>\n"
-                   "<|im_start|>assistant\nAn astronaut.<|im_end|>\n"
-                   "<|im_start|>user\n<IMG_CONTEXT>\nAnd this?<|im_end|>\n"
-                   "<|im_start|>assistant\nA palace.<|im_end|>\n")
+    FULL_RENDER = (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\nWhat is this?<IMG_CONTEXT>\n<|im_end|>\n"
+        "<|im_start|>assistant\nAn astronaut.<|im_end|>\n"
+        "<|im_start|>user\n<IMG_CONTEXT>\nAnd this?<|im_end|>\n"
+        "<|im_start|>assistant\nA palace.<|im_end|>\n"
+    )
     GENERATION_PROMPT = "<|im_start|>assistant\n"
     ASSISTANT_TEXT = "An astronaut.<|im_end|>A palace.<|im_end|>"
     # Unlike Qwen2-VL, no default system prompt.
-    TEXT_ONLY_RENDER = ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
-                        "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n")
+    TEXT_ONLY_RENDER = (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+        "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n"
+    )
 
     def expected_image_tokens(self, image) -> int:
         # 448 / 14 = 32 patches a side, pixel-shuffled by downsample_ratio 0.5 to 16 x 16 = 256 per tile.
@@ -69,7 +86,7 @@ class TestInternVL(FamilyOracles):
         ids, tok = out["input_ids"][0], processor.tokenizer
         starts = (ids == tok.convert_tokens_to_ids("<img>")).nonzero().flatten()
         ends = (ids == tok.convert_tokens_to_ids("</img>")).nonzero().flatten()
-        assert (ends - starts - 1).tolist() == [256, 7 * 256]   # one unbroken <IMG_CONTEXT> run per image
+        assert (ends - starts - 1).tolist() == [256, 7 * 256]  # one unbroken <IMG_CONTEXT> run per image
 
     def test_tall_and_small_images(self, path) -> None:
         # A tall strip is cut into a column of tiles; a small square stays one tile with no thumbnail.

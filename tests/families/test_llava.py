@@ -25,6 +25,10 @@ class TestLlava(VicunaTurns, FamilyOracles):
         from transformers import AutoProcessor
 
         proc = AutoProcessor.from_pretrained(path)
-        two_images = [{"role": "user", "content": [{"type": "text", "text": "Compare."}, {"type": "image"},
-                                                   {"type": "image"}]}]
+        two_images = [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Compare."}, {"type": "image"}, {"type": "image"}],
+            }
+        ]
         assert proc.apply_chat_template(two_images) == "USER: <image>\n<image>\nCompare. "

@@ -11,9 +11,11 @@ class TestLlavaNext(FamilyOracles):
     SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<image>", "<pad>"]
     TOKENIZER_ROLES = ("<s>", "</s>", "<pad>", True)
     # Mistral instruct: the answer follows " [/INST]" directly; no generation prompt of its own.
-    FULL_RENDER = ("<<SYS>>\nYou are terse.\n<</SYS>>\n\n"
-                   "[INST] <image>\nWhat is this? [/INST] An astronaut.</s>"
-                   "[INST] <image>\nAnd this? [/INST] A palace.</s>")
+    FULL_RENDER = (
+        "<<SYS>>\nYou are terse.\n<</SYS>>\n\n"
+        "[INST] <image>\nWhat is this? [/INST] An astronaut.</s>"
+        "[INST] <image>\nAnd this? [/INST] A palace.</s>"
+    )
     GENERATION_PROMPT = ""
     ASSISTANT_TEXT = " An astronaut.</s> A palace.</s>"
     TEXT_ONLY_RENDER = "[INST] Hi [/INST] Hello.</s>[INST] a b [/INST]"

@@ -39,7 +39,7 @@ class TestLlavaNextVideo(VicunaTurns, VideoOracles, FamilyOracles):
         assert processor.video_processor.num_frames == 32
 
     def check_real_images(self, out, processor) -> None:
-        check_anyres_views(out)                 # LLaVA-NeXT's AnyRes views
+        check_anyres_views(out)  # LLaVA-NeXT's AnyRes views
 
     def test_video_keeps_the_real_frame_geometry(self, path, images) -> None:
         # 336-px frames, 24x24 CLIP features pooled 2x2 to 12x12 = 144 tokens, no newline.
@@ -47,10 +47,17 @@ class TestLlavaNextVideo(VicunaTurns, VideoOracles, FamilyOracles):
 
         proc, model = AutoProcessor.from_pretrained(path), AutoModelForImageTextToText.from_pretrained(path)
         frame = np.asarray(images[1])
-        messages = [{"role": "user", "content": [{"type": "text", "text": "What?"},
-                                                 {"type": "video", "video": np.stack([frame] * 4)},
-                                                 {"type": "image", "image": images[0]}]},
-                    {"role": "assistant", "content": "Nothing."}]
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What?"},
+                    {"type": "video", "video": np.stack([frame] * 4)},
+                    {"type": "image", "image": images[0]},
+                ],
+            },
+            {"role": "assistant", "content": "Nothing."},
+        ]
         assert proc.apply_chat_template(messages) == "USER: <image>\n<video>\nWhat? ASSISTANT: Nothing.</s>"
         out = proc.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
         assert out["pixel_values_videos"].shape == (1, 4, 3, 336, 336)
@@ -59,7 +66,7 @@ class TestLlavaNextVideo(VicunaTurns, VideoOracles, FamilyOracles):
             assert torch.isfinite(model(**out, labels=out["input_ids"]).loss)
 
     def expected_video_tokens(self, frames: int, height: int, width: int) -> int:
-        return frames * 12 * 12        # any frame: resized to 336 on its short side, center-cropped, pooled
+        return frames * 12 * 12  # any frame: resized to 336 on its short side, center-cropped, pooled
 
     def test_videos_of_different_frame_counts_pack_frame_by_frame(self, path) -> None:
         """6 and 4 frames cannot share [videos, frames, ...]: packed, all 10 frames form one row, which
@@ -71,7 +78,9 @@ class TestLlavaNextVideo(VicunaTurns, VideoOracles, FamilyOracles):
         from trainer.models.registry import get_adapter
 
         adapter, members = get_adapter(path), video_members()
-        rendered = [render_sample(adapter, video_sample(k, n), members) for k, n in (("a", 6), ("b", 4), ("c", 4))]
+        rendered = [
+            render_sample(adapter, video_sample(k, n), members) for k, n in (("a", 6), ("b", 4), ("c", 4))
+        ]
         assert [tuple(r.media["pixel_values_videos"].shape[:2]) for r in rendered] == [(1, 6), (1, 4), (1, 4)]
         assert collate(adapter, rendered[1:]).inputs["pixel_values_videos"].shape[:2] == (2, 4)
         pack = collate(adapter, rendered[:2]).inputs
@@ -80,7 +89,10 @@ class TestLlavaNextVideo(VicunaTurns, VideoOracles, FamilyOracles):
         model = AutoModelForImageTextToText.from_pretrained(path).eval()
         with torch.no_grad():
             row = model.model.get_video_features(pack["pixel_values_videos"]).pooler_output
-            apart = [model.model.get_video_features(r.media["pixel_values_videos"]).pooler_output for r in rendered[:2]]
+            apart = [
+                model.model.get_video_features(r.media["pixel_values_videos"]).pooler_output
+                for r in rendered[:2]
+            ]
         assert row.shape[:2] == (1, 10 * 144)
         assert torch.allclose(row[0], torch.cat([a[0] for a in apart]), atol=1e-6)
 

@@ -41,7 +41,9 @@ def part(p: str):
 
 
 def sample(key: str, *turns: tuple[str, list[str]]) -> Sample:
-    return Sample(key=key, source="s", index=0, turns=[Turn(role=r, parts=[part(p) for p in ps]) for r, ps in turns])
+    return Sample(
+        key=key, source="s", index=0, turns=[Turn(role=r, parts=[part(p) for p in ps]) for r, ps in turns]
+    )
 
 
 # Two images in different user turns: one sample, so both are shown without tiles.
@@ -54,17 +56,21 @@ class TestLlavaOnevision(VideoOracles, FamilyOracles):
     SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
     TOKENIZER_ROLES = (None, "<|im_end|>", "<|endoftext|>", False)
     # llava-hf's template: no default system prompt; a message's images first, "<image>\n" each.
-    FULL_RENDER = ("<|im_start|>system\nYou are terse.<|im_end|>\n"
-                   "<|im_start|>user\n<image>\nWhat is this?<|im_end|>\n"
-                   "<|im_start|>assistant\nAn astronaut.<|im_end|>\n"
-                   "<|im_start|>user\n<image>\nAnd this?<|im_end|>\n"
-                   "<|im_start|>assistant\nA palace.<|im_end|>\n")
+    FULL_RENDER = (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat is this?<|im_end|>\n"
+        "<|im_start|>assistant\nAn astronaut.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nAnd this?<|im_end|>\n"
+        "<|im_start|>assistant\nA palace.<|im_end|>\n"
+    )
     GENERATION_PROMPT = "<|im_start|>assistant\n"
     ASSISTANT_TEXT = "An astronaut.<|im_end|>A palace.<|im_end|>"
-    TEXT_ONLY_RENDER = ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
-                        "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n")
+    TEXT_ONLY_RENDER = (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+        "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n"
+    )
     MAX_TOKENS = 8192
-    MIXED_FRAME_COUNTS = False      # one video per row of pixel_values_videos, a newline after each row
+    MIXED_FRAME_COUNTS = False  # one video per row of pixel_values_videos, a newline after each row
 
     def expected_image_tokens(self, image) -> int:
         return BASE + 1  # conversation() holds two images: each its base view plus one newline
@@ -108,7 +114,9 @@ class TestLlavaOnevision(VideoOracles, FamilyOracles):
             content = [{"type": "image", "image": image}, {"type": "text", "text": "?"}]
             messages = [{"role": "user", "content": content}, {"role": "assistant", "content": "Yes."}]
             out = proc.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
-            assert int((out["input_ids"] == image_id).sum()) == alone_tokens(image.size[1], image.size[0]), image.size
+            assert int((out["input_ids"] == image_id).sum()) == alone_tokens(image.size[1], image.size[0]), (
+                image.size
+            )
             assert out["batch_num_images"].tolist() == [1] and out["pixel_values"].shape[1] > 1
             with torch.no_grad():  # the model unpads and shrinks its features to the same count, or raises
                 assert torch.isfinite(model(**out, labels=out["input_ids"]).loss)
@@ -122,15 +130,25 @@ class TestLlavaOnevision(VideoOracles, FamilyOracles):
         r = render_sample(adapter, TWO_TURNS, PHOTOS)
         messages = to_messages(TWO_TURNS)
         photos = [Image.open(io.BytesIO(PHOTOS[m])).convert("RGB") for m in ("img0.jpg", "img1.png")]
-        whole = adapter.processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
-                                                      processor_kwargs={"images": photos})
+        whole = adapter.processor.apply_chat_template(
+            messages,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"images": photos},
+        )
         assert torch.equal(r.input_ids, whole["input_ids"][0])
         assert r.media.keys() == {"pixel_values", "image_sizes", "batch_num_images"}
         assert all(torch.equal(r.media[k], whole[k]) for k in r.media)
         assert r.media["batch_num_images"].tolist() == [2] and r.media["pixel_values"].shape[:2] == (2, 1)
-        first = adapter.processor.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True, return_tensors="pt",
-                                                      processor_kwargs={"images": photos[:1]})
+        first = adapter.processor.apply_chat_template(
+            messages[:1],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"images": photos[:1]},
+        )
         image_id = adapter.processor.image_token_id
         assert int((first["input_ids"] == image_id).sum()) == alone_tokens(427, 640)
         assert int((r.input_ids == image_id).sum()) == 2 * (BASE + 1)
@@ -146,9 +164,11 @@ class TestLlavaOnevision(VideoOracles, FamilyOracles):
         rendered = [render_sample(adapter, s, PHOTOS) for s in (TWO_TURNS, text, alone)]
         pack = collate(adapter, rendered).inputs
         assert pack["batch_num_images"].tolist() == [2, 1]
-        assert pack["pixel_values"].shape == (3, 5, 3, 384, 384)           # 1 + 1 views, then 5, padded to 5
+        assert pack["pixel_values"].shape == (3, 5, 3, 384, 384)  # 1 + 1 views, then 5, padded to 5
         assert pack["pixel_values"][:2, 1:].abs().sum() == 0
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="sdpa"
+        )
         model.eval()
 
         def summed(inputs: dict) -> torch.Tensor:
@@ -167,11 +187,14 @@ class TestLlavaOnevision(VideoOracles, FamilyOracles):
 
         adapter = get_adapter(path)
         strip = io.BytesIO()
-        Image.new("RGB", (384, 40), (200, 30, 30)).save(strip, format="PNG")   # alone: 1x1 grid, 3 rows kept
+        Image.new("RGB", (384, 40), (200, 30, 30)).save(strip, format="PNG")  # alone: 1x1 grid, 3 rows kept
         members = {**PHOTOS, "strip.png": strip.getvalue()}
         first = [("user", ["strip.png", "Where?"]), ("assistant", ["Here."])]
         long = sample("4", *first, ("user", ["img1.png", "And?"]), ("assistant", ["coffee " * 300]))
-        full, shorter = render_sample(adapter, long, members), render_sample(adapter, sample("4", *first), members)
+        full, shorter = (
+            render_sample(adapter, long, members),
+            render_sample(adapter, sample("4", *first), members),
+        )
         assert alone_tokens(40, 384) == BASE + 3 * 28
         assert int((shorter.input_ids == adapter.processor.image_token_id).sum()) == alone_tokens(40, 384)
         assert shorter.length < full.length
@@ -180,7 +203,7 @@ class TestLlavaOnevision(VideoOracles, FamilyOracles):
         assert all(torch.equal(trimmed.media[k], shorter.media[k]) for k in shorter.media)
         assert trimmed.media["batch_num_images"].tolist() == [1]
         two_turns = render_sample(adapter, TWO_TURNS, PHOTOS)
-        with pytest.raises(RenderError, match="too_long"):   # china alone needs more tokens than both did
+        with pytest.raises(RenderError, match="too_long"):  # china alone needs more tokens than both did
             render_sample(adapter, TWO_TURNS, PHOTOS, max_tokens=two_turns.length - 1)
 
     def test_video_keeps_the_real_frame_geometry(self, path, images) -> None:
@@ -189,11 +212,19 @@ class TestLlavaOnevision(VideoOracles, FamilyOracles):
 
         proc, model = AutoProcessor.from_pretrained(path), AutoModelForImageTextToText.from_pretrained(path)
         frame = np.asarray(images[1])
-        messages = [{"role": "user", "content": [{"type": "video", "video": np.stack([frame] * 4)},
-                                                 {"type": "text", "text": "What?"}]},
-                    {"role": "assistant", "content": "Nothing."}]
-        assert proc.apply_chat_template(messages) == ("<|im_start|>user\n<video>\nWhat?<|im_end|>\n"
-                                                      "<|im_start|>assistant\nNothing.<|im_end|>\n")
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video", "video": np.stack([frame] * 4)},
+                    {"type": "text", "text": "What?"},
+                ],
+            },
+            {"role": "assistant", "content": "Nothing."},
+        ]
+        assert proc.apply_chat_template(messages) == (
+            "<|im_start|>user\n<video>\nWhat?<|im_end|>\n<|im_start|>assistant\nNothing.<|im_end|>\n"
+        )
         out = proc.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")
         assert out["pixel_values_videos"].shape == (1, 4, 3, 384, 384)
         assert int((out["input_ids"] == model.config.video_token_id).sum()) == 4 * 14 * 14 + 1
@@ -204,14 +235,20 @@ class TestLlavaOnevision(VideoOracles, FamilyOracles):
         from transformers import AutoProcessor
 
         proc = AutoProcessor.from_pretrained(path)
-        parts = [{"type": "text", "text": "Compare "}, {"type": "video"}, {"type": "image"},
-                 {"type": "text", "text": "these."}, {"type": "image"}]
+        parts = [
+            {"type": "text", "text": "Compare "},
+            {"type": "video"},
+            {"type": "image"},
+            {"type": "text", "text": "these."},
+            {"type": "image"},
+        ]
         mixed = [{"role": "user", "content": parts}]
         assert proc.apply_chat_template(mixed) == (
-            "<|im_start|>user\n<image>\n<image>\n<video>\nCompare these.<|im_end|>\n")
+            "<|im_start|>user\n<image>\n<image>\n<video>\nCompare these.<|im_end|>\n"
+        )
 
     def expected_video_tokens(self, frames: int, height: int, width: int) -> int:
-        return frames * 14 * 14 + 1    # any frame: resized to 384x384, 27x27 features pooled to 14x14
+        return frames * 14 * 14 + 1  # any frame: resized to 384x384, 27x27 features pooled to 14x14
 
     def test_videos_of_different_frame_counts_never_share_a_pack(self, path) -> None:
         """The model appends a newline to each row of [videos, frames, ...]: no single tensor holds a
@@ -220,15 +257,22 @@ class TestLlavaOnevision(VideoOracles, FamilyOracles):
         from trainer.models.registry import get_adapter
 
         adapter, members = get_adapter(path), video_members()
-        rendered = [render_sample(adapter, video_sample(k, n), members) for k, n in (("a", 6), ("b", 4), ("c", 6))]
+        rendered = [
+            render_sample(adapter, video_sample(k, n), members) for k, n in (("a", 6), ("b", 4), ("c", 6))
+        ]
         assert [r.media["pixel_values_videos"].shape[1] for r in rendered] == [6, 4, 6]
-        assert adapter.packs_with(rendered[:1], rendered[2]) and not adapter.packs_with(rendered[:1], rendered[1])
+        assert adapter.packs_with(rendered[:1], rendered[2]) and not adapter.packs_with(
+            rendered[:1], rendered[1]
+        )
         with pytest.raises(ValueError, match="different frame counts"):
             collate(adapter, rendered[:2])
         packer = Packer(max_tokens=8192, buffer=3, compatible=adapter.packs_with)
         packs = [p for r in rendered for p in packer.add(r)] + list(packer.flush())
         assert sorted(sorted(r.key for r in p) for p in packs) == [["a", "c"], ["b"]]
-        assert [collate(adapter, p).inputs["pixel_values_videos"].shape[:2] for p in packs] == [(2, 6), (1, 4)]
+        assert [collate(adapter, p).inputs["pixel_values_videos"].shape[:2] for p in packs] == [
+            (2, 6),
+            (1, 4),
+        ]
 
     def test_the_vision_tower_stays_in_the_root_fsdp_unit(self, path) -> None:
         from trainer.models.registry import get_adapter

@@ -20,24 +20,40 @@ def token_grid(height: int, width: int) -> tuple[int, int]:
 
 def default_system() -> str:
     """The checkpoint's default system prompt, dated the day it is rendered."""
-    return ("You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French startup "
-            "headquartered in Paris.\nYour knowledge base was last updated on 2023-10-01. The current date is "
-            f"{datetime.date.today():%Y-%m-%d}.\n\nWhen you're not sure about some information, you say that you "
-            "don't have the information and don't make up anything.\nIf the user's question is not clear, "
-            "ambiguous, or does not provide enough context for you to accurately answer the question, you do not "
-            "try to answer it right away and you rather ask the user to clarify their request (e.g. \"What are "
-            "some good restaurants around me?\" => \"Where are you?\" or \"When is the next flight to Tokyo\" => "
-            "\"Where do you travel from?\")")
+    return (
+        "You are Mistral Small 3, a Large Language Model (LLM) created by Mistral AI, a French startup "
+        "headquartered in Paris.\nYour knowledge base was last updated on 2023-10-01. The current date is "
+        f"{datetime.date.today():%Y-%m-%d}.\n\nWhen you're not sure about some information, you say that you "
+        "don't have the information and don't make up anything.\nIf the user's question is not clear, "
+        "ambiguous, or does not provide enough context for you to accurately answer the question, you do not "
+        'try to answer it right away and you rather ask the user to clarify their request (e.g. "What are '
+        'some good restaurants around me?" => "Where are you?" or "When is the next flight to Tokyo" => '
+        '"Where do you travel from?")'
+    )
 
 
 class TestMistral3(FamilyOracles):
     FAMILY = "mistral3"
-    SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
-                      "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[TOOL_CALLS]"]
+    SPECIAL_TOKENS = [
+        "<s>",
+        "</s>",
+        "<unk>",
+        "<pad>",
+        "[INST]",
+        "[/INST]",
+        "[SYSTEM_PROMPT]",
+        "[/SYSTEM_PROMPT]",
+        "[IMG]",
+        "[IMG_BREAK]",
+        "[IMG_END]",
+        "[TOOL_CALLS]",
+    ]
     TOKENIZER_ROLES = ("<s>", "</s>", "<pad>", True)
-    FULL_RENDER = ("<s>[SYSTEM_PROMPT]You are terse.[/SYSTEM_PROMPT]"
-                   "[INST]What is this?[IMG][/INST]An astronaut.</s>"
-                   "[INST][IMG]And this?[/INST]A palace.</s>")
+    FULL_RENDER = (
+        "<s>[SYSTEM_PROMPT]You are terse.[/SYSTEM_PROMPT]"
+        "[INST]What is this?[IMG][/INST]An astronaut.</s>"
+        "[INST][IMG]And this?[/INST]A palace.</s>"
+    )
     GENERATION_PROMPT = ""  # the answer follows [/INST] directly
     ASSISTANT_TEXT = "An astronaut.</s>A palace.</s>"
 
@@ -62,12 +78,18 @@ class TestMistral3(FamilyOracles):
         assert (processor.patch_size, processor.spatial_merge_size) == (14, 2)
         assert processor.image_processor.size == {"longest_edge": 1540}
         assert processor.image_processor.patch_size == {"height": 14, "width": 14}
-        # Tekken's control tokens keep their ids: <s> 1, </s> 2, [IMG] 10, <pad> 11, [IMG_BREAK] 12, [IMG_END] 13.
+        # Tekken's control tokens keep their ids: <s> 1, </s> 2, [IMG] 10, <pad> 11, [IMG_BREAK] 12,
+        # [IMG_END] 13.
         tok = processor.tokenizer
         assert config.image_token_id == 10
         assert [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id] == [1, 2, 11]
         assert [processor.image_break_token_id, processor.image_end_token_id] == [12, 13]
-        assert tok.convert_tokens_to_ids(["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]) == [3, 4, 17, 18]
+        assert tok.convert_tokens_to_ids(["[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]) == [
+            3,
+            4,
+            17,
+            18,
+        ]
 
     def check_real_images(self, out, processor) -> None:
         # astronaut 512x512 -> 19x19 tokens (532 px); china 640x427 -> 16 rows x 23 columns (448 x 644 px).
@@ -105,7 +127,10 @@ class TestMistral3(FamilyOracles):
         rendered = [render_sample(adapter, s, photos) for s in (narrow_sample, SAMPLES[0])]
         assert [tuple(r.media["pixel_values"].shape[-2:]) for r in rendered] == [(448, 140), (448, 644)]
         pack = collate(adapter, rendered).inputs
-        assert pack["pixel_values"].shape == (2, 3, 448, 644) and pack["pixel_values"][0, :, :, 140:].abs().sum() == 0
+        assert (
+            pack["pixel_values"].shape == (2, 3, 448, 644)
+            and pack["pixel_values"][0, :, :, 140:].abs().sum() == 0
+        )
         assert pack["image_sizes"].tolist() == [[448, 140], [448, 644]]
         assert int((pack["input_ids"] == 10).sum()) == 16 * 5 + 16 * 23
         assert_packed_equals_alone(path, adapter, rendered, pack)

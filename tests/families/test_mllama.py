@@ -17,11 +17,15 @@ from trainer.data.render import IGNORE, decode_image, render_sample, to_messages
 # preprocessor_config.json: 560x560 tiles, max_image_tiles 4; the tile grids are rows x cols <= 4, listed
 # rows-major, aspect-ratio id = position + 1 (0 pads).
 GRIDS = [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)]
-ROW_WITHOUT_IMAGE_SEES_ALL = ("transformers 5.23-5.25 (huggingface/transformers#39379): a token whose "
-                              "cross-attention mask row is all zero attends to every tile of the batch row, "
-                              "only its MLP output is zeroed")
-SYSTEM_BLOCK = ("<|start_header_id|>system<|end_header_id|>\n\n"
-                "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n")
+ROW_WITHOUT_IMAGE_SEES_ALL = (
+    "transformers 5.23-5.25 (huggingface/transformers#39379): a token whose "
+    "cross-attention mask row is all zero attends to every tile of the batch row, "
+    "only its MLP output is zeroed"
+)
+SYSTEM_BLOCK = (
+    "<|start_header_id|>system<|end_header_id|>\n\n"
+    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+)
 
 
 def grid(height: int, width: int) -> tuple[int, int]:
@@ -38,13 +42,26 @@ def image(member: str) -> ImagePart:
 
 
 def photo_sample(key: str, member: str, question: str, answer: str) -> Sample:
-    return Sample(key=key, source="s", index=0, turns=[
-        Turn(role="user", parts=[TextPart(text=question), image(member)]),
-        Turn(role="assistant", parts=[TextPart(text=answer)])])
+    return Sample(
+        key=key,
+        source="s",
+        index=0,
+        turns=[
+            Turn(role="user", parts=[TextPart(text=question), image(member)]),
+            Turn(role="assistant", parts=[TextPart(text=answer)]),
+        ],
+    )
 
 
-TEXT_ONLY_SAMPLE = Sample(key="t", source="s", index=0, turns=[
-    Turn(role="user", parts=[TextPart(text="Hello")]), Turn(role="assistant", parts=[TextPart(text="Hi.")])])
+TEXT_ONLY_SAMPLE = Sample(
+    key="t",
+    source="s",
+    index=0,
+    turns=[
+        Turn(role="user", parts=[TextPart(text="Hello")]),
+        Turn(role="assistant", parts=[TextPart(text="Hi.")]),
+    ],
+)
 
 
 def span_losses(model, inputs: dict, spans: list[tuple[int, int]]) -> list[float]:
@@ -54,32 +71,45 @@ def span_losses(model, inputs: dict, spans: list[tuple[int, int]]) -> list[float
     with torch.no_grad():
         logits = model(**inputs, use_cache=False).logits[0].float()
     token = F.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE, reduction="none")
-    return [float(token[a:b - 1].sum()) for a, b in spans]     # collate ignores each sample's first label
+    return [float(token[a : b - 1].sum()) for a, b in spans]  # collate ignores each sample's first label
 
 
 class TestMllama(FamilyOracles):
     FAMILY = "mllama"
-    SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|eom_id|>",
-                      "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
+    SPECIAL_TOKENS = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|finetune_right_pad_id|>",
+        "<|eom_id|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+        "<|python_tag|>",
+        "<|image|>",
+    ]
     TOKENIZER_ROLES = ("<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>", True)
     # A system prompt always gets the system block. The published template prints today's date there
     # (strftime_now); the tiny one its own fallback date, so renders do not change from day to day.
-    FULL_RENDER = ("<|begin_of_text|>" + SYSTEM_BLOCK + "You are terse.<|eot_id|>"
-                   "<|start_header_id|>user<|end_header_id|>\n\nWhat is this?<|image|><|eot_id|>"
-                   "<|start_header_id|>assistant<|end_header_id|>\n\nAn astronaut.<|eot_id|>"
-                   "<|start_header_id|>user<|end_header_id|>\n\n<|image|>And this?<|eot_id|>"
-                   "<|start_header_id|>assistant<|end_header_id|>\n\nA palace.<|eot_id|>")
+    FULL_RENDER = (
+        "<|begin_of_text|>" + SYSTEM_BLOCK + "You are terse.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is this?<|image|><|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nAn astronaut.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n<|image|>And this?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nA palace.<|eot_id|>"
+    )
     GENERATION_PROMPT = "<|start_header_id|>assistant<|end_header_id|>\n\n"
     ASSISTANT_TEXT = "An astronaut.<|eot_id|>A palace.<|eot_id|>"
     # No image anywhere: the system block with an empty system prompt.
-    TEXT_ONLY_RENDER = ("<|begin_of_text|>" + SYSTEM_BLOCK + "<|eot_id|>"
-                        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-                        "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
-                        "<|start_header_id|>user<|end_header_id|>\n\nab<|eot_id|>"
-                        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    TEXT_ONLY_RENDER = (
+        "<|begin_of_text|>" + SYSTEM_BLOCK + "<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nab<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
 
     def expected_image_tokens(self, image) -> int:
-        return 1        # the tiles enter through cross-attention, not as tokens
+        return 1  # the tiles enter through cross-attention, not as tokens
 
     def check_geometry(self, config, processor) -> None:
         vision, text = config.vision_config, config.text_config
@@ -92,7 +122,7 @@ class TestMllama(FamilyOracles):
         image = processor.image_processor
         assert image.size == {"height": 560, "width": 560} and image.max_image_tiles == 4
         assert image.resample == 2 and image.do_pad
-        assert image.image_mean == pytest.approx([0.48145466, 0.4578275, 0.40821073])     # CLIP's
+        assert image.image_mean == pytest.approx([0.48145466, 0.4578275, 0.40821073])  # CLIP's
         assert image.image_std == pytest.approx([0.26862954, 0.26130258, 0.27577711])
         # <|image|> comes right after the text vocabulary: the output head cannot produce it.
         image_token = processor.tokenizer.convert_tokens_to_ids("<|image|>")
@@ -107,7 +137,7 @@ class TestMllama(FamilyOracles):
         image_token = processor.tokenizer.convert_tokens_to_ids("<|image|>")
         first, second = (ids == image_token).nonzero().flatten().tolist()
         expected = torch.zeros_like(mask)
-        expected[first:second, 0, :1] = 1       # each image until the next one, its real tiles only
+        expected[first:second, 0, :1] = 1  # each image until the next one, its real tiles only
         expected[second:, 1, :2] = 1
         assert torch.equal(mask, expected)
 
@@ -115,11 +145,14 @@ class TestMllama(FamilyOracles):
         from transformers import AutoProcessor
 
         proc = AutoProcessor.from_pretrained(path)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": "A"}]}]
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A"}]},
+        ]
         assert proc.apply_chat_template(messages) == (
             "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>Q<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\nA<|eot_id|>")
+            "<|start_header_id|>assistant<|end_header_id|>\n\nA<|eot_id|>"
+        )
 
     # --- cross-attention under packing ---------------------------------------------------------------
 
@@ -127,15 +160,26 @@ class TestMllama(FamilyOracles):
         from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
-        sample = Sample(key="2", source="s", index=0, turns=[
-            Turn(role="user", parts=[TextPart(text="Where?"), image("img0.jpg"), image("img1.png")]),
-            Turn(role="assistant", parts=[TextPart(text="China.")]),
-            Turn(role="user", parts=[TextPart(text="And this?"), image("img0.jpg")]),
-            Turn(role="assistant", parts=[TextPart(text="A roof.")])])
+        sample = Sample(
+            key="2",
+            source="s",
+            index=0,
+            turns=[
+                Turn(role="user", parts=[TextPart(text="Where?"), image("img0.jpg"), image("img1.png")]),
+                Turn(role="assistant", parts=[TextPart(text="China.")]),
+                Turn(role="user", parts=[TextPart(text="And this?"), image("img0.jpg")]),
+                Turn(role="assistant", parts=[TextPart(text="A roof.")]),
+            ],
+        )
         r = render_sample(adapter, sample, PHOTOS)
         images = [decode_image(PHOTOS[p.member]) for p in sample.media]
-        ref = adapter.processor.apply_chat_template(to_messages(sample), tokenize=True, return_dict=True,
-                                                    return_tensors="pt", processor_kwargs={"images": images})
+        ref = adapter.processor.apply_chat_template(
+            to_messages(sample),
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"images": images},
+        )
         mask = adapter.model_inputs(r.input_ids, r.labels, r.position_ids, r.media)["cross_attention_mask"]
         start = int((r.input_ids == adapter.config.image_token_index).nonzero()[0])
         assert start > 0 and mask.shape == ref["cross_attention_mask"].shape == (1, r.length, 3, 4)
@@ -159,14 +203,18 @@ class TestMllama(FamilyOracles):
         for member in ("img0.jpg", "img1.png"):
             sample = photo_sample("a", member, "What is it?", "A roof.")
             images = [decode_image(PHOTOS[member])]
-            ref = adapter.processor.apply_chat_template(to_messages(sample), tokenize=True, return_dict=True,
-                                                        return_tensors="pt",
-                                                        processor_kwargs={"images": images})
+            ref = adapter.processor.apply_chat_template(
+                to_messages(sample),
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                processor_kwargs={"images": images},
+            )
             start = int((ref["input_ids"][0] == adapter.config.image_token_index).nonzero()[0])
             assert start > 0 and ref["cross_attention_mask"][0, :start].sum() == 0
             with torch.no_grad():
                 logits.append(model(**ref, use_cache=False).logits[0, :start])
-        assert torch.equal(*logits)           # the text before the image does not depend on it
+        assert torch.equal(*logits)  # the text before the image does not depend on it
 
     def test_a_packed_sample_never_sees_another_samples_image(self, path) -> None:
         from transformers import AutoModelForImageTextToText
@@ -187,13 +235,13 @@ class TestMllama(FamilyOracles):
             spans = list(zip([0, *ends[:-1]], ends))
             return span_losses(model, collate(adapter, rendered).inputs, spans)
 
-        for order in ((0, 1, 2), (2, 1, 0)):                    # b before and after the others
+        for order in ((0, 1, 2), (2, 1, 0)):  # b before and after the others
             with_b = losses(*[(a, text_only, b)[i] for i in order])
             with_other = losses(*[(a, text_only, b_other)[i] for i in order])
             index = {i: n for n, i in enumerate(order)}
-            assert with_b[index[0]] == with_other[index[0]]     # a: bitwise unchanged
-            assert with_b[index[1]] == with_other[index[1]]     # the text-only sample too
-            assert abs(with_b[index[2]] - with_other[index[2]]) > 1e-3   # b's own image does matter
+            assert with_b[index[0]] == with_other[index[0]]  # a: bitwise unchanged
+            assert with_b[index[1]] == with_other[index[1]]  # the text-only sample too
+            assert abs(with_b[index[2]] - with_other[index[2]]) > 1e-3  # b's own image does matter
         alone = losses(a)[0]
         assert abs(alone - losses(a, text_only, b)[0]) <= 1e-6 * alone
 
@@ -207,10 +255,12 @@ class TestMllama(FamilyOracles):
         adapter = get_adapter(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
         pack = collate(adapter, [render_sample(adapter, TEXT_ONLY_SAMPLE, PHOTOS)])
-        assert pack.dummy and pack.inputs["pixel_values"].shape[:3] == (1, 2, 4)   # collate's + the sample's
+        assert pack.dummy and pack.inputs["pixel_values"].shape[:3] == (1, 2, 4)  # collate's + the sample's
         calls = []
-        hooks = [m.register_forward_hook(lambda *_: calls.append(1))
-                 for m in (model.model.vision_model, model.model.language_model.layers[1])]
+        hooks = [
+            m.register_forward_hook(lambda *_: calls.append(1))
+            for m in (model.model.vision_model, model.model.language_model.layers[1])
+        ]
         loss = span_losses(model, pack.inputs, [(0, pack.tokens)])[0]
         for h in hooks:
             h.remove()
@@ -228,13 +278,15 @@ class TestMllama(FamilyOracles):
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
         groups = {n: adapter.param_group(n) for n, _ in model.named_parameters()}
         assert {n.split(".")[1] for n, g in groups.items() if g == "vision"} == {"vision_model"}
-        assert {n for n, g in groups.items() if g == "projector"} == {"model.multi_modal_projector.weight",
-                                                                       "model.multi_modal_projector.bias"}
+        assert {n for n, g in groups.items() if g == "projector"} == {
+            "model.multi_modal_projector.weight",
+            "model.multi_modal_projector.bias",
+        }
         assert groups["model.language_model.layers.1.cross_attn.k_proj.weight"] == "llm"
         assert groups["model.language_model.layers.1.cross_attn_attn_gate"] == "llm"
         blocks = [type(parent[i]).__name__ for parent, _, i in transformer_blocks(model)]
-        assert blocks.count("MllamaCrossAttentionDecoderLayer") == 1            # an FSDP / AC unit of its own
-        assert blocks.count("MllamaVisionEncoderLayer") == 3                     # local + global encoders
+        assert blocks.count("MllamaCrossAttentionDecoderLayer") == 1  # an FSDP / AC unit of its own
+        assert blocks.count("MllamaVisionEncoderLayer") == 3  # local + global encoders
         ft = FinetuneConfig(method="lora", freeze_vision=False)
         ft.lora.vision = True
         targets = lora_targets(adapter, model, ft)

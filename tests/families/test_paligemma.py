@@ -20,8 +20,17 @@ def loss_sum(model, inputs: dict) -> torch.Tensor:
 
 class TestPaliGemma(FamilyOracles):
     FAMILY = "paligemma"
-    SPECIAL_TOKENS = ["<bos>", "<eos>", "<pad>", "<unk>", "<image>", "<loc0000>", "<loc1023>", "<seg000>",
-                      "<seg127>"]
+    SPECIAL_TOKENS = [
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        "<unk>",
+        "<image>",
+        "<loc0000>",
+        "<loc1023>",
+        "<seg000>",
+        "<seg127>",
+    ]
     TOKENIZER_ROLES = ("<bos>", "<eos>", "<pad>", True)
     # The template leaves <bos> and the "\n" that ends the prompt to the processor (see the tiny builder).
     FULL_RENDER = "<image>You are terse.\nWhat is this?\nAn astronaut.<eos>\n<image>And this?\nA palace.<eos>"
@@ -36,12 +45,19 @@ class TestPaliGemma(FamilyOracles):
         assert (config.vision_config.image_size, config.vision_config.patch_size) == (224, 14)
         assert config.text_config.num_image_tokens == 256 and processor.image_seq_length == 256
         assert processor.image_processor.size == {"height": 224, "width": 224}
-        assert list(processor.image_processor.image_mean) == list(processor.image_processor.image_std) == [0.5] * 3
+        assert (
+            list(processor.image_processor.image_mean)
+            == list(processor.image_processor.image_std)
+            == [0.5] * 3
+        )
         assert config.projection_dim == config.text_config.hidden_size
 
-    @pytest.mark.xfail(strict=True, reason="PaliGemmaProcessor writes <bos> behind the last image (here the one "
-                       "of turn 2), so the ids start with an image token and return_assistant_tokens_mask, which "
-                       "does not know of that inserted <bos>, marks the second answer 5 characters early")
+    @pytest.mark.xfail(
+        strict=True,
+        reason="PaliGemmaProcessor writes <bos> behind the last image (here the one "
+        "of turn 2), so the ids start with an image token and return_assistant_tokens_mask, which "
+        "does not know of that inserted <bos>, marks the second answer 5 characters early",
+    )
     def test_processor_and_model_on_real_images(self, path, images) -> None:
         super().test_processor_and_model_on_real_images(path, images)
 
@@ -86,18 +102,33 @@ class TestPaliGemma(FamilyOracles):
         adapter = get_adapter(path)
         model = adapter.load_model(dtype=torch.float32, attn_implementation="sdpa")
         model.eval()
-        single = [SAMPLES[0], SAMPLES[2]]        # "What is it?" on a photo; two images, a system prompt
+        single = [SAMPLES[0], SAMPLES[2]]  # "What is it?" on a photo; two images, a system prompt
         rendered = [render_sample(adapter, s, PHOTOS) for s in single]
         proc = adapter.processor
         native = []
         with torch.no_grad():
-            for text, members, answer in (("What is it?", ["img0.jpg"], "A roof."),
-                                          ("Be brief.\nAnd this?", ["img1.png", "img0.jpg"], "Coffee, then a roof.")):
-                out = proc(text="<image>" * len(members) + text, images=[decode_image(PHOTOS[m]) for m in members],
-                           suffix=answer, return_tensors="pt")
+            for text, members, answer in (
+                ("What is it?", ["img0.jpg"], "A roof."),
+                ("Be brief.\nAnd this?", ["img1.png", "img0.jpg"], "Coffee, then a roof."),
+            ):
+                out = proc(
+                    text="<image>" * len(members) + text,
+                    images=[decode_image(PHOTOS[m]) for m in members],
+                    suffix=answer,
+                    return_tensors="pt",
+                )
                 labels = torch.where(out["token_type_ids"].bool(), out["input_ids"], -100)
-                native.append(loss_sum(model, {"input_ids": out["input_ids"], "pixel_values": out["pixel_values"],
-                                               "token_type_ids": out["token_type_ids"], "labels": labels}))
+                native.append(
+                    loss_sum(
+                        model,
+                        {
+                            "input_ids": out["input_ids"],
+                            "pixel_values": out["pixel_values"],
+                            "token_type_ids": out["token_type_ids"],
+                            "labels": labels,
+                        },
+                    )
+                )
             packed = loss_sum(model, dict(collate(adapter, rendered).inputs))
         expected = sum(n.item() for n in native)
         assert abs(packed.item() - expected) <= 1e-5 * expected, (packed.item(), expected)
@@ -114,9 +145,9 @@ class TestPaliGemma(FamilyOracles):
         rendered = [render_sample(adapter, s, PHOTOS) for s in SAMPLES]
         inputs = dict(collate(adapter, rendered).inputs)
         labels = inputs.pop("labels")[0]
-        start = rendered[0].length + rendered[1].length      # sample 3, opening with its images
+        start = rendered[0].length + rendered[1].length  # sample 3, opening with its images
         answer = start + int((labels[start:] != -100).nonzero()[0])
-        newline = answer - 1                                  # "?\n": the prompt's last token
+        newline = answer - 1  # "?\n": the prompt's last token
         assert adapter.tokenizer.decode(inputs["input_ids"][0, newline]).endswith("\n")
         captured = {}
 
@@ -129,17 +160,24 @@ class TestPaliGemma(FamilyOracles):
         model(**inputs, use_cache=False).logits[0, start].sum().backward()
         hook.remove()
         grad = captured["embeds"].grad[0].abs().sum(-1)
-        assert grad[newline] > 0                                # the end of its own prefix
-        assert grad[answer:].sum() == 0                         # its answer, and anything after
-        assert grad[:start].sum() == 0                          # the samples packed before it
+        assert grad[newline] > 0  # the end of its own prefix
+        assert grad[answer:].sum() == 0  # its answer, and anything after
+        assert grad[:start].sum() == 0  # the samples packed before it
 
     def test_images_after_the_first_prompt_expand_behind_its_bos(self, path) -> None:
         from trainer.data.render import render_sample
         from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
-        later = sample("y", [("user", ["img0.jpg", "Where?"]), ("assistant", ["China."]),
-                             ("user", ["And this?", "img1.png"]), ("assistant", ["Coffee."])])
+        later = sample(
+            "y",
+            [
+                ("user", ["img0.jpg", "Where?"]),
+                ("assistant", ["China."]),
+                ("user", ["And this?", "img1.png"]),
+                ("assistant", ["Coffee."]),
+            ],
+        )
         r = render_sample(adapter, later, PHOTOS)
         text = adapter.tokenizer.decode(r.input_ids).replace("<image>" * 256, "<I>")
         assert text == "<I><bos>Where?\nChina.<eos>\n<I>And this?\nCoffee.<eos>\n"

@@ -16,7 +16,9 @@ class TestQwen2_5_VL(QwenVLFacts):
         vision = config.vision_config
         assert (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size) == (14, 2, 2)
         assert (vision.window_size, vision.tokens_per_second) == (112, 2)
-        assert vision.fullatt_block_indexes == [vision.depth - 1]  # windowed blocks, then a full-attention one
+        assert vision.fullatt_block_indexes == [
+            vision.depth - 1
+        ]  # windowed blocks, then a full-attention one
         assert vision.out_hidden_size == config.text_config.hidden_size
         head_dim = config.text_config.hidden_size // config.text_config.num_attention_heads
         assert [s * 8 for s in config.text_config.rope_parameters["mrope_section"]] == [16, 24, 24]

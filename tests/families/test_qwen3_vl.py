@@ -37,15 +37,28 @@ def video_tokens(frames: int, height: int, width: int) -> int:
 
 class TestQwen3VL(VideoOracles, FamilyOracles):
     FAMILY = "qwen3_vl"
-    SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
-                      "<|image_pad|>", "<|video_pad|>", "<tool_call>", "<tool_response>", "<think>", "</think>"]
+    SPECIAL_TOKENS = [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+        "<tool_call>",
+        "<tool_response>",
+        "<think>",
+        "</think>",
+    ]
     TOKENIZER_ROLES = (None, "<|im_end|>", "<|endoftext|>", False)
     # Qwen2-VL's ChatML when a system message is given.
     FULL_RENDER, GENERATION_PROMPT = QwenVLFacts.FULL_RENDER, QwenVLFacts.GENERATION_PROMPT
     ASSISTANT_TEXT = QwenVLFacts.ASSISTANT_TEXT
     # Unlike Qwen2-VL, no default system prompt.
-    TEXT_ONLY_RENDER = ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
-                        "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n")
+    TEXT_ONLY_RENDER = (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+        "<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n"
+    )
 
     def expected_image_tokens(self, image) -> int:
         gh, gw = grid(image.size[1], image.size[0])
@@ -62,7 +75,11 @@ class TestQwen3VL(VideoOracles, FamilyOracles):
         rope = text.rope_parameters
         assert rope["mrope_interleaved"] and rope["rope_theta"] == 5000000
         assert sum(rope["mrope_section"]) == text.head_dim // 2
-        assert [s * 128 // text.head_dim for s in rope["mrope_section"]] == [24, 20, 20]  # the 8B's, head_dim 128
+        assert [s * 128 // text.head_dim for s in rope["mrope_section"]] == [
+            24,
+            20,
+            20,
+        ]  # the 8B's, head_dim 128
         assert type(processor).__name__ == "Qwen3VLProcessor"
         assert processor.image_processor.size == {"shortest_edge": 65536, "longest_edge": 16777216}
         assert list(processor.image_processor.image_mean) == [0.5, 0.5, 0.5]
@@ -77,21 +94,33 @@ class TestQwen3VL(VideoOracles, FamilyOracles):
         from transformers import AutoProcessor
 
         proc = AutoProcessor.from_pretrained(path)
-        media = [{"role": "user", "content": [{"type": "video"}, {"type": "image"}, {"type": "text", "text": "?"}]}]
+        media = [
+            {"role": "user", "content": [{"type": "video"}, {"type": "image"}, {"type": "text", "text": "?"}]}
+        ]
         assert proc.apply_chat_template(media, add_vision_id=True) == (
             "<|im_start|>user\nVideo 1: <|vision_start|><|video_pad|><|vision_end|>"
-            "Picture 1: <|vision_start|><|image_pad|><|vision_end|>?<|im_end|>\n")
+            "Picture 1: <|vision_start|><|image_pad|><|vision_end|>?<|im_end|>\n"
+        )
 
     def test_system_images_are_dropped_and_only_a_leading_system_message_counts(self, path) -> None:
         from transformers import AutoProcessor
 
         proc = AutoProcessor.from_pretrained(path)
-        messages = [{"role": "system", "content": [{"type": "text", "text": "Be"}, {"type": "image"},
-                                                   {"type": "text", "text": " brief."}]},
-                    {"role": "user", "content": "Hi"},
-                    {"role": "system", "content": "ignored"}]
+        messages = [
+            {
+                "role": "system",
+                "content": [
+                    {"type": "text", "text": "Be"},
+                    {"type": "image"},
+                    {"type": "text", "text": " brief."},
+                ],
+            },
+            {"role": "user", "content": "Hi"},
+            {"role": "system", "content": "ignored"},
+        ]
         assert proc.apply_chat_template(messages) == (
-            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n")
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        )
 
     def test_packed_positions_and_logits_are_the_models_own(self, path) -> None:
         """Two samples with images packed: the positions are, per sample, text positions restarting at 0
@@ -105,9 +134,11 @@ class TestQwen3VL(VideoOracles, FamilyOracles):
         from trainer.models.registry import get_adapter
 
         adapter = get_adapter(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="sdpa"
+        )
         model.eval()
-        samples = [SAMPLES[0], SAMPLES[2]]                  # one image; two images and a system prompt
+        samples = [SAMPLES[0], SAMPLES[2]]  # one image; two images and a system prompt
         rendered = [render_sample(adapter, s, PHOTOS) for s in samples]
         pack = collate(adapter, rendered).inputs
         assert pack["position_ids"].shape == (4, 1, sum(r.length for r in rendered))
@@ -115,19 +146,24 @@ class TestQwen3VL(VideoOracles, FamilyOracles):
             packed = model(**{k: v for k, v in pack.items() if k != "labels"}, use_cache=False).logits[0]
         start = 0
         for sample, r in zip(samples, rendered):
-            ref = adapter.processor.apply_chat_template(to_messages(sample), tokenize=True, return_dict=True,
-                                                        return_tensors="pt",
-                                                        processor_kwargs={"images": images_of(sample)})
+            ref = adapter.processor.apply_chat_template(
+                to_messages(sample),
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                processor_kwargs={"images": images_of(sample)},
+            )
             assert torch.equal(ref["input_ids"][0], r.input_ids)
-            rope, _ = model.model.get_rope_index(ref["input_ids"], ref["mm_token_type_ids"],
-                                                 image_grid_thw=ref["image_grid_thw"])
-            positions = pack["position_ids"][:, 0, start: start + r.length]
+            rope, _ = model.model.get_rope_index(
+                ref["input_ids"], ref["mm_token_type_ids"], image_grid_thw=ref["image_grid_thw"]
+            )
+            positions = pack["position_ids"][:, 0, start : start + r.length]
             assert torch.equal(positions[0], torch.arange(r.length))
             assert torch.equal(positions[1:], rope[:, 0])
-            assert positions[1:].max() < r.length - 1          # the image blocks are compressed
+            assert positions[1:].max() < r.length - 1  # the image blocks are compressed
             with torch.no_grad():
                 alone = model(**ref, use_cache=False).logits[0]
-            assert torch.allclose(packed[start: start + r.length], alone, atol=1e-4, rtol=1e-4)
+            assert torch.allclose(packed[start : start + r.length], alone, atol=1e-4, rtol=1e-4)
             start += r.length
 
     def expected_video_tokens(self, frames: int, height: int, width: int) -> int:
@@ -147,8 +183,9 @@ class TestQwen3VL(VideoOracles, FamilyOracles):
         # Only the blocks, back to back: whether the chat template's own <|vision_start|>...<|vision_end|>
         # still wraps them is the installed processor's choice (5.25 dropped it), and the rendering
         # equals that processor's at inference token for token (packed_video_positions checks it).
-        blocks = "".join(f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * 24 + "<|vision_end|>"
-                         for t in times)
+        blocks = "".join(
+            f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * 24 + "<|vision_end|>" for t in times
+        )
         assert blocks in text
         assert text.count(" seconds>") == 3 and text.count("<|video_pad|>") == 3 * 24
         assert [f"{t:.1f}" for t in times] == ["0.4", "2.0", "3.6"]
@@ -162,6 +199,8 @@ class TestQwen3VL(VideoOracles, FamilyOracles):
 
         adapter = get_adapter(path)
         sample = video_sample("one", None)
-        r = render_sample(adapter, sample, {"v.mp4": media["one_frame.mp4"].read_bytes()}, video=VideoPolicy())
+        r = render_sample(
+            adapter, sample, {"v.mp4": media["one_frame.mp4"].read_bytes()}, video=VideoPolicy()
+        )
         assert r.media["video_grid_thw"][0, 0] == 1
         assert adapter.tokenizer.decode(r.input_ids).count("<0.0 seconds>") == 1

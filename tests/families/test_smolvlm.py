@@ -22,19 +22,32 @@ def tiles(height: int, width: int) -> tuple[int, int]:
 
 class TestSmolVLM(FamilyOracles):
     FAMILY = "smolvlm"
-    SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<end_of_utterance>", "<image>",
-                      "<fake_token_around_image>", "<global-img>", "<row_1_col_1>", "<row_4_col_3>",
-                      "<row_6_col_6>"]
+    SPECIAL_TOKENS = [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<end_of_utterance>",
+        "<image>",
+        "<fake_token_around_image>",
+        "<global-img>",
+        "<row_1_col_1>",
+        "<row_4_col_3>",
+        "<row_6_col_6>",
+    ]
     TOKENIZER_ROLES = ("<|im_start|>", "<end_of_utterance>", "<|im_end|>", False)
-    FULL_RENDER = ("<|im_start|>System: You are terse.<end_of_utterance>\n"
-                   "User: What is this?<image><end_of_utterance>\n"
-                   "Assistant: An astronaut.<end_of_utterance>\n"
-                   "User:<image>And this?<end_of_utterance>\n"
-                   "Assistant: A palace.<end_of_utterance>\n")
+    FULL_RENDER = (
+        "<|im_start|>System: You are terse.<end_of_utterance>\n"
+        "User: What is this?<image><end_of_utterance>\n"
+        "Assistant: An astronaut.<end_of_utterance>\n"
+        "User:<image>And this?<end_of_utterance>\n"
+        "Assistant: A palace.<end_of_utterance>\n"
+    )
     GENERATION_PROMPT = "Assistant:"
     ASSISTANT_TEXT = " An astronaut.<end_of_utterance> A palace.<end_of_utterance>"
-    TEXT_ONLY_RENDER = ("<|im_start|>User: Hi<end_of_utterance>\nAssistant: Hello.<end_of_utterance>\n"
-                        "User: ab<end_of_utterance>\nAssistant:")
+    TEXT_ONLY_RENDER = (
+        "<|im_start|>User: Hi<end_of_utterance>\nAssistant: Hello.<end_of_utterance>\n"
+        "User: ab<end_of_utterance>\nAssistant:"
+    )
 
     def expected_image_tokens(self, image) -> int:
         rows, cols = tiles(image.size[1], image.size[0])

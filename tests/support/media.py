@@ -24,7 +24,9 @@ def write_audio_only(path: Path) -> Path:
         stream = out.add_stream("aac", rate=16000)
         stream.layout = "mono"
         for k in range(10):
-            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
+            frame = av.AudioFrame.from_ndarray(
+                np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono"
+            )
             frame.sample_rate = 16000
             frame.pts = k * 1024
             for packet in stream.encode(frame):
@@ -36,11 +38,17 @@ def write_audio_only(path: Path) -> Path:
 
 def png_bomb(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels (the classic decompression bomb)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1)))
+        + chunk(b"IEND", b"")
+    )
 
 
 def make_media(root: Path) -> dict[str, Path]:
@@ -52,14 +60,14 @@ def make_media(root: Path) -> dict[str, Path]:
         m[name] = root / name
         img.save(m[name], **kw)
 
-    photo = Image.open(SKLEARN / "china.jpg")            # 640x427 RGB JPEG
+    photo = Image.open(SKLEARN / "china.jpg")  # 640x427 RGB JPEG
     save("gray.png", Image.open(SKIMAGE / "camera.png"))  # mode L
     save("palette.png", photo.convert("P", palette=Image.Palette.ADAPTIVE))
     save("rgba.png", Image.open(SKIMAGE / "astronaut.png").convert("RGBA").resize((64, 64)))
     save("cmyk.jpg", photo.convert("CMYK"))
     save("sixteen.png", Image.open(SKIMAGE / "camera.png").convert("I;16"))
     exif = Image.Exif()
-    exif[0x0112] = 6                                      # rotate 90: stored 640x427, shown 427x640
+    exif[0x0112] = 6  # rotate 90: stored 640x427, shown 427x640
     save("rotated.jpg", photo, exif=exif.tobytes())
     save("one.png", Image.new("RGB", (1, 1), (255, 0, 0)))
     save("large.jpg", Image.linear_gradient("L").resize((8000, 6000)), quality=50)
@@ -69,7 +77,7 @@ def make_media(root: Path) -> dict[str, Path]:
     save("my photo.v2.final.jpeg", photo)
     save("png_named.jpg", Image.open(SKIMAGE / "coffee.png").resize((50, 40)), format="PNG")
     m["anim.gif"] = SKIMAGE / "no_time_for_that_tiny.gif"
-    m["multipage.tif"] = SKIMAGE / "multipage.tif"            # two grayscale pages
+    m["multipage.tif"] = SKIMAGE / "multipage.tif"  # two grayscale pages
     m["flower.jpg"] = SKLEARN / "flower.jpg"
 
     data = (SKLEARN / "china.jpg").read_bytes()
@@ -87,9 +95,11 @@ def make_media(root: Path) -> dict[str, Path]:
     m["truncated_progressive.jpg"] = root / "truncated_progressive.jpg"
     m["truncated_progressive.jpg"].write_bytes(progressive[: len(progressive) - 40])
     gif = io.BytesIO()
-    frames = [Image.open(SKLEARN / "china.jpg").convert("P").resize((64, 48)).rotate(a) for a in range(0, 90, 10)]
+    frames = [
+        Image.open(SKLEARN / "china.jpg").convert("P").resize((64, 48)).rotate(a) for a in range(0, 90, 10)
+    ]
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
-    m["truncated.gif"] = root / "truncated.gif"            # the first frames intact, the last ones cut
+    m["truncated.gif"] = root / "truncated.gif"  # the first frames intact, the last ones cut
     m["truncated.gif"].write_bytes(gif.getvalue()[: len(gif.getvalue()) * 3 // 4])
     m["truncated.png"] = root / "truncated.png"
     m["truncated.png"].write_bytes(png.getvalue()[: len(png.getvalue()) * 2 // 3])
@@ -102,7 +112,7 @@ def make_media(root: Path) -> dict[str, Path]:
     faststart = write_video(root / "faststart.mp4", frames=40, size=(128, 96), faststart=True).read_bytes()
     m["truncated_faststart.mp4"] = root / "truncated_faststart.mp4"
     m["truncated_faststart.mp4"].write_bytes(faststart[: len(faststart) // 2])
-    garbage = bytearray(faststart)                        # intact index, frame data zeroed
+    garbage = bytearray(faststart)  # intact index, frame data zeroed
     start = garbage.find(b"mdat") + 4
     garbage[start:] = bytes(len(garbage) - start)
     m["garbage_frames.mp4"] = root / "garbage_frames.mp4"

@@ -26,17 +26,38 @@ def text(t: str) -> TextPart:
 
 # Rendering cases by name (tests/unit/test_render.py and the family tests).
 CONVERSATIONS = {
-    "single": Sample(key="000000001", source="s", index=1, turns=[
-        Turn(role="user", parts=[image("img0.jpg"), text("What is this?")]),
-        Turn(role="assistant", parts=[text("A temple roof.")])]),
-    "multi_turn_multi_image_system": Sample(key="000000002", source="s", index=2, system="Answer briefly.", turns=[
-        Turn(role="user", parts=[image("img0.jpg"), text("Where?")]),
-        Turn(role="assistant", parts=[text("China.")]),
-        Turn(role="user", parts=[text("And this one?"), image("img1.png")]),
-        Turn(role="assistant", parts=[text("A cup of coffee on a saucer.")])]),
-    "text_only": Sample(key="000000003", source="s", index=3, turns=[
-        Turn(role="user", parts=[text("你好")]), Turn(role="assistant", parts=[text("你好！")]),
-        Turn(role="user", parts=[text("2+2?")]), Turn(role="assistant", parts=[text("4")])]),
+    "single": Sample(
+        key="000000001",
+        source="s",
+        index=1,
+        turns=[
+            Turn(role="user", parts=[image("img0.jpg"), text("What is this?")]),
+            Turn(role="assistant", parts=[text("A temple roof.")]),
+        ],
+    ),
+    "multi_turn_multi_image_system": Sample(
+        key="000000002",
+        source="s",
+        index=2,
+        system="Answer briefly.",
+        turns=[
+            Turn(role="user", parts=[image("img0.jpg"), text("Where?")]),
+            Turn(role="assistant", parts=[text("China.")]),
+            Turn(role="user", parts=[text("And this one?"), image("img1.png")]),
+            Turn(role="assistant", parts=[text("A cup of coffee on a saucer.")]),
+        ],
+    ),
+    "text_only": Sample(
+        key="000000003",
+        source="s",
+        index=3,
+        turns=[
+            Turn(role="user", parts=[text("你好")]),
+            Turn(role="assistant", parts=[text("你好！")]),
+            Turn(role="user", parts=[text("2+2?")]),
+            Turn(role="assistant", parts=[text("4")]),
+        ],
+    ),
 }
 
 
@@ -46,18 +67,30 @@ def images_of(sample: Sample) -> list:
 
 def sample(key: str, turns: list[tuple[str, list]], system: str | None = None) -> Sample:
     """A sample from (role, [parts]) turns: a part naming a photo (or "crop.png") is that image."""
+
     def part(p: str) -> ImagePart | TextPart:
         return image(p) if p in PHOTOS or p == "crop.png" else text(p)
-    return Sample(key=key, source="s", index=0, system=system,
-                  turns=[Turn(role=r, parts=[part(p) for p in ps]) for r, ps in turns])
+
+    return Sample(
+        key=key,
+        source="s",
+        index=0,
+        system=system,
+        turns=[Turn(role=r, parts=[part(p) for p in ps]) for r, ps in turns],
+    )
 
 
 # Three samples to pack: a photo and a question, text only over two turns, two images and a system prompt.
 SAMPLES = [
     sample("1", [("user", ["img0.jpg", "What is it?"]), ("assistant", ["A roof."])]),
-    sample("2", [("user", ["Hello"]), ("assistant", ["Hi there."]), ("user", ["Bye"]), ("assistant", ["Bye."])]),
-    sample("3", [("user", ["img1.png", "And this?", "img0.jpg"]), ("assistant", ["Coffee, then a roof."])],
-           system="Be brief."),
+    sample(
+        "2", [("user", ["Hello"]), ("assistant", ["Hi there."]), ("user", ["Bye"]), ("assistant", ["Bye."])]
+    ),
+    sample(
+        "3",
+        [("user", ["img1.png", "And this?", "img0.jpg"]), ("assistant", ["Coffee, then a roof."])],
+        system="Be brief.",
+    ),
 ]
 
 
@@ -71,8 +104,10 @@ def cropped_photo(box: tuple[int, int, int, int], answer: str) -> tuple[Sample, 
     """A one-turn sample about a crop of img0.jpg, and the photos with that crop among them."""
     crop = io.BytesIO()
     decode_image(PHOTOS["img0.jpg"]).crop(box).save(crop, format="PNG")
-    return sample("4", [("user", ["crop.png", "What is it?"]), ("assistant", [answer])]), \
-        {**PHOTOS, "crop.png": crop.getvalue()}
+    return sample("4", [("user", ["crop.png", "What is it?"]), ("assistant", [answer])]), {
+        **PHOTOS,
+        "crop.png": crop.getvalue(),
+    }
 
 
 def assert_packed_equals_alone(path, adapter, rendered: list, pack: dict) -> None:

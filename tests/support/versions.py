@@ -26,8 +26,9 @@ def pinned(path: Path = CONSTRAINTS) -> dict[str, str]:
             continue
         match = PIN.match(line)
         if match is None:
-            raise ValueError(f"{path}:{number}: {line!r} is not 'name==version'; write the file with "
-                             f"'make constraints'")
+            raise ValueError(
+                f"{path}:{number}: {line!r} is not 'name==version'; write the file with 'make constraints'"
+            )
         pins[canonicalize_name(match[1])] = match[2]
     return pins
 
@@ -39,7 +40,7 @@ def differences(path: Path = CONSTRAINTS) -> list[str]:
     for name, pin in sorted(pinned(path).items()):
         try:
             installed = version(name)
-        except PackageNotFoundError:       # not on this platform (decord off x86_64, CUDA libraries)
+        except PackageNotFoundError:  # not on this platform (decord off x86_64, CUDA libraries)
             continue
         if Version(installed).public != Version(pin).public:
             found.append(f"{name} {installed} (pinned {pin})")

@@ -44,8 +44,7 @@ def test_no_host_reads_inside_the_language_models_layers(tiny, family: str) -> N
         return attention.packed_attention(module, query, key, value, mask, **kwargs)
 
     AttentionInterface.register("finding", finding)
-    old = adapter.load_model(attn_implementation=attention.per_module(
-        adapter.config, "finding")).eval()
+    old = adapter.load_model(attn_implementation=attention.per_module(adapter.config, "finding")).eval()
     with torch.no_grad(), attention.count_host_reads(decoder_layers(old)) as reads:
         old(**inputs, use_cache=False)
     assert len(reads) == 2 * old.config.get_text_config().num_hidden_layers
@@ -69,17 +68,37 @@ def test_per_sample_attention_with_a_sliding_window_is_the_dense_masked_one(wind
     q = torch.randn(1, 4, length, 8, generator=gen)
     k, v = (torch.randn(1, 2, length, 8, generator=gen) for _ in range(2))
     cu = torch.tensor([0, 5, 14, 15, 22], dtype=torch.int32)
-    out, _ = attention.packed_attention(Module(), q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                                        max_length_q=9, max_length_k=9, mmloom_segments=sizes,
-                                        sliding_window=window)
+    out, _ = attention.packed_attention(
+        Module(),
+        q,
+        k,
+        v,
+        None,
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=9,
+        max_length_k=9,
+        mmloom_segments=sizes,
+        sliding_window=window,
+    )
     sample = torch.repeat_interleave(torch.arange(4), torch.tensor(sizes))
     i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
     mask = (sample[:, None] == sample[None, :]) & (j <= i) & ((i - j < window) if window else True)
     expected, _ = sdpa_attention_forward(Module(), q, k, v, mask[None, None], is_causal=False)
     assert torch.allclose(out, expected, atol=1e-6)
     # The same from the tensor of boundaries alone (what a compiled block is given).
-    again, _ = attention.packed_attention(Module(), q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                                          max_length_q=9, max_length_k=9, sliding_window=window)
+    again, _ = attention.packed_attention(
+        Module(),
+        q,
+        k,
+        v,
+        None,
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=9,
+        max_length_k=9,
+        sliding_window=window,
+    )
     assert torch.equal(again, out)
 
 
@@ -98,24 +117,26 @@ def test_block_masks_are_the_dense_masks_by_tile(window: int | None) -> None:
     block = torch.full((n,), -1)
     for i, start in enumerate(starts.tolist()):
         offset = int(torch.randint(0, 200, (), generator=gen))
-        block[start + offset: start + offset + 256] = i
+        block[start + offset : start + offset + 256] = i
     ids = torch.stack([sample, block]).to(torch.int32)
     dense = attention.block_causal(ids, window, "sdpa")[0, 0]
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
     rule = (sample[i] == sample[j]) & ((j <= i) | ((block[i] == block[j]) & (block[i] >= 0)))
     assert torch.equal(dense, rule & (i - j < window) if window else rule)
-    assert dense.triu(1).any()                                # the blocks attend ahead
+    assert dense.triu(1).any()  # the blocks attend ahead
     flex = attention.block_causal(ids, window, attention.FLEX)
     tiles = dense.view(n // 128, 128, n // 128, 128)
     some, every = tiles.any(3).any(1), tiles.all(3).all(1)
     reference = create_block_mask(lambda b, h, q, kv: dense[q, kv], None, None, n, n, device="cpu")
-    assert torch.equal(flex.to_dense()[0, 0].bool(), some) and torch.equal(reference.to_dense()[0, 0].bool(), some)
+    assert torch.equal(flex.to_dense()[0, 0].bool(), some) and torch.equal(
+        reference.to_dense()[0, 0].bool(), some
+    )
     full = torch.zeros_like(some)
     rows = flex.full_kv_num_blocks[0, 0]
     for row in range(n // 128):
-        full[row, flex.full_kv_indices[0, 0, row, :rows[row]].long()] = True
+        full[row, flex.full_kv_indices[0, 0, row, : rows[row]].long()] = True
     assert torch.equal(full, every)
-    assert flex.sparsity() > 85                               # % of tiles skipped
+    assert flex.sparsity() > 85  # % of tiles skipped
 
 
 def test_backend_per_family_and_device(tiny, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
@@ -124,12 +145,15 @@ def test_backend_per_family_and_device(tiny, monkeypatch: pytest.MonkeyPatch, ca
     llava = get_adapter(tiny("llava")).config
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert attention.choose(llava, LlavaForConditionalGeneration, cpu) == attention.PACKED
-    assert get_adapter(tiny("gemma3")).attn_implementation() == "sdpa"     # dense masks: image blocks
+    assert get_adapter(tiny("gemma3")).attn_implementation() == "sdpa"  # dense masks: image blocks
     assert attention.choose_masked(cpu) == "sdpa" and attention.choose_masked(cuda) == attention.FLEX
     assert attention.choose(llava, LlavaForConditionalGeneration, cuda) == attention.VARLEN
     real = attention.importlib.util.find_spec
-    monkeypatch.setattr(attention.importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    monkeypatch.setattr(
+        attention.importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "flash_attn" else real(name, *a),
+    )
     assert attention.choose(llava, LlavaForConditionalGeneration, cuda) == "flash_attention_2"
     mllama = get_adapter(tiny("mllama")).config
     with caplog.at_level(logging.INFO, logger="trainer.attention"):
@@ -150,15 +174,29 @@ def test_compiled_blocks_under_checkpointing_do_not_recompile(tiny) -> None:
 
     path = tiny("llava")
     adapter = get_adapter(path)
-    text = [render_sample(adapter, sample(str(i), [("user", ["Count to " + "ten " * i]), ("assistant", [f"{i} times."])]),
-                          PHOTOS) for i in range(1, 5)]
+    text = [
+        render_sample(
+            adapter,
+            sample(str(i), [("user", ["Count to " + "ten " * i]), ("assistant", [f"{i} times."])]),
+            PHOTOS,
+        )
+        for i in range(1, 5)
+    ]
     make_up = [[0], [1, 2, 3, 0], [2, 3], [3, 1, 0], [1], [0, 2], [3, 2, 1], [2], [1, 3], [0, 1, 2, 3]]
     packs = [collate(adapter, [text[j] for j in indices]) for indices in make_up]
     assert len({p.inputs["mmloom_segments"] for p in packs}) == 10
     losses = {}
     for compiled in (False, True):
-        cfg = load_config(None, [f"model.path={path}", "data.shards=unused", f"train.compile={compiled}",
-                                 "train.activation_checkpointing=full", "finetune.freeze_vision=false"])
+        cfg = load_config(
+            None,
+            [
+                f"model.path={path}",
+                "data.shards=unused",
+                f"train.compile={compiled}",
+                "train.activation_checkpointing=full",
+                "finetune.freeze_vision=false",
+            ],
+        )
         model = build_model(adapter, cfg, rank=0, world=1).model
         torch._dynamo.reset()
         counters.clear()
@@ -169,7 +207,7 @@ def test_compiled_blocks_under_checkpointing_do_not_recompile(tiny) -> None:
             losses.setdefault(compiled, []).append(loss.item())
             frames.append(counters["frames"]["total"])
     assert counters["stats"]["unique_graphs"] >= 1 and frames[0] > 0
-    assert frames[1:] == [frames[0]] * 9, frames              # nothing compiled after the first pack
+    assert frames[1:] == [frames[0]] * 9, frames  # nothing compiled after the first pack
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
@@ -180,13 +218,32 @@ def test_attention_benchmark_counts_host_reads_per_backend() -> None:
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "attention.py"), "--tokens", "512", "--samples",
-                           "4", "9", "--repeats", "1"], cwd=repo, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "benchmarks" / "attention.py"),
+            "--tokens",
+            "512",
+            "--samples",
+            "4",
+            "9",
+            "--repeats",
+            "1",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [(x["samples_per_pack"], x["backend"]) for x in lines] == [
-        (n, b) for n in (4, 9) for b in (attention.PACKED, "per_layer_boundaries", "sdpa")]
+        (n, b) for n in (4, 9) for b in (attention.PACKED, "per_layer_boundaries", "sdpa")
+    ]
     for x in lines:
         assert "error" not in x and x["fwd_ms_per_layer"] > 0 and x["bwd_ms_per_layer"] > 0
         assert x["trainer_path"] == (x["backend"] == attention.PACKED)
-        assert x["host_reads_per_forward"] == {attention.PACKED: 0, "per_layer_boundaries": 4, "sdpa": 0}[x["backend"]]
+        assert (
+            x["host_reads_per_forward"]
+            == {attention.PACKED: 0, "per_layer_boundaries": 4, "sdpa": 0}[x["backend"]]
+        )

@@ -19,20 +19,53 @@ from tests.support import ENV, REPO
 
 KEYS = {
     "machine": {"cpus", "load_avg_1_5_15", "date", "torch"},
-    "packing": {"packing_efficiency_4096", "packing_efficiency_8192", "padded_bs8_random", "padded_bs8_length_grouped",
-                "packer_s_per_1m_samples_8192"},
-    "loader": {"loader_speedup_vs_baseline", "loader_speedup_vs_baseline_wall", "loader_speedup_vs_tuned_baseline",
-               "mmloom_samples_per_s", "baseline_samples_per_s", "baseline_tuned_samples_per_s",
-               "decode_only_samples_per_s", "mmloom_startup_s", "baseline_startup_s"},
-    "train": {"useful_tokens_speedup_vs_padded", "useful_tokens_speedup_vs_padded_grouped",
-              "useful_tokens_speedup_vs_padded_masked_row", "packed_useful_tokens_per_s", "padded_useful_tokens_per_s",
-              "packed_masked_row_useful_tokens_per_s", "packed_token_efficiency", "padded_token_efficiency",
-              "framework_overhead_ms_per_step", "step_ms", "fwd_bwd_ms"},
+    "packing": {
+        "packing_efficiency_4096",
+        "packing_efficiency_8192",
+        "padded_bs8_random",
+        "padded_bs8_length_grouped",
+        "packer_s_per_1m_samples_8192",
+    },
+    "loader": {
+        "loader_speedup_vs_baseline",
+        "loader_speedup_vs_baseline_wall",
+        "loader_speedup_vs_tuned_baseline",
+        "mmloom_samples_per_s",
+        "baseline_samples_per_s",
+        "baseline_tuned_samples_per_s",
+        "decode_only_samples_per_s",
+        "mmloom_startup_s",
+        "baseline_startup_s",
+    },
+    "train": {
+        "useful_tokens_speedup_vs_padded",
+        "useful_tokens_speedup_vs_padded_grouped",
+        "useful_tokens_speedup_vs_padded_masked_row",
+        "packed_useful_tokens_per_s",
+        "padded_useful_tokens_per_s",
+        "packed_masked_row_useful_tokens_per_s",
+        "packed_token_efficiency",
+        "padded_token_efficiency",
+        "framework_overhead_ms_per_step",
+        "step_ms",
+        "fwd_bwd_ms",
+    },
     "shard": {"media_mb_per_s_1w", "media_samples_per_s_1w", "text_samples_per_s_1w", "text_peak_rss_mb"},
-    "resume": {"resume_to_first_step_s", "resume_load_checkpoint_s", "resume_first_batch_wait_s", "resumed_at_occurrences",
-               "epoch_samples"},
-    "video_decode": {"decord_all_frames_per_s", "pyav_all_frames_per_s", "decord_sampled_frames_per_s",
-                     "pyav_sampled_frames_per_s", "bikes", "carphone_distorted"},
+    "resume": {
+        "resume_to_first_step_s",
+        "resume_load_checkpoint_s",
+        "resume_first_batch_wait_s",
+        "resumed_at_occurrences",
+        "epoch_samples",
+    },
+    "video_decode": {
+        "decord_all_frames_per_s",
+        "pyav_all_frames_per_s",
+        "decord_sampled_frames_per_s",
+        "pyav_sampled_frames_per_s",
+        "bikes",
+        "carphone_distorted",
+    },
     "mixing": {"worst_ratio_to_iid", "mix_bar_1_25", "plan_10m", "plan_bar_5s_1gib"},
     "memory": {"all_fit_80gb", "host_bar_1_15", "configs", "tokens"},
     "machine_after": {"load_avg_1_5_15"},
@@ -40,9 +73,15 @@ KEYS = {
 
 
 def test_run_all_quick_prints_every_benchmark_as_json() -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick"], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]      # every line is JSON
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]  # every line is JSON
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [x["benchmark"] for x in lines] == list(KEYS)
     for line in lines:
@@ -53,14 +92,18 @@ def test_run_all_quick_prints_every_benchmark_as_json() -> None:
     assert 0.9 < by["packing"]["packing_efficiency_8192"] <= 1 and by["packing"]["padded_bs8_random"] < 0.8
     train = by["train"]
     assert train["packed_token_efficiency"] > train["padded_token_efficiency"]
-    assert all(train[k] > 0 for k in ("packed_useful_tokens_per_s", "padded_useful_tokens_per_s", "fwd_bwd_ms"))
+    assert all(
+        train[k] > 0 for k in ("packed_useful_tokens_per_s", "padded_useful_tokens_per_s", "fwd_bwd_ms")
+    )
     assert train["packed_attention_pairs_per_token"] < train["packed_masked_row_attention_pairs_per_token"]
     assert all(by["loader"][k] > 0 for k in KEYS["loader"] if k.endswith("_per_s"))
     resume = by["resume"]
     assert resume["epoch_samples"] == 1_000_000 and 400_000 < resume["resumed_at_occurrences"] < 600_000
     assert 0 < resume["resume_load_checkpoint_s"] < resume["resume_to_first_step_s"]
     video = by["video_decode"]
-    assert video["bikes"]["frames"] == 250 and all(video[k] > 0 for k in KEYS["video_decode"] if k.endswith("_per_s"))
+    assert video["bikes"]["frames"] == 250 and all(
+        video[k] > 0 for k in KEYS["video_decode"] if k.endswith("_per_s")
+    )
     check_memory_summary(by["memory"])
 
 
@@ -84,7 +127,8 @@ def check_memory_summary(memory: dict) -> None:
     # 32B on 16 GPUs: HSDP in groups of 8 holds twice the sharded state of full sharding.
     fsdp, hsdp = rows["Qwen2.5-VL-32B-Instruct", "full", 16], rows["Qwen2.5-VL-32B-Instruct", "full", 8]
     assert fsdp["fits_80gb"] and hsdp["per_rank_gib"]["optimizer"] == pytest.approx(
-        2 * fsdp["per_rank_gib"]["optimizer"], abs=0.02)
+        2 * fsdp["per_rank_gib"]["optimizer"], abs=0.02
+    )
     # LoRA 72B: the frozen bf16 base sharded over 8 ranks.
     lora = rows["Qwen2.5-VL-72B-Instruct", "lora", 8]
     assert lora["per_rank_gib"]["params_bf16"] == pytest.approx(lora["bf16_checkpoint_gib"] / 8, rel=0.02)
@@ -93,8 +137,14 @@ def check_memory_summary(memory: dict) -> None:
 def test_gpu_benchmark_without_a_gpu_exits_cleanly() -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the benchmark would run")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu" / "mfu.py")], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu" / "mfu.py")],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"benchmark": "gpu_mfu", "skipped": "no GPU"}
     assert "no GPU" in proc.stderr
@@ -102,8 +152,14 @@ def test_gpu_benchmark_without_a_gpu_exits_cleanly() -> None:
 
 def test_gpu_benchmark_runs_its_code_on_cpu_with_smoke() -> None:
     """`--smoke`: the tiny Qwen2-VL through the GPU suite's own build, data, step and FLOP count."""
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu" / "mfu.py"), "--smoke", "--ac", "none"],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu" / "mfu.py"), "--smoke", "--ac", "none"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["smoke"] and [r["ac"] for r in result["runs"]] == ["none"]
@@ -116,8 +172,14 @@ def test_gpu_validation_runs_every_stage_on_cpu_with_smoke(tmp_path: Path) -> No
     """benchmarks/gpu/validate.py --smoke: one JSON line per stage in order, each stage's checks
     passing on CPU with tiny sizes, then the summary; --out gets the same lines."""
     out = tmp_path / "validate.jsonl"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu" / "validate.py"), "--smoke",
-                           "--out", str(out)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu" / "validate.py"), "--smoke", "--out", str(out)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [x.get("stage") for x in lines[:-1]] == ["env", "oracle", "attention", "mfu", "memory", "run"]
     summary = lines[-1]
@@ -133,18 +195,21 @@ def test_gpu_validation_runs_every_stage_on_cpu_with_smoke(tmp_path: Path) -> No
     for family in ("llava", "qwen2_5_vl", "mllama"):
         entry = oracle["families"][family]
         assert len(entry["samples"]) == 3 and entry["trainer_backend"] in entry
-        for backend in ("mmloom_packed", "sdpa"):     # what runs on CPU
+        for backend in ("mmloom_packed", "sdpa"):  # what runs on CPU
             assert entry[backend]["ok"] and entry[backend]["rel_diff"] <= oracle["tolerance"], (family, entry)
-    gemma3 = oracle["families"]["gemma3"]            # block masks: dense for SDPA on CPU
+    gemma3 = oracle["families"]["gemma3"]  # block masks: dense for SDPA on CPU
     assert gemma3["trainer_backend"] == "sdpa" and gemma3["sdpa"]["ok"] and "mmloom_packed" not in gemma3
     attention = by["attention"]
-    assert attention["status"] == "skipped" and "missing" in attention["reason"] or \
-        attention["trainer_path_host_reads"] == [0]
+    assert (
+        attention["status"] == "skipped"
+        and "missing" in attention["reason"]
+        or attention["trainer_path_host_reads"] == [0]
+    )
     assert [r["ac"] for r in by["mfu"]["runs"]] == ["none"] and by["mfu"]["runs"][0]["tokens_per_s"] > 0
     rows = {(r["method"], r["grad_accum"]): r for r in by["memory"]["rows"]}
     assert set(rows) == {("full", 1), ("full", 4), ("lora", 1), ("lora", 4)}
     assert 0 < rows["lora", 1]["trainable_params"] < rows["full", 1]["trainable_params"]
-    assert rows["full", 4]["predicted"] == rows["full", 1]["predicted"]    # accumulation adds no state
+    assert rows["full", 4]["predicted"] == rows["full", 1]["predicted"]  # accumulation adds no state
     run = by["run"]
     assert all(run["checks"].values()) and len(run["checks"]) == 5
     first, resumed = run["first"], run["resumed"]
@@ -156,7 +221,7 @@ def test_gpu_validation_kills_a_stage_at_its_limit(tmp_path: Path) -> None:
     """A stage past its time limit is killed with everything it started, and reported as a result."""
     from benchmarks.gpu.validate import run_stage
 
-    line = run_stage("env", 0.5, tmp_path, smoke=True)     # importing torch alone takes longer
+    line = run_stage("env", 0.5, tmp_path, smoke=True)  # importing torch alone takes longer
     assert line["stage"] == "env" and line["status"] == "timeout" and "killed after" in line["error"]
     assert line["seconds"] < 30
 
@@ -181,7 +246,10 @@ def test_seed_style_baseline_renders_what_mmloom_renders(tiny, tmp_path: Path) -
         images[-1].write_bytes(src.read_bytes())
     (media / "mix.json").write_text(json.dumps(llava_like_records(12, images, seed=3)))
     (tmp_path / "data.txt").write_text(f"{media / 'mix.json'} 0.012\n")
-    assert shard_main([str(tmp_path / "data.txt"), "--out", str(tmp_path / "shards"), "-q", "--workers", "1"]) == 0
+    assert (
+        shard_main([str(tmp_path / "data.txt"), "--out", str(tmp_path / "shards"), "-q", "--workers", "1"])
+        == 0
+    )
     adapter = get_adapter(tiny("llava"))
     baseline = SeedStyleDataset(media / "mix.json", tiny("llava"))
     tuned = SeedStyleDataset(media / "mix.json", tiny("llava"), labels="tuned")
@@ -196,15 +264,34 @@ def test_seed_style_baseline_renders_what_mmloom_renders(tiny, tmp_path: Path) -
             if ours.media:
                 assert torch.equal(ours.media["pixel_values"], item["pixel_values"])
         kinds.add((bool(ours.media), sum(t.role == "assistant" for t in sample.turns) > 1))
-    assert kinds == {(True, True), (True, False), (False, True), (False, False)}   # images, text-only, multi-turn
+    assert kinds == {
+        (True, True),
+        (True, False),
+        (False, True),
+        (False, False),
+    }  # images, text-only, multi-turn
 
 
 def test_mixing_benchmark_meets_its_bars_at_a_small_scale() -> None:
     """benchmarks/mixing.py on a 100k-sample version of its mix, 1 and 8 ranks x 2 workers: the real
     plan's order within 1.25x of i.i.d. for per-step and 1 %-of-epoch windows; the 10M plan's cost."""
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mixing.py"), "--ranks", "1", "8",
-                           "--scale", "0.1", "--seeds", "3"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "mixing.py"),
+            "--ranks",
+            "1",
+            "8",
+            "--scale",
+            "0.1",
+            "--seeds",
+            "3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line.get("ranks") for line in lines] == [1, 8, None]

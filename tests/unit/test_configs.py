@@ -21,4 +21,6 @@ def test_config_is_valid(path: Path) -> None:
 
 def test_all_real_configs_are_listed_in_the_configs_readme() -> None:
     readme = (CONFIGS[0].parent / "README.md").read_text()
-    assert all(f"`{p.name}`" in readme for p in CONFIGS), [p.name for p in CONFIGS if f"`{p.name}`" not in readme]
+    assert all(f"`{p.name}`" in readme for p in CONFIGS), [
+        p.name for p in CONFIGS if f"`{p.name}`" not in readme
+    ]

@@ -15,16 +15,28 @@ from data_tools.sample import ImagePart, Sample, TextPart, VideoPart
 def test_sample_round_trips_through_json(media: dict[str, Path]) -> None:
     png = base64.b64encode(media["one.png"].read_bytes()).decode()
     record = {
-        "id": 7, "system_prompt": "sys", "image": [str(media["rotated.jpg"]), "data:image/png;base64," + png],
-        "video": str(media["short.mp4"]), "num_frames": 2,
-        "conversations": [{"from": "human", "value": "<image><video>\nand <image>"},
-                          {"from": "gpt", "value": "ok"}]}
+        "id": 7,
+        "system_prompt": "sys",
+        "image": [str(media["rotated.jpg"]), "data:image/png;base64," + png],
+        "video": str(media["short.mp4"]),
+        "num_frames": 2,
+        "conversations": [
+            {"from": "human", "value": "<image><video>\nand <image>"},
+            {"from": "gpt", "value": "ok"},
+        ],
+    }
     out = convert_record(3, 4, record, "src", Path("/unused"), ConvertOptions())
     assert out.code is None, out.reason
     assert [name for name, _ in out.members] == ["json", "img0.jpg", "vid0.mp4", "img1.png"]
     sample = Sample.from_json(out.members[0][1])
     assert sample.to_json() == out.members[0][1]
-    assert (sample.key, sample.source, sample.index, sample.id, sample.system) == ("000000003", "src", 3, "7", "sys")
+    assert (sample.key, sample.source, sample.index, sample.id, sample.system) == (
+        "000000003",
+        "src",
+        3,
+        "7",
+        "sys",
+    )
     user = sample.turns[0].parts
     assert [type(p) for p in user] == [ImagePart, VideoPart, TextPart, ImagePart]
     assert (user[0].width, user[0].height) == (427, 640)
@@ -49,11 +61,22 @@ def test_an_unexpected_failure_rejects_the_record_not_the_run(monkeypatch) -> No
     assert "KeyError('surprise')" in out.reason
 
 
-@pytest.mark.parametrize("record, code", [
-    ({"conversations": [{"from": "human", "value": "q\udc80"}, {"from": "gpt", "value": "a"}]}, "bad_text"),
-    ({"image": "a\u0000b.jpg", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-     "bad_media_field"),
-])
+@pytest.mark.parametrize(
+    "record, code",
+    [
+        (
+            {"conversations": [{"from": "human", "value": "q\udc80"}, {"from": "gpt", "value": "a"}]},
+            "bad_text",
+        ),
+        (
+            {
+                "image": "a\u0000b.jpg",
+                "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+            },
+            "bad_media_field",
+        ),
+    ],
+)
 def test_text_and_paths_that_are_not_valid_unicode_or_paths(tmp_path: Path, record: dict, code: str) -> None:
     out = convert_record(0, 1, record, "src", tmp_path, ConvertOptions())
     assert out.code == code, out.reason

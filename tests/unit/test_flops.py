@@ -35,11 +35,17 @@ def trainer_model(path, overrides: list[str]):
     return model.train(), adapter, cfg
 
 
-@pytest.mark.parametrize("family, overrides", [("qwen2_vl", []), ("llava", []),
-                                               ("qwen2_vl", ["finetune.freeze_vision=false"]),
-                                               # tied embedding and lm_head: the gradient starts there
-                                               ("qwen2_vl", ["finetune.freeze_projector=true"]),
-                                               ("llava", ["finetune.method=lora"])])
+@pytest.mark.parametrize(
+    "family, overrides",
+    [
+        ("qwen2_vl", []),
+        ("llava", []),
+        ("qwen2_vl", ["finetune.freeze_vision=false"]),
+        # tied embedding and lm_head: the gradient starts there
+        ("qwen2_vl", ["finetune.freeze_projector=true"]),
+        ("llava", ["finetune.method=lora"]),
+    ],
+)
 def test_step_flops_equal_torch_flop_counter(tiny, family: str, overrides: list[str]) -> None:
     from trainer.loop import micro_batch_loss
 
@@ -52,27 +58,31 @@ def test_step_flops_equal_torch_flop_counter(tiny, family: str, overrides: list[
     counted = {str(k): v for k, v in counter.flop_counts["Global"].items()}
     flops = ModelFlops.of(model, adapter)
     parts = flops.forward_flops(pack)
-    vision_trains = any(p.requires_grad for n, p in model.named_parameters()
-                        if adapter.param_group(n) == "vision")
+    vision_trains = any(
+        p.requires_grad for n, p in model.named_parameters() if adapter.param_group(n) == "vision"
+    )
     assert flops.attention_backward["vision"] == vision_trains
     attention = 3 * parts["llm_attention"] + (3 if vision_trains else 1) * parts["vision_attention"]
-    matmuls = sum(counted.get(f"aten.{op}", 0)
-                  for op in ("mm", "addmm", "convolution", "convolution_backward"))
+    matmuls = sum(
+        counted.get(f"aten.{op}", 0) for op in ("mm", "addmm", "convolution", "convolution_backward")
+    )
     # Tolerance 0: the counts are integers and every matmul of the step is one the model must compute.
     assert matmuls == flops.step([pack]) - attention, (matmuls, flops.step([pack]) - attention)
     # The math kernel computes each sample's whole L x L square; the model's work is its causal half.
     text = adapter.config.get_text_config()
     square = 4 * sum(n * n for n in pack.lengths) * flops.text_width * text.num_hidden_layers
     assert counted["aten.bmm"] == 3 * square + (3 if vision_trains else 1) * parts["vision_attention"]
-    assert parts["llm_attention"] == 4 * sum(n * (n + 1) // 2 for n in pack.lengths) * flops.text_width \
-        * text.num_hidden_layers
+    assert (
+        parts["llm_attention"]
+        == 4 * sum(n * (n + 1) // 2 for n in pack.lengths) * flops.text_width * text.num_hidden_layers
+    )
     assert parts["vision_attention"] > 0 and parts["projector"] > 0
 
 
 def test_a_text_only_pack_counts_no_vision_work(tiny) -> None:
     model, adapter, _ = trainer_model(tiny("qwen2_vl"), [])
     text_only = collate(adapter, [render_sample(adapter, SAMPLES[1], PHOTOS)])
-    assert text_only.dummy                  # it carries the grey image, which is not the model's work
+    assert text_only.dummy  # it carries the grey image, which is not the model's work
     flops = ModelFlops.of(model, adapter)
     parts = flops.forward_flops(text_only)
     assert parts["vision_linear"] == parts["vision_attention"] == parts["projector"] == 0
@@ -93,8 +103,9 @@ def test_attention_pairs_per_sample_and_window() -> None:
         for window in (None, 1, 4, 17, 40):
             brute = sum(min(i + 1, window or length) for i in range(length))
             assert causal_pairs(length, window) == brute, (length, window)
-    gemma_like = types.SimpleNamespace(layer_types=["sliding_attention"] * 5 + ["full_attention"],
-                                       sliding_window=512)
+    gemma_like = types.SimpleNamespace(
+        layer_types=["sliding_attention"] * 5 + ["full_attention"], sliding_window=512
+    )
     assert _attention_layers(gemma_like) == ((1, None), (5, 512))
     mllama_like = types.SimpleNamespace(layer_types=None, num_hidden_layers=10, cross_attention_layers=[3, 8])
     assert _attention_layers(mllama_like) == ((8, None),)

@@ -11,10 +11,22 @@ import pytest
 
 from tests.support import REPO
 
-RULES = [            # (files, what they must not import, why)
-    ("data_tools", "trainer", "the converter runs without the trainer (and on machines without torch's GPU stack)"),
-    ("trainer/models", "trainer.data", "a family describes a model; the data pipeline calls it, not the reverse"),
-    ("benchmarks", "tests", "benchmarks run from an installed checkout; shared data helpers live in data_tools.samples"),
+RULES = [  # (files, what they must not import, why)
+    (
+        "data_tools",
+        "trainer",
+        "the converter runs without the trainer (and on machines without torch's GPU stack)",
+    ),
+    (
+        "trainer/models",
+        "trainer.data",
+        "a family describes a model; the data pipeline calls it, not the reverse",
+    ),
+    (
+        "benchmarks",
+        "tests",
+        "benchmarks run from an installed checkout; shared data helpers live in data_tools.samples",
+    ),
 ]
 
 
@@ -32,13 +44,18 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
 def test_imports_keep_the_layers(folder: str, forbidden: str, why: str) -> None:
     files = sorted((REPO / folder).rglob("*.py"))
     assert files, folder
-    broken = [f"{path.relative_to(REPO)}:{line}: {module}" for path in files
-              for line, module in imported_modules(path)
-              if module == forbidden or module.startswith(forbidden + ".")]
+    broken = [
+        f"{path.relative_to(REPO)}:{line}: {module}"
+        for path in files
+        for line, module in imported_modules(path)
+        if module == forbidden or module.startswith(forbidden + ".")
+    ]
     assert not broken, f"{folder} must not import {forbidden} ({why}):\n" + "\n".join(broken)
 
 
 def test_the_rule_sees_an_import_inside_a_function(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
-    module.write_text("import os\n\ndef f():\n    from trainer.data.render import IGNORE\n    return IGNORE\n")
+    module.write_text(
+        "import os\n\ndef f():\n    from trainer.data.render import IGNORE\n    return IGNORE\n"
+    )
     assert imported_modules(module) == [(1, "os"), (4, "trainer.data.render")]

@@ -74,7 +74,7 @@ def test_rejected_images(media: dict[str, Path], name: str) -> None:
 
 
 def test_bomb_is_judged_by_the_explicit_limit(media: dict[str, Path]) -> None:
-    data = media["large.jpg"].read_bytes()                # 48 Mpx: legal by default
+    data = media["large.jpg"].read_bytes()  # 48 Mpx: legal by default
     assert probe_image(data, "large.jpg").width == 8000
     with pytest.raises(Rejected) as e:
         probe_image(data, "large.jpg", max_pixels=8000 * 6000 - 1)
@@ -104,11 +104,11 @@ def test_read_media_reasons(media: dict[str, Path], tmp_path: Path) -> None:
     assert code(tmp_path / "nope.jpg") == "missing_media"
     assert code(media["empty.jpg"]) == "empty_media"
     assert code(tmp_path) == "unreadable_media"
-    assert code(media["flower.jpg"] / "inside-a-file.jpg") == "unreadable_media"     # ENOTDIR
+    assert code(media["flower.jpg"] / "inside-a-file.jpg") == "unreadable_media"  # ENOTDIR
     locked = tmp_path / "locked.jpg"
     locked.write_bytes(media["flower.jpg"].read_bytes())
     locked.chmod(0)
-    if open_is_refused(locked):                           # root reads anything
+    if open_is_refused(locked):  # root reads anything
         assert code(locked) == "unreadable_media"
     assert read_media(MediaRef(kind="image", origin="x", data=b"abc")) == b"abc"
 

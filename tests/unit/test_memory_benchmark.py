@@ -29,9 +29,16 @@ def real_model(adapter, method: str) -> torch.nn.Module:
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 
-        kwargs = {"device_map": {"": "cpu"}, "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=adapter.quant_skip_modules())}
+        kwargs = {
+            "device_map": {"": "cpu"},
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+                llm_int8_skip_modules=adapter.quant_skip_modules(),
+            ),
+        }
     model = adapter.load_model(dtype=torch.bfloat16, attn_implementation="sdpa", **kwargs)
     ft = FinetuneConfig(method=method, lora=LoraConfig(r=8, alpha=16))
     if method != "full":
@@ -58,7 +65,7 @@ def real_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) 
             out[{torch.float32: "params_fp32", torch.bfloat16: "params_bf16"}[p.dtype]] += tensor_bytes(p)
         if p.grad is not None:
             out["gradients"] += tensor_bytes(p.grad)
-    for state in (optimizer.state.values() if optimizer else ()):
+    for state in optimizer.state.values() if optimizer else ():
         assert set(state) == {"step", "exp_avg", "exp_avg_sq"} and state["step"].numel() == 1
         out["optimizer"] += tensor_bytes(state["exp_avg"]) + tensor_bytes(state["exp_avg_sq"])
     return out
@@ -86,7 +93,7 @@ def test_predicted_bytes_equal_a_real_step(tiny, method: str) -> None:
     optimizer = one_step(model, adapter)
     named = dict(model.named_parameters())
     trainable = {n for n, p in named.items() if p.requires_grad}
-    assert all(named[n].grad is not None for n in trainable)        # the image reached the merger
+    assert all(named[n].grad is not None for n in trainable)  # the image reached the merger
     real = real_bytes(model, optimizer)
     assert state_bytes(model, trainable, set(), shard=1) == real
     assert real["params_fp32"] > 0 and real["params_bf16"] > 0
@@ -94,7 +101,7 @@ def test_predicted_bytes_equal_a_real_step(tiny, method: str) -> None:
     meta, meta_trainable, quantized, base, _ = meta_build(adapter, method)
     assert meta_trainable == trainable and not quantized
     assert state_bytes(meta, meta_trainable, set()) == real
-    added = ("lora_", "modules_to_save.")         # peft's: not in the checkpoint
+    added = ("lora_", "modules_to_save.")  # peft's: not in the checkpoint
     assert base == sum(p.numel() for n, p in named.items() if not any(a in n for a in added))
     # FSDP units by name: the root gathers all outside `layers.N.` / `blocks.N.`, and the biggest block twice.
     units: dict[str, list[str]] = {}
@@ -106,7 +113,8 @@ def test_predicted_bytes_equal_a_real_step(tiny, method: str) -> None:
     blocks = [u for u in units if u]
     assert working_bytes(model, trainable, set(), adapter) == {
         "params": 2 * (gathered[""] + 2 * max(gathered[u] for u in blocks)),
-        "gradients": 6 * (grads[""] + max(grads[u] for u in blocks))}
+        "gradients": 6 * (grads[""] + max(grads[u] for u in blocks)),
+    }
     # Two ranks: every trained tensor's fp32 master, gradient and states split in two (dim 0 padded).
     halves = state_bytes(model, trainable, set(), shard=2)
     padding = 8 * sum(named[n][0].numel() for n in trainable if named[n].dim() > 0)
@@ -118,7 +126,7 @@ def test_predicted_4bit_bytes_equal_the_quantized_model(tiny) -> None:
     model = real_model(adapter, "qlora")
     quantized = {n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert len(quantized) == 7 * adapter.config.text_config.num_hidden_layers     # q k v o gate up down
+    assert len(quantized) == 7 * adapter.config.text_config.num_hidden_layers  # q k v o gate up down
     predicted = state_bytes(model, trainable, quantized)
     real = real_bytes(model, None)
     assert predicted["params_4bit"] == pytest.approx(real["params_4bit"], rel=0.01)

@@ -23,7 +23,9 @@ def test_warmup_then_decay_to_the_floor(schedule: str) -> None:
     else:
         assert after[0] == 1.0 and lr_factor(total, 1.0, cfg) == pytest.approx(0.1)
         mid = lr_factor(12, 0.5, cfg)
-        assert mid == pytest.approx(0.1 + 0.9 * (0.5 if schedule == "linear" else 0.5 * (1 + math.cos(math.pi / 2))))
+        assert mid == pytest.approx(
+            0.1 + 0.9 * (0.5 if schedule == "linear" else 0.5 * (1 + math.cos(math.pi / 2)))
+        )
 
 
 def test_progress_outside_the_run_is_clamped() -> None:

@@ -17,9 +17,17 @@ from trainer.models.registry import get_adapter
 
 
 def config(tiny, shards: Path, workers: int):
-    return load_config(None, [f"model.path={tiny('llava')}", f"data.shards={shards}",
-                              f"data.workers={workers}", "data.shuffle_buffer=16", "data.packing.buffer=8",
-                              "data.packing.max_tokens=2048"])
+    return load_config(
+        None,
+        [
+            f"model.path={tiny('llava')}",
+            f"data.shards={shards}",
+            f"data.workers={workers}",
+            "data.shuffle_buffer=16",
+            "data.packing.buffer=8",
+            "data.packing.max_tokens=2048",
+        ],
+    )
 
 
 def loader(cfg, rank: int, world: int, epoch: int, generation: Generation | None = None):
@@ -41,7 +49,7 @@ def test_every_moment_carries_the_mix(tiny, mix_shards: Path, ranks: int, worker
     cfg = config(tiny, mix_shards, workers)
     order = global_order([list(loader(cfg, r, ranks, epoch=0)) for r in range(ranks)])
     manifest = load_manifest(mix_shards)
-    assert sorted(occ for _, _, occ in order) == list(range(1200))          # each occurrence exactly once
+    assert sorted(occ for _, _, occ in order) == list(range(1200))  # each occurrence exactly once
     labels = [source for source, _, _ in order]
     assert [labels.count(s) for s in range(3)] == [600, 300, 300]
     report = mix_report(labels, target_mix([s.epoch_samples for s in manifest.sources]), window=12)
@@ -53,8 +61,9 @@ def test_every_moment_carries_the_mix(tiny, mix_shards: Path, ranks: int, worker
 
 
 @pytest.mark.parametrize("before, after", [((2, 0), (1, 0)), ((1, 0), (2, 0)), ((1, 2), (1, 1))])
-def test_a_checkpoint_resumes_on_other_ranks_or_workers_exactly_once(tiny, mix_shards: Path, before: tuple,
-                                                                     after: tuple) -> None:
+def test_a_checkpoint_resumes_on_other_ranks_or_workers_exactly_once(
+    tiny, mix_shards: Path, before: tuple, after: tuple
+) -> None:
     """Each old rank trains some packs (its workers hold more in their buffers); the checkpoint's loader
     states give the next generation, which the new ranks read to the end: every occurrence of the epoch
     is trained exactly once over both."""

@@ -9,13 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.support.samples import (
-    PHOTOS,
-    SAMPLES,
-    assert_packed_equals_alone,
-    cropped_photo,
-    summed_loss,
-)
+from tests.support.samples import PHOTOS, SAMPLES, assert_packed_equals_alone, cropped_photo, summed_loss
 from trainer import attention
 from trainer.data.packing import collate
 from trainer.data.render import render_sample
@@ -38,7 +32,8 @@ def test_packed_loss_equals_per_sample_losses(tiny, family: str, backend: str) -
     path = tiny(family)
     adapter = get_adapter(path)
     implementation = {"sdpa": "sdpa", "trainer": adapter.attn_implementation()}.get(
-        backend) or attention.per_module(adapter.config, backend)
+        backend
+    ) or attention.per_module(adapter.config, backend)
     model = adapter.load_model(dtype=torch.float32, attn_implementation=implementation)
     model.eval()
     rendered = [render_sample(adapter, s, PHOTOS) for s in SAMPLES]
@@ -99,7 +94,9 @@ def test_the_trainers_attention_gives_the_masked_sdpa_logits(tiny, family: str) 
     path = tiny(family)
     adapter = get_adapter(path)
     implementation = adapter.attn_implementation()
-    if type(adapter).attn_implementation is ModelAdapter.attn_implementation and attention.plain_layers(adapter.config):
+    if type(adapter).attn_implementation is ModelAdapter.attn_implementation and attention.plain_layers(
+        adapter.config
+    ):
         assert implementation == attention.per_module(adapter.config, attention.PACKED)
     inputs = dict(collate(adapter, [render_sample(adapter, s, PHOTOS) for s in SAMPLES]).inputs)
     inputs.pop("labels")
@@ -108,7 +105,9 @@ def test_the_trainers_attention_gives_the_masked_sdpa_logits(tiny, family: str) 
         model = adapter.load_model(dtype=torch.float32, attn_implementation=name).eval()
         with torch.no_grad():
             logits.append(model(**inputs, use_cache=False).logits)
-    assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=1e-5), float((logits[0] - logits[1]).abs().max())
+    assert torch.allclose(logits[0], logits[1], atol=1e-5, rtol=1e-5), float(
+        (logits[0] - logits[1]).abs().max()
+    )
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -125,16 +124,18 @@ def test_the_trainers_loss_computes_logits_only_for_targets(tiny, family: str) -
     for i, r in enumerate(rendered):
         r.source = i
     seen = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[-2]))
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: seen.append(args[0].shape[-2])
+    )
     for group in (rendered, rendered[1:2]):
         pack = collate(adapter, group)
         per_source = torch.zeros(len(rendered), 2, dtype=torch.float64)
         model.zero_grad()
         loss = micro_batch_loss(model, adapter, pack, torch.device("cpu"), per_source, chunk=5)
         loss.backward()
-        assert pack.targets > 5                    # several chunks
+        assert pack.targets > 5  # several chunks
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        assert seen.pop() == pack.targets          # only the targets reach the vocabulary projection
+        assert seen.pop() == pack.targets  # only the targets reach the vocabulary projection
 
         model.zero_grad()
         inputs = dict(pack.inputs)
@@ -155,8 +156,11 @@ def test_the_trainers_loss_computes_logits_only_for_targets(tiny, family: str) -
             if param.grad is not None and not name.endswith("k_proj.bias"):
                 # fp32 sums in another order: within 1e-6 of the parameter's largest gradient
                 scale = float(param.grad.abs().max())
-                assert torch.allclose(grads[name], param.grad, atol=1e-6 * scale, rtol=1e-5), \
-                    (name, float((grads[name] - param.grad).abs().max()), scale)
+                assert torch.allclose(grads[name], param.grad, atol=1e-6 * scale, rtol=1e-5), (
+                    name,
+                    float((grads[name] - param.grad).abs().max()),
+                    scale,
+                )
     hook.remove()
 
 
@@ -169,16 +173,25 @@ def test_the_trainers_loss_works_for_models_without_logits_to_keep(tiny) -> None
 
     class OldRemoteCode(LlavaForConditionalGeneration):
         def forward(self, input_ids=None, pixel_values=None, position_ids=None, use_cache=None):
-            return super().forward(input_ids=input_ids, pixel_values=pixel_values, position_ids=position_ids,
-                                   use_cache=use_cache)
+            return super().forward(
+                input_ids=input_ids, pixel_values=pixel_values, position_ids=position_ids, use_cache=use_cache
+            )
 
     path = tiny("llava")
     adapter = get_adapter(path)
     pack = collate(adapter, [render_sample(adapter, s, PHOTOS) for s in SAMPLES])
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="sdpa"
+    )
     losses = []
-    for cls, chunk in ((LlavaForConditionalGeneration, 0), (OldRemoteCode, 4), (LlavaForConditionalGeneration, 4)):
+    for cls, chunk in (
+        (LlavaForConditionalGeneration, 0),
+        (OldRemoteCode, 4),
+        (LlavaForConditionalGeneration, 4),
+    ):
         model.__class__ = cls
         with torch.no_grad():
-            losses.append(micro_batch_loss(model.eval(), adapter, pack, torch.device("cpu"), chunk=chunk).item())
+            losses.append(
+                micro_batch_loss(model.eval(), adapter, pack, torch.device("cpu"), chunk=chunk).item()
+            )
     assert max(losses) - min(losses) <= 1e-6 * losses[0], losses

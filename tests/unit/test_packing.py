@@ -17,7 +17,9 @@ def fake(n: int, key: str, rope: int = 1) -> Rendered:
     labels = ids.clone()
     labels[: n // 2] = IGNORE
     pos = torch.arange(n) if rope == 1 else torch.arange(n).expand(rope, -1).clone()
-    return Rendered(input_ids=ids, labels=labels, position_ids=pos, key=key, source=n % 3, occurrence=int(key))
+    return Rendered(
+        input_ids=ids, labels=labels, position_ids=pos, key=key, source=n % 3, occurrence=int(key)
+    )
 
 
 def pack_all(lengths: list[int], max_tokens: int, buffer: int) -> list[list[Rendered]]:
@@ -46,7 +48,7 @@ def test_efficiency_on_a_llava_like_mix() -> None:
         packs = pack_all(lengths, max_tokens, 128)
         eff = sum(lengths) / (len(packs) * max_tokens)
         assert eff >= bar, (max_tokens, eff)
-    assert padded_efficiency(lengths, 8, grouped=False) < 0.8        # what packing saves
+    assert padded_efficiency(lengths, 8, grouped=False) < 0.8  # what packing saves
 
 
 def test_exact_fit_and_a_sample_of_the_full_budget() -> None:

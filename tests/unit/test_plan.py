@@ -12,16 +12,37 @@ import pytest
 from data_tools.manifest import Manifest, ShardEntry, SourceEntry
 from data_tools.mixing import mix_report, target_mix
 from data_tools.plan import (
-    Generation, plan_epoch, read_order, remaining, sample_counts, slice_ids, slice_order, split, to_runs,
+    Generation,
+    plan_epoch,
+    read_order,
+    remaining,
+    sample_counts,
+    slice_ids,
+    slice_order,
+    split,
+    to_runs,
 )
 
 
 def source(name: str, shard_sizes: list[int], epoch_samples: int) -> SourceEntry:
-    shards = [ShardEntry(path=f"{name}/{name}-{i:06d}.tar", samples=n, bytes=0, sha256="")
-              for i, n in enumerate(shard_sizes)]
-    return SourceEntry(name=name, path=f"{name}.json", samples=sum(shard_sizes), epoch_samples=epoch_samples,
-                       rejected=0, rejected_by_reason={}, images=0, videos=0, text_chars=0, media_bytes=0,
-                       fingerprint="", shards=shards)
+    shards = [
+        ShardEntry(path=f"{name}/{name}-{i:06d}.tar", samples=n, bytes=0, sha256="")
+        for i, n in enumerate(shard_sizes)
+    ]
+    return SourceEntry(
+        name=name,
+        path=f"{name}.json",
+        samples=sum(shard_sizes),
+        epoch_samples=epoch_samples,
+        rejected=0,
+        rejected_by_reason={},
+        images=0,
+        videos=0,
+        text_chars=0,
+        media_bytes=0,
+        fingerprint="",
+        shards=shards,
+    )
 
 
 def manifest(*sources: SourceEntry) -> Manifest:
@@ -29,8 +50,8 @@ def manifest(*sources: SourceEntry) -> Manifest:
 
 
 MIX = manifest(
-    source("down", [40, 0, 17, 43], 30),        # 100 valid, 30 per epoch; an empty shard
-    source("up", [3, 4], 18),                   # 7 valid, 18 per epoch: 2 each + 4 more
+    source("down", [40, 0, 17, 43], 30),  # 100 valid, 30 per epoch; an empty shard
+    source("up", [3, 4], 18),  # 7 valid, 18 per epoch: 2 each + 4 more
     source("exact", [5], 5),
     source("off", [6], 0),
 )
@@ -64,15 +85,16 @@ def test_counts_are_exact(epoch: int) -> None:
 def test_up_sampled_copies_are_a_round_apart() -> None:
     plan = plan_epoch(MIX, seed=3, epoch=0)
     up = [k for _, k in samples_of(plan, range(plan.starts[1], plan.starts[2]))]
-    assert sorted(up[:7]) == sorted(up[7:14]) == list(range(7))     # two whole rounds, then four more
+    assert sorted(up[:7]) == sorted(up[7:14]) == list(range(7))  # two whole rounds, then four more
     assert len(set(up[14:])) == 4
     gaps = [j - i for i in range(len(up)) for j in range(i + 1, len(up)) if up[i] == up[j]]
-    assert min(gaps) > 1 and np.median(gaps) >= 7                   # never adjacent: about a round apart
+    assert min(gaps) > 1 and np.median(gaps) >= 7  # never adjacent: about a round apart
 
 
 def test_draws_are_fresh_every_epoch_and_reproducible() -> None:
-    picks = [frozenset(k for i, k in samples_of(plan_epoch(MIX, 3, e), range(30)) if i == 0)
-             for e in range(4)]
+    picks = [
+        frozenset(k for i, k in samples_of(plan_epoch(MIX, 3, e), range(30)) if i == 0) for e in range(4)
+    ]
     assert len(set(picks)) == 4
     first, again = plan_epoch(MIX, 3, 2), plan_epoch(MIX, 3, 2)
     assert np.array_equal(again.shard, first.shard) and np.array_equal(again.pos, first.pos)
@@ -80,18 +102,19 @@ def test_draws_are_fresh_every_epoch_and_reproducible() -> None:
     assert not np.array_equal(other_seed.pos, first.pos) or not np.array_equal(other_seed.shard, first.shard)
     assert [int(c.sum()) for c in sample_counts(MIX, 3, 0)] == [30, 18, 5, 0]
     orders = {tuple(dict.fromkeys(int(g) for g in plan_epoch(MIX, 0, e).shard)) for e in range(6)}
-    assert len(orders) > 1                                          # shards are visited in fresh orders
+    assert len(orders) > 1  # shards are visited in fresh orders
 
 
-@pytest.mark.parametrize("sizes", [[30, 18, 5, 0], [1000, 7, 333, 1], [5, 5, 5], [0, 3],
-                                   [123457, 98765, 4321]])
+@pytest.mark.parametrize(
+    "sizes", [[30, 18, 5, 0], [1000, 7, 333, 1], [5, 5, 5], [0, 3], [123457, 98765, 4321]]
+)
 @pytest.mark.parametrize("parts", [1, 2, 3, 8, 64])
 def test_split_is_even_complete_and_proportional(sizes: list[int], parts: int) -> None:
     cuts = split(sizes, parts)
     assert cuts.shape == (parts + 1, len(sizes))
     assert cuts[0].tolist() == [0] * len(sizes) and cuts[-1].tolist() == sizes
     per_slice = np.diff(cuts, axis=0)
-    assert (per_slice >= 0).all()                                   # contiguous, in order, disjoint
+    assert (per_slice >= 0).all()  # contiguous, in order, disjoint
     assert per_slice.sum(1).max() - per_slice.sum(1).min() <= 1
     assert np.abs(per_slice - np.asarray(sizes) / parts).max() < 2  # every source in proportion
 
@@ -107,7 +130,7 @@ def test_slices_are_exact_once_and_read_each_source_sequentially(ranks: int, wor
         for s, x in enumerate(ids):
             if not len(x):
                 continue
-            assert np.array_equal(x, np.arange(x[0], x[0] + len(x)))    # a stretch of the source's sequence
+            assert np.array_equal(x, np.arange(x[0], x[0] + len(x)))  # a stretch of the source's sequence
             assert (plan.source_of(x) == s).all()
             # One forward pass per shard and round (3 at most here): a new pass starts where the shard
             # changes or the position does not go up.
@@ -150,14 +173,14 @@ def test_a_new_generation_holds_exactly_what_was_not_trained(before: int, after:
         cursor = int(rng.integers(0, len(read) + 1))
         held = rng.choice(read[:cursor], size=min(cursor, 3), replace=False).tolist()
         trained += [k for k in read[:cursor].tolist() if k not in held]
-        if part or cursor:                      # slice 0 with nothing read may have no state at all
+        if part or cursor:  # slice 0 with nothing read may have no state at all
             states[part] = {"cursor": cursor, "held": held}
     left = remaining(plan, Generation(epoch=0), 2, before, states)
     assert sorted(trained + left.tolist()) == list(range(len(plan)))
     gen = Generation(epoch=0, index=1, runs=to_runs(left))
     rest = [k for part in range(after) for k in read_order(*slice_ids(plan, gen, 2, part, after)).tolist()]
     assert sorted(trained + rest) == list(range(len(plan)))
-    later = read_order(*slice_ids(plan, Generation(epoch=0), 2, 0, 1))[5:7].tolist()    # not yet read
+    later = read_order(*slice_ids(plan, Generation(epoch=0), 2, 0, 1))[5:7].tolist()  # not yet read
     with pytest.raises(ValueError, match="hold an occurrence twice"):
         remaining(plan, Generation(epoch=0), 2, 1, {0: {"cursor": 2, "held": later}})
 

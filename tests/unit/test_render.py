@@ -18,10 +18,14 @@ FAMILIES = sorted(TINY_FAMILIES)
 # LLaVA-OneVision shows an image alone with AnyRes tiles and the images of a multi-image sample without
 # (processor and original training alike); mmloom renders a sample as inference renders the whole
 # conversation. Strict xfails: they fail loudly if the gap ever closes.
-ONEVISION_FIRST_PROMPT = ("llava_onevision: before the first answer inference has seen one image and tiles it, "
-                          "but the sample holds two, shown untiled (tests/families/test_llava_onevision.py)")
-ONEVISION_TRIM = ("llava_onevision: trimmed to its first turn the sample keeps one image, which then gets tiles "
-                  "and more tokens than both had, so it cannot fit (tests/families/test_llava_onevision.py)")
+ONEVISION_FIRST_PROMPT = (
+    "llava_onevision: before the first answer inference has seen one image and tiles it, "
+    "but the sample holds two, shown untiled (tests/families/test_llava_onevision.py)"
+)
+ONEVISION_TRIM = (
+    "llava_onevision: trimmed to its first turn the sample keeps one image, which then gets tiles "
+    "and more tokens than both had, so it cannot fit (tests/families/test_llava_onevision.py)"
+)
 
 
 # PaliGemma's processor refuses a prompt without images and writes <bos> behind the last image of the
@@ -30,7 +34,7 @@ ONEVISION_TRIM = ("llava_onevision: trimmed to its first turn the sample keeps o
 PALIGEMMA_NO_INFERENCE = {
     "text_only": "paligemma: PaliGemmaProcessor raises on a prompt without images",
     "multi_turn_multi_image_system": "paligemma: the processor writes <bos> behind the image of the second "
-                                     "prompt, so the first prompt is no prefix of it",
+    "prompt, so the first prompt is no prefix of it",
 }
 
 
@@ -51,8 +55,14 @@ def test_prompts_match_inference_and_labels_cover_answers(tiny, family: str, nam
     for a in answers:
         n_images = sum(c["type"] == "image" for m in messages[:a] for c in m["content"])
         kwargs = {"processor_kwargs": {"images": images[:n_images]}} if n_images else {}
-        ref = adapter.processor.apply_chat_template(messages[:a], add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True, return_tensors="pt", **kwargs)
+        ref = adapter.processor.apply_chat_template(
+            messages[:a],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            **kwargs,
+        )
         prompt = ref["input_ids"][0]
         assert torch.equal(r.input_ids[: len(prompt)], prompt), f"turn {a}: prompt differs from inference"
         spans.append(len(prompt))
@@ -77,9 +87,13 @@ def test_media_tensors_match_the_processor(tiny, family: str, request) -> None:
     adapter = get_adapter(tiny(family))
     sample = CONVERSATIONS["multi_turn_multi_image_system"]
     r = render_sample(adapter, sample, PHOTOS)
-    ref = adapter.processor.apply_chat_template(to_messages(sample), tokenize=True, return_dict=True,
-                                                return_tensors="pt",
-                                                processor_kwargs={"images": images_of(sample)})
+    ref = adapter.processor.apply_chat_template(
+        to_messages(sample),
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"images": images_of(sample)},
+    )
     assert torch.equal(r.input_ids, ref["input_ids"][0])
     for key, value in r.media.items():
         assert torch.equal(value, ref[key]), key
@@ -100,7 +114,7 @@ def test_qwen_positions_are_the_models_3d_rope(tiny, family: str) -> None:
     ref, _ = model.model.get_rope_index(r.input_ids[None], kinds, image_grid_thw=r.media["image_grid_thw"])
     assert torch.equal(r.position_ids[1:], ref[:, 0])
     assert torch.equal(r.position_ids[0], torch.arange(r.length))
-    assert r.position_ids[1:].max() < r.length - 1          # 3-D rope compresses the image block
+    assert r.position_ids[1:].max() < r.length - 1  # 3-D rope compresses the image block
 
 
 def test_qwen2_5_vl_video_positions_keep_time(tiny) -> None:
@@ -112,18 +126,25 @@ def test_qwen2_5_vl_video_positions_keep_time(tiny) -> None:
     adapter = get_adapter(tiny("qwen2_5_vl"))
     frame = np.asarray(decode_image(PHOTOS["img0.jpg"]).resize((112, 112)))
     video = np.stack([frame, frame[::-1], frame[:, ::-1], frame])
-    out = adapter.processor(text=["<|vision_start|><|video_pad|><|vision_end|>What?"], videos=[video],
-                            video_metadata=[{"fps": 1, "total_num_frames": 4}], return_tensors="pt")
+    out = adapter.processor(
+        text=["<|vision_start|><|video_pad|><|vision_end|>What?"],
+        videos=[video],
+        video_metadata=[{"fps": 1, "total_num_frames": 4}],
+        return_tensors="pt",
+    )
     ids, media = out["input_ids"][0], adapter.media_of(out)
     assert media["second_per_grid_ts"].tolist() == [2.0]
     positions = adapter.position_ids(ids, media)
     model = AutoModelForImageTextToText.from_pretrained(tiny("qwen2_5_vl"))
-    ref, _ = model.model.get_rope_index(ids[None], out["mm_token_type_ids"],
-                                        video_grid_thw=media["video_grid_thw"],
-                                        second_per_grid_ts=media["second_per_grid_ts"])
+    ref, _ = model.model.get_rope_index(
+        ids[None],
+        out["mm_token_type_ids"],
+        video_grid_thw=media["video_grid_thw"],
+        second_per_grid_ts=media["second_per_grid_ts"],
+    )
     assert torch.equal(positions[1:], ref[:, 0])
     video_t = positions[1, ids == model.config.video_token_id]
-    assert video_t.unique().tolist() == [1, 5]              # after <|vision_start|> at 0
+    assert video_t.unique().tolist() == [1, 5]  # after <|vision_start|> at 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -134,12 +155,13 @@ def test_overlong_samples_are_trimmed_at_a_turn_boundary_or_dropped(tiny, family
     sample = CONVERSATIONS["multi_turn_multi_image_system"]
     full = render_sample(adapter, sample, PHOTOS)
     first_answer_end = int((full.labels != IGNORE).nonzero()[0]) + 1
-    first = render_sample(adapter, Sample(key="x", source="s", index=0, system=sample.system,
-                                          turns=sample.turns[:2]), PHOTOS)
+    first = render_sample(
+        adapter, Sample(key="x", source="s", index=0, system=sample.system, turns=sample.turns[:2]), PHOTOS
+    )
     trimmed = render_sample(adapter, sample, PHOTOS, max_tokens=full.length - 1)
     assert trimmed.trimmed and torch.equal(trimmed.input_ids, first.input_ids)
     assert trimmed.length >= first_answer_end
-    for key, value in first.media.items():                  # the second image went with its turn
+    for key, value in first.media.items():  # the second image went with its turn
         assert torch.equal(trimmed.media[key], value)
     with pytest.raises(RenderError, match="too_long"):
         render_sample(adapter, sample, PHOTOS, max_tokens=full.length - 1, overlong="drop")
@@ -160,9 +182,15 @@ def test_bad_members_are_counted_skips(tiny) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_media_inside_an_answer_is_never_a_label(tiny, family: str) -> None:
     adapter = get_adapter(tiny(family))
-    sample = Sample(key="9", source="s", index=9, turns=[
-        Turn(role="user", parts=[text("Show me.")]),
-        Turn(role="assistant", parts=[text("Here:"), image("img0.jpg"), text("a roof.")])])
+    sample = Sample(
+        key="9",
+        source="s",
+        index=9,
+        turns=[
+            Turn(role="user", parts=[text("Show me.")]),
+            Turn(role="assistant", parts=[text("Here:"), image("img0.jpg"), text("a roof.")]),
+        ],
+    )
     r = render_sample(adapter, sample, PHOTOS)
     labelled = r.input_ids[r.labels != IGNORE].tolist()
     assert labelled and not set(labelled) & adapter.media_token_ids
@@ -179,8 +207,13 @@ def test_an_answer_without_end_of_turn_gets_eos(tiny) -> None:
     eos = adapter.tokenizer.eos_token_id
     labelled = r.input_ids[r.labels != IGNORE].tolist()
     assert labelled.count(eos) == 2 and labelled[-1] == eos
-    first_prompt = adapter.processor.apply_chat_template(to_messages(sample)[:1], add_generation_prompt=True,
-                                                         tokenize=True, return_dict=True, return_tensors="pt")
+    first_prompt = adapter.processor.apply_chat_template(
+        to_messages(sample)[:1],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
     assert torch.equal(r.input_ids[: first_prompt["input_ids"].shape[1]], first_prompt["input_ids"][0])
 
 
@@ -210,18 +243,22 @@ def test_a_sentencepiece_style_tokenizer_still_matches_inference(tiny) -> None:
     sp = Tokenizer(models.BPE(unk_token="<unk>"))
     sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
     sp.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
-    sp.train_from_iterator(["USER: Hello ASSISTANT: Hi there. USER: Bye ASSISTANT: Bye. 2+2? 4 你好！"] * 20,
-                           trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "<s>", "</s>", "<image>", "<pad>"]))
+    sp.train_from_iterator(
+        ["USER: Hello ASSISTANT: Hi there. USER: Bye ASSISTANT: Bye. 2+2? 4 你好！"] * 20,
+        trainers.BpeTrainer(vocab_size=150, special_tokens=["<unk>", "<s>", "</s>", "<image>", "<pad>"]),
+    )
     adapter = get_adapter(tiny("llava"))
     adapter.processor.tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+        tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     vars(adapter).pop("end_of_turn_ids", None)
     vars(adapter).pop("media_token_ids", None)
     sample = CONVERSATIONS["text_only"]
     r = render_sample(adapter, sample, PHOTOS)
     messages = to_messages(sample)
     for a in (1, 3):
-        prompt = adapter.processor.apply_chat_template(messages[:a], add_generation_prompt=True, tokenize=True,
-                                                       return_dict=True, return_tensors="pt")["input_ids"][0]
+        prompt = adapter.processor.apply_chat_template(
+            messages[:a], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )["input_ids"][0]
         assert torch.equal(r.input_ids[: len(prompt)], prompt), a
     assert (r.labels != IGNORE).sum() > 0

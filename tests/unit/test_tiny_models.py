@@ -29,20 +29,32 @@ def test_build_is_deterministic(tiny, family: str, tmp_path: Path) -> None:
     again = build_tiny(family, tmp_path / family)
     names = sorted(p.name for p in first.iterdir())
     assert names == sorted(p.name for p in again.iterdir())
-    assert {"tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors",
-            "chat_template.jinja", "processor_config.json"} <= set(names) or "chat_template.json" in names
+    assert {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "config.json",
+        "model.safetensors",
+        "chat_template.jinja",
+        "processor_config.json",
+    } <= set(names) or "chat_template.json" in names
     for name in names:
         assert (first / name).read_bytes() == (again / name).read_bytes(), f"{family}/{name}"
 
 
 def test_cli_builds_the_same_bytes_in_a_fresh_process(tiny, tmp_path: Path) -> None:
-    listing = subprocess.run([sys.executable, "-m", "trainer.tiny", "--list"], capture_output=True,
-                             text=True, check=True, cwd=REPO)
+    listing = subprocess.run(
+        [sys.executable, "-m", "trainer.tiny", "--list"], capture_output=True, text=True, check=True, cwd=REPO
+    )
     assert [line.split("\t")[0] for line in listing.stdout.splitlines()] == list(FAMILIES)
     # Another process has another hash seed: nothing may depend on set or dict iteration order.
     out = tmp_path / "qwen2_vl"
-    subprocess.run([sys.executable, "-m", "trainer.tiny", "--family", "qwen2_vl", "--out", str(out)],
-                   capture_output=True, check=True, cwd=REPO, env={**os.environ, "PYTHONHASHSEED": "12345"})
+    subprocess.run(
+        [sys.executable, "-m", "trainer.tiny", "--family", "qwen2_vl", "--out", str(out)],
+        capture_output=True,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
     for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"):
         assert (out / name).read_bytes() == (tiny("qwen2_vl") / name).read_bytes(), name
     assert main(["--list"]) == 0
@@ -53,4 +65,6 @@ def test_readme_shows_the_current_families_table() -> None:
 
     readme = (REPO / "docs" / "families.md").read_text()
     shown = readme.split("<!-- families:start -->\n")[1].split("<!-- families:end -->")[0]
-    assert shown.strip() == table(), "docs/families.md out of date: paste `python -m trainer.models --list` into it"
+    assert shown.strip() == table(), (
+        "docs/families.md out of date: paste `python -m trainer.models --list` into it"
+    )

@@ -28,9 +28,11 @@ def requirements() -> list[Requirement]:
 
 @pytest.mark.skipif(bool(os.environ.get("MMLOOM_UNPINNED")), reason="make test-latest: the newest releases")
 def test_the_suite_runs_on_the_pinned_versions() -> None:
-    assert differences() == [], ("installed versions differ from constraints.txt: reinstall with "
-                                 "`make setup` (pip install --constraint constraints.txt), or try new "
-                                 "releases with `make test-latest`")
+    assert differences() == [], (
+        "installed versions differ from constraints.txt: reinstall with "
+        "`make setup` (pip install --constraint constraints.txt), or try new "
+        "releases with `make test-latest`"
+    )
 
 
 def test_every_requirement_is_pinned_inside_setup_cfgs_bounds() -> None:
@@ -40,8 +42,9 @@ def test_every_requirement_is_pinned_inside_setup_cfgs_bounds() -> None:
     for req in reqs:
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} (setup.cfg) has no pin in constraints.txt"
-        assert req.specifier.contains(pins[name], prereleases=True), \
+        assert req.specifier.contains(pins[name], prereleases=True), (
             f"constraints.txt pins {req.name}=={pins[name]}, outside setup.cfg's {req}"
+        )
     for name in ALSO_PINNED:
         assert canonicalize_name(name) in pins, f"{name} has no pin in constraints.txt"
 
@@ -49,8 +52,9 @@ def test_every_requirement_is_pinned_inside_setup_cfgs_bounds() -> None:
 def test_differences_name_each_package_off_its_pin(tmp_path) -> None:
     pytest_version = version("pytest")
     constraints = tmp_path / "constraints.txt"
-    constraints.write_text(f"# a comment\n\nPyTest=={pytest_version}+cpu\npackaging==0.1\n"
-                           f"not-a-package-mmloom-uses==1.0\n")
+    constraints.write_text(
+        f"# a comment\n\nPyTest=={pytest_version}+cpu\npackaging==0.1\nnot-a-package-mmloom-uses==1.0\n"
+    )
     assert differences(constraints) == [f"packaging {version('packaging')} (pinned 0.1)"]
     constraints.write_text("torch>=2.6\n")
     with pytest.raises(ValueError, match=r"constraints.txt:1: 'torch>=2.6' is not 'name==version'"):
@@ -65,5 +69,7 @@ def test_the_readmes_table_of_tested_versions_is_constraints_txt() -> None:
     listed = dict(zip(cells[::2], cells[1::2]))
     pins = pinned()
     assert {"torch", "transformers", "peft"} <= set(listed)
-    assert {name: pins[canonicalize_name(name)] for name in listed} == listed, \
-        "docs/development.md's 'Tested versions' table differs from constraints.txt: copy the new versions into it"
+    assert {name: pins[canonicalize_name(name)] for name in listed} == listed, (
+        "docs/development.md's 'Tested versions' table differs from constraints.txt: "
+        "copy the new versions into it"
+    )

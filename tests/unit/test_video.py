@@ -13,16 +13,18 @@ def test_fixed_count_is_uniform_and_a_samples_num_frames_wins() -> None:
     policy = VideoPolicy(num_frames=4, max_frames=16)
     assert frame_indices(100, 25.0, policy) == [0, 33, 66, 99]
     assert frame_indices(100, 25.0, policy, num_frames=2) == [0, 99]
-    assert frame_indices(3, 25.0, policy) == [0, 1, 2]                  # fewer frames than asked: all of them
-    assert frame_indices(100, 25.0, policy, num_frames=50) == frame_indices(100, 25.0, VideoPolicy(num_frames=16))
+    assert frame_indices(3, 25.0, policy) == [0, 1, 2]  # fewer frames than asked: all of them
+    assert frame_indices(100, 25.0, policy, num_frames=50) == frame_indices(
+        100, 25.0, VideoPolicy(num_frames=16)
+    )
     assert frame_indices(0, 25.0, policy) == []
 
 
 def test_fps_policy_within_min_and_max() -> None:
     policy = VideoPolicy(fps=2.0, min_frames=4, max_frames=10)
-    assert len(frame_indices(250, 25.0, policy)) == 10                  # 10 s -> 20 frames, capped at 10
-    assert len(frame_indices(75, 25.0, policy)) == 6                    # 3 s -> 6
-    assert len(frame_indices(25, 25.0, policy)) == 4                    # 1 s -> 2, raised to 4
+    assert len(frame_indices(250, 25.0, policy)) == 10  # 10 s -> 20 frames, capped at 10
+    assert len(frame_indices(75, 25.0, policy)) == 6  # 3 s -> 6
+    assert len(frame_indices(25, 25.0, policy)) == 4  # 1 s -> 2, raised to 4
     with pytest.raises(ValueError, match="data.video.fps"):
         VideoPolicy(fps=0)
 
@@ -34,8 +36,10 @@ def test_pixel_budget_scales_every_frame_down() -> None:
     assert fit_budget(frames, 0) is frames
 
 
-@pytest.mark.parametrize("name, frames", [("bikes.mp4", 8), ("carphone.mp4", 8), ("short.mp4", 3),
-                                          ("one_frame.mp4", 1), ("vfr.mp4", 8)])
+@pytest.mark.parametrize(
+    "name, frames",
+    [("bikes.mp4", 8), ("carphone.mp4", 8), ("short.mp4", 3), ("one_frame.mp4", 1), ("vfr.mp4", 8)],
+)
 def test_decord_and_pyav_decode_the_same_frames(media, name: str, frames: int) -> None:
     data = media[name].read_bytes()
     a, b = _decord(data, VideoPolicy(), None), _pyav(data, VideoPolicy(), None)

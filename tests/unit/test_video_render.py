@@ -15,11 +15,26 @@ from trainer.models.registry import get_adapter, load_families
 
 
 def video_sample(num_frames: int | None) -> Sample:
-    part = VideoPart(member="v.mp4", width=176, height=144, frames=120, fps=29.97, duration=4.0, format="mp4",
-                     bytes=0, num_frames=num_frames)
-    return Sample(key="000000007", source="s", index=7, turns=[
-        Turn(role="user", parts=[part, TextPart(text="What happens?")]),
-        Turn(role="assistant", parts=[TextPart(text="A man talks on a phone.")])])
+    part = VideoPart(
+        member="v.mp4",
+        width=176,
+        height=144,
+        frames=120,
+        fps=29.97,
+        duration=4.0,
+        format="mp4",
+        bytes=0,
+        num_frames=num_frames,
+    )
+    return Sample(
+        key="000000007",
+        source="s",
+        index=7,
+        turns=[
+            Turn(role="user", parts=[part, TextPart(text="What happens?")]),
+            Turn(role="assistant", parts=[TextPart(text="A man talks on a phone.")]),
+        ],
+    )
 
 
 @pytest.mark.parametrize("num_frames, expected", [(None, 2), (3, 3)])
@@ -38,8 +53,9 @@ def test_frames_become_images_as_the_processor_renders_them(tiny, media, num_fra
     frames = [Image.fromarray(f) for f in clip.frames]
     messages = to_messages(sample, [len(frames)])
     assert [c["type"] for c in messages[0]["content"]] == ["image"] * expected + ["text"]
-    ref = adapter.processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
-                                                processor_kwargs={"images": frames})
+    ref = adapter.processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_tensors="pt", processor_kwargs={"images": frames}
+    )
     assert torch.equal(r.input_ids[: ref["input_ids"].shape[1]], ref["input_ids"][0])
     assert torch.equal(r.media["pixel_values"], ref["pixel_values"])
     labelled = adapter.tokenizer.decode(r.input_ids[r.labels != IGNORE])
@@ -56,7 +72,9 @@ def test_an_undecodable_video_is_a_counted_skip(tiny, media) -> None:
 def test_a_video_too_long_for_the_pack_is_dropped(tiny, media) -> None:
     adapter = get_adapter(tiny("llava"))
     with pytest.raises(RenderError) as e:
-        render_sample(adapter, video_sample(8), {"v.mp4": media["carphone.mp4"].read_bytes()}, max_tokens=4096)
+        render_sample(
+            adapter, video_sample(8), {"v.mp4": media["carphone.mp4"].read_bytes()}, max_tokens=4096
+        )
     assert e.value.reason == "too_long"
 
 
@@ -64,7 +82,9 @@ FRAME_FAMILIES = sorted(f for f, cls in load_families().items() if cls.video == 
 
 
 @pytest.mark.parametrize("family", FRAME_FAMILIES)
-def test_every_frames_family_renders_a_video_as_the_processor_renders_its_frames(tiny, media, family: str) -> None:
+def test_every_frames_family_renders_a_video_as_the_processor_renders_its_frames(
+    tiny, media, family: str
+) -> None:
     adapter = get_adapter(tiny(family))
     data = media["carphone.mp4"].read_bytes()
     policy = VideoPolicy(num_frames=2)
@@ -72,8 +92,17 @@ def test_every_frames_family_renders_a_video_as_the_processor_renders_its_frames
     r = render_sample(adapter, sample, {"v.mp4": data}, video=policy)
     frames = [Image.fromarray(f) for f in decode_video(data, policy).frames]
     messages = to_messages(sample, [len(frames)])
-    prompt = adapter.processor.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True, return_tensors="pt",
-                                                   processor_kwargs={"images": frames})["input_ids"][0]
+    prompt = adapter.processor.apply_chat_template(
+        messages[:1],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"images": frames},
+    )["input_ids"][0]
     assert torch.equal(r.input_ids[: len(prompt)], prompt)
-    assert adapter.tokenizer.decode(r.input_ids[r.labels != IGNORE]).strip().startswith("A man talks on a phone.")
+    assert (
+        adapter.tokenizer.decode(r.input_ids[r.labels != IGNORE])
+        .strip()
+        .startswith("A man talks on a phone.")
+    )

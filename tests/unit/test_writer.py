@@ -31,10 +31,15 @@ def test_member_metadata_is_fixed_and_keys_contiguous(tmp_path: Path) -> None:
     write_samples(tmp_path, 5)
     with tarfile.open(tmp_path / "src-000000.tar") as tar:
         members = tar.getmembers()
-    assert [m.name for m in members[:4]] == ["000000000.json", "000000000.img0.jpg",
-                                             "000000001.json", "000000001.img0.jpg"]
+    assert [m.name for m in members[:4]] == [
+        "000000000.json",
+        "000000000.img0.jpg",
+        "000000001.json",
+        "000000001.img0.jpg",
+    ]
     assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.type) for m in members} == {
-        (0, 0, 0, "", "", 0o644, tarfile.REGTYPE)}
+        (0, 0, 0, "", "", 0o644, tarfile.REGTYPE)
+    }
 
 
 def test_rollover_by_count_and_size(tmp_path: Path) -> None:
@@ -46,13 +51,15 @@ def test_rollover_by_count_and_size(tmp_path: Path) -> None:
     for shard in by_size:
         real = (tmp_path / "size" / Path(shard.path).name).stat().st_size
         assert real == shard.bytes
-        assert real <= 20480 or shard.samples == 1, shard     # a sample bigger than the limit stands alone
+        assert real <= 20480 or shard.samples == 1, shard  # a sample bigger than the limit stands alone
     assert [s.samples for s in by_size] == [5, 3, 2, 2]
     members = [("json", b"x" * 10), ("img0.jpg", b"y" * 513)]
     assert tar_size(members) == 512 + 512 + 512 + 1024
 
 
-@pytest.mark.parametrize("key, suffix", [("a.b", "json"), ("../x", "json"), ("/abs", "json"), ("k", "img 0.jpg")])
+@pytest.mark.parametrize(
+    "key, suffix", [("a.b", "json"), ("../x", "json"), ("/abs", "json"), ("k", "img 0.jpg")]
+)
 def test_unsafe_names_are_refused(tmp_path: Path, key: str, suffix: str) -> None:
     w = ShardWriter(tmp_path, "src", max_bytes=1 << 20, max_samples=10)
     with pytest.raises(AssertionError):

@@ -29,15 +29,21 @@ if TYPE_CHECKING:
 class Packer:
     """`reserve`: tokens a pack without media needs for the grey image collate appends to it."""
 
-    def __init__(self, max_tokens: int, buffer: int, reserve: int = 0,
-                 compatible: Callable[[list[Rendered], Rendered], bool] | None = None) -> None:
+    def __init__(
+        self,
+        max_tokens: int,
+        buffer: int,
+        reserve: int = 0,
+        compatible: Callable[[list[Rendered], Rendered], bool] | None = None,
+    ) -> None:
         self.max_tokens, self.buffer, self.reserve = max_tokens, buffer, reserve
-        self.compatible = compatible     # adapter.packs_with: can a sample join the samples chosen so far
+        self.compatible = compatible  # adapter.packs_with: can a sample join the samples chosen so far
         self.pool: list[Rendered] = []
 
     def add(self, sample: Rendered) -> Iterator[list[Rendered]]:
-        assert sample.length <= self.max_tokens - (0 if sample.media else self.reserve), \
+        assert sample.length <= self.max_tokens - (0 if sample.media else self.reserve), (
             "render_sample trims or drops over-long samples"
+        )
         self.pool.append(sample)
         while len(self.pool) >= self.buffer:
             yield self.take()
@@ -53,7 +59,8 @@ class Packer:
             sample = self.pool[i]
             media = has_media or bool(sample.media)
             if used + sample.length <= self.max_tokens - (0 if media else self.reserve) and (
-                    self.compatible is None or self.compatible([self.pool[j] for j in chosen], sample)):
+                self.compatible is None or self.compatible([self.pool[j] for j in chosen], sample)
+            ):
                 chosen.append(i)
                 used, has_media = used + sample.length, media
                 if used == self.max_tokens:
@@ -72,16 +79,16 @@ PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k
 class Pack:
     """One packed micro-batch: model inputs plus what the loop and the metrics need to know."""
 
-    inputs: dict[str, Any]              # tensors, plus the packed-sequence kwargs (ints, a tuple)
-    tokens: int                          # real tokens (no padding in a pack)
-    targets: int                         # tokens with a label
-    sources: list[int]                   # source index of each sample
-    keys: list[tuple[int, str, int]]     # (source, key, occurrence) of each sample
-    ids: list[str]                       # each sample's id in its input file
+    inputs: dict[str, Any]  # tensors, plus the packed-sequence kwargs (ints, a tuple)
+    tokens: int  # real tokens (no padding in a pack)
+    targets: int  # tokens with a label
+    sources: list[int]  # source index of each sample
+    keys: list[tuple[int, str, int]]  # (source, key, occurrence) of each sample
+    ids: list[str]  # each sample's id in its input file
     lengths: list[int]
-    skips: dict[str, int] = field(default_factory=dict)   # {"reason:source": n} since the previous pack
+    skips: dict[str, int] = field(default_factory=dict)  # {"reason:source": n} since the previous pack
     trimmed: int = 0
-    dummy: bool = False                  # a grey image block was appended (no real media in the pack)
+    dummy: bool = False  # a grey image block was appended (no real media in the pack)
 
     @property
     def length(self) -> int:
@@ -119,13 +126,24 @@ def collate(adapter: Batching, samples: list[Rendered]) -> Pack:
     # The sample boundaries, once per pack, as transformers' packed-sequence kwargs (trainer/attention.py).
     segments = tuple(len(x) for x in ids)
     cu = torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32)
-    inputs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(segments), max_length_k=max(segments),
-                  mmloom_segments=segments)
-    return Pack(inputs=inputs,
-                tokens=tokens, targets=int((label != IGNORE).sum()),
-                sources=[s.source for s in samples], keys=[(s.source, s.key, s.occurrence) for s in samples],
-                ids=[s.id for s in samples],
-                lengths=[s.length for s in samples], trimmed=sum(s.trimmed for s in samples), dummy=dummy)
+    inputs.update(
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=max(segments),
+        max_length_k=max(segments),
+        mmloom_segments=segments,
+    )
+    return Pack(
+        inputs=inputs,
+        tokens=tokens,
+        targets=int((label != IGNORE).sum()),
+        sources=[s.source for s in samples],
+        keys=[(s.source, s.key, s.occurrence) for s in samples],
+        ids=[s.id for s in samples],
+        lengths=[s.length for s in samples],
+        trimmed=sum(s.trimmed for s in samples),
+        dummy=dummy,
+    )
 
 
 def empty_pack(adapter: Batching, skips: dict[str, int] | None = None) -> Pack:

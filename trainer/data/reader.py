@@ -27,19 +27,19 @@ logger = logging.getLogger(__name__)
 class RawSample:
     """One occurrence read from its shard: the canonical JSON and media members, still encoded."""
 
-    occurrence: int                 # index into the epoch plan
-    source: int                     # index into manifest.sources
-    shard: str                      # shard path relative to the shards directory
+    occurrence: int  # index into the epoch plan
+    source: int  # index into manifest.sources
+    shard: str  # shard path relative to the shards directory
     key: str
-    members: dict[str, bytes] = field(default_factory=dict)   # "json", "img0.jpg", ...
+    members: dict[str, bytes] = field(default_factory=dict)  # "json", "img0.jpg", ...
 
 
 @dataclass
 class Skip:
     occurrence: int
     source: int
-    reason: str                     # a counter name, e.g. "corrupt_shard", "bad_image"
-    detail: str                     # shard and key, for the log
+    reason: str  # a counter name, e.g. "corrupt_shard", "bad_image"
+    detail: str  # shard and key, for the log
 
 
 class ShardBroken(Exception):
@@ -79,7 +79,9 @@ def iter_shard(url: str, wanted: list[int]) -> Iterator[tuple[int, str, dict[str
         raise ShardBroken(ordinal, EOFError(f"the shard has {ordinal + 1} samples, the manifest more"))
 
 
-def read_occurrences(root: str | Path, plan: EpochPlan, occurrences: Sequence[int]) -> Iterator[RawSample | Skip]:
+def read_occurrences(
+    root: str | Path, plan: EpochPlan, occurrences: Sequence[int]
+) -> Iterator[RawSample | Skip]:
     """Read these occurrences (indices into `plan`) and yield each, in the order given, as a RawSample
     or as a Skip saying why it could not be read. Consecutive occurrences of one shard whose ordinals go
     up share a pass over it."""
@@ -88,15 +90,19 @@ def read_occurrences(root: str | Path, plan: EpochPlan, occurrences: Sequence[in
         g = int(plan.shard[occurrences[k]])
         run = [int(occurrences[k])]
         k += 1
-        while k < len(occurrences) and int(plan.shard[occurrences[k]]) == g \
-                and plan.pos[occurrences[k]] > plan.pos[run[-1]]:
+        while (
+            k < len(occurrences)
+            and int(plan.shard[occurrences[k]]) == g
+            and plan.pos[occurrences[k]] > plan.pos[run[-1]]
+        ):
             run.append(int(occurrences[k]))
             k += 1
         yield from _read_run(root, plan, g, run)
 
 
-def read_slice(root: str | Path, plan: EpochPlan, ids: list[np.ndarray], order: np.ndarray,
-               start: int = 0) -> Iterator[RawSample | Skip]:
+def read_slice(
+    root: str | Path, plan: EpochPlan, ids: list[np.ndarray], order: np.ndarray, start: int = 0
+) -> Iterator[RawSample | Skip]:
     """Read a slice of the plan (data_tools.plan.slice_ids) from its entry `start` on: entry k of `order`
     names the source whose next occurrence comes k-th. Each source's ids are read in order by a reader of
     its own, so a slice keeps one shard per source open, each read front to back."""
@@ -108,16 +114,22 @@ def read_slice(root: str | Path, plan: EpochPlan, ids: list[np.ndarray], order: 
 
 def _read_run(root: str | Path, plan: EpochPlan, g: int, run: list[int]) -> Iterator[RawSample | Skip]:
     source, shard = plan.shards[g]
-    occurrence_at = {int(plan.pos[occ]): occ for occ in run}        # ordinals go up along the run
+    occurrence_at = {int(plan.pos[occ]): occ for occ in run}  # ordinals go up along the run
     done = 0
     try:
         for ordinal, key, members in iter_shard(str(Path(root) / shard.path), list(occurrence_at)):
-            yield RawSample(occurrence=occurrence_at[ordinal], source=source, shard=shard.path, key=key,
-                            members=members)
+            yield RawSample(
+                occurrence=occurrence_at[ordinal], source=source, shard=shard.path, key=key, members=members
+            )
             done += 1
     except ShardBroken as e:
-        logger.warning("shard %s: %s; its remaining %d planned samples are skipped",
-                       shard.path, e, len(run) - done)
+        logger.warning(
+            "shard %s: %s; its remaining %d planned samples are skipped", shard.path, e, len(run) - done
+        )
         for occ in run[done:]:
-            yield Skip(occurrence=occ, source=source, reason="corrupt_shard",
-                       detail=f"{shard.path} sample {int(plan.pos[occ])}: {e}")
+            yield Skip(
+                occurrence=occ,
+                source=source,
+                reason="corrupt_shard",
+                detail=f"{shard.path} sample {int(plan.pos[occ])}: {e}",
+            )

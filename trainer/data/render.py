@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from trainer.models.rendering import Rendering
 
 
-
 class RenderError(Exception):
     """A sample that cannot be rendered: `reason` is the skip counter it is counted under."""
 
@@ -41,15 +40,15 @@ class RenderError(Exception):
 
 @dataclass
 class Rendered:
-    input_ids: torch.Tensor                 # [L] int64
-    labels: torch.Tensor                    # [L] int64, IGNORE outside answers
-    position_ids: torch.Tensor              # [L], or [3, L] for 3-D rope families; restart at 0
+    input_ids: torch.Tensor  # [L] int64
+    labels: torch.Tensor  # [L] int64, IGNORE outside answers
+    position_ids: torch.Tensor  # [L], or [3, L] for 3-D rope families; restart at 0
     media: dict[str, torch.Tensor] = field(default_factory=dict)
     source: int = -1
     key: str = ""
     occurrence: int = -1
-    id: str = ""                            # the sample's id in its input file (its key if it had none)
-    trimmed: bool = False                   # later turns were cut to fit max_tokens
+    id: str = ""  # the sample's id in its input file (its key if it had none)
+    trimmed: bool = False  # later turns were cut to fit max_tokens
 
     @property
     def length(self) -> int:
@@ -100,8 +99,14 @@ def decode_image(data: bytes) -> Image.Image:
     return ImageOps.exif_transpose(img).convert("RGB")
 
 
-def render_sample(adapter: Rendering, sample: Sample, members: dict[str, bytes],
-                  max_tokens: int | None = None, overlong: str = "trim", video: VideoPolicy | None = None) -> Rendered:
+def render_sample(
+    adapter: Rendering,
+    sample: Sample,
+    members: dict[str, bytes],
+    max_tokens: int | None = None,
+    overlong: str = "trim",
+    video: VideoPolicy | None = None,
+) -> Rendered:
     """Render one canonical sample; raises RenderError (a counted skip) when it cannot be used.
     Videos are sampled by `video` (default VideoPolicy()) and reach the model as videos, or as their
     frames for families that declare video = "frames"."""
@@ -118,7 +123,7 @@ def render_sample(adapter: Rendering, sample: Sample, members: dict[str, bytes],
             if not adapter.video:
                 raise RenderError("video_unsupported", f"{adapter.family} takes no video input")
             try:
-                if part.frame_members:   # frames extracted at conversion: their indices, not data.video's
+                if part.frame_members:  # frames extracted at conversion: their indices, not data.video's
                     clip = stored_clip(part, members, (video or VideoPolicy()).max_pixels)
                 else:
                     clip = decode_video(members[part.member], video or VideoPolicy(), part.num_frames)
@@ -139,11 +144,14 @@ def render_sample(adapter: Rendering, sample: Sample, members: dict[str, bytes],
     segments, text = _segments(adapter, messages)
     _assign_media(adapter, segments, text, images, videos, sample.key)
     if not _splits_cleanly(adapter, text, segments):
-        return _render_whole(adapter, sample, members, text, segments, images, videos, max_tokens, overlong, video)
+        return _render_whole(
+            adapter, sample, members, text, segments, images, videos, max_tokens, overlong, video
+        )
     ids, labels, seg_media, ends = [], [], [], []
     for seg in segments:
-        out = adapter.process(text[seg.start: seg.end], seg.images, seg.videos, first=seg.start == 0,
-                              sample_images=len(images))
+        out = adapter.process(
+            text[seg.start : seg.end], seg.images, seg.videos, first=seg.start == 0, sample_images=len(images)
+        )
         seg_ids = out["input_ids"][0].to(torch.int64)
         if seg.answer and not any(t in adapter.end_of_turn_ids for t in seg_ids.tolist()):
             # Templates that close answers with no end-of-turn token (llava-hf's) would never teach
@@ -174,9 +182,14 @@ def render_sample(adapter: Rendering, sample: Sample, members: dict[str, bytes],
             return rendered
     input_ids = torch.cat(ids[:keep])
     sample_media = adapter.collate_media(seg_media[:keep])
-    return Rendered(input_ids=input_ids, labels=torch.cat(labels[:keep]),
-                    position_ids=adapter.position_ids(input_ids, sample_media),
-                    media=sample_media, key=sample.key, trimmed=trimmed)
+    return Rendered(
+        input_ids=input_ids,
+        labels=torch.cat(labels[:keep]),
+        position_ids=adapter.position_ids(input_ids, sample_media),
+        media=sample_media,
+        key=sample.key,
+        trimmed=trimmed,
+    )
 
 
 def _splits_cleanly(adapter: Rendering, text: str, segments: list[_Segment]) -> bool:
@@ -186,22 +199,35 @@ def _splits_cleanly(adapter: Rendering, text: str, segments: list[_Segment]) -> 
     tok, bos = adapter.tokenizer, adapter.tokenizer.bos_token
 
     def encode(piece: str, first: bool) -> list[int]:
-        return tok(piece, add_special_tokens=first and not (bos is not None and piece.startswith(bos)))["input_ids"]
+        return tok(piece, add_special_tokens=first and not (bos is not None and piece.startswith(bos)))[
+            "input_ids"
+        ]
 
-    parts = [t for seg in segments for t in encode(text[seg.start: seg.end], seg.start == 0)]
+    parts = [t for seg in segments for t in encode(text[seg.start : seg.end], seg.start == 0)]
     return parts == encode(text, True)
 
 
-def _render_whole(adapter: Rendering, sample: Sample, members: dict[str, bytes], text: str,
-                  segments: list[_Segment], images: list, videos: list, max_tokens: int | None,
-                  overlong: str, video: VideoPolicy | None = None) -> Rendered:
+def _render_whole(
+    adapter: Rendering,
+    sample: Sample,
+    members: dict[str, bytes],
+    text: str,
+    segments: list[_Segment],
+    images: list,
+    videos: list,
+    max_tokens: int | None,
+    overlong: str,
+    video: VideoPolicy | None = None,
+) -> Rendered:
     """The exact, slower path: the whole conversation tokenized at once (as inference does), with
     label spans found by tokenizing the text up to each turn boundary."""
+
     def upto(end: int) -> torch.Tensor:
         n_img = sum(len(s.images) for s in segments if s.end <= end)
         n_vid = sum(len(s.videos) for s in segments if s.end <= end)
-        return adapter.process(text[:end], images[:n_img], videos[:n_vid], first=True,
-                               sample_images=len(images))["input_ids"][0]
+        return adapter.process(
+            text[:end], images[:n_img], videos[:n_vid], first=True, sample_images=len(images)
+        )["input_ids"][0]
 
     full = adapter.process(text, images, videos, first=True, sample_images=len(images))
     ids = full["input_ids"][0].to(torch.int64)
@@ -211,9 +237,11 @@ def _render_whole(adapter: Rendering, sample: Sample, members: dict[str, bytes],
             continue
         start, end = len(upto(seg.start)), len(upto(seg.end))
         if not torch.equal(ids[:end], upto(seg.end).to(torch.int64)):
-            raise RenderError("tokenization_not_prefix",
-                              f"sample {sample.key}: the tokens of the conversation so far are not a prefix "
-                              f"of the whole conversation's")
+            raise RenderError(
+                "tokenization_not_prefix",
+                f"sample {sample.key}: the tokens of the conversation so far are not a prefix "
+                f"of the whole conversation's",
+            )
         answer = ids[start:end]
         if not any(t in adapter.end_of_turn_ids for t in answer.tolist()):
             answer = torch.cat([answer, torch.tensor([adapter.tokenizer.eos_token_id])])
@@ -226,7 +254,9 @@ def _render_whole(adapter: Rendering, sample: Sample, members: dict[str, bytes],
     if max_tokens is not None and len(input_ids) > max_tokens:
         fits = [i for i, end in enumerate(answer_ends) if end <= max_tokens]
         if overlong == "drop" or not fits:
-            raise RenderError("too_long", f"sample {sample.key} has {len(input_ids)} tokens > max_tokens {max_tokens}")
+            raise RenderError(
+                "too_long", f"sample {sample.key} has {len(input_ids)} tokens > max_tokens {max_tokens}"
+            )
         answers = [i for i, t in enumerate(sample.turns) if t.role == "assistant"]
         shorter = dataclasses.replace(sample, turns=sample.turns[: answers[fits[-1]] + 1])
         # With fewer images the rest can take more tokens (LLaVA-OneVision): the limit applies again.
@@ -234,8 +264,13 @@ def _render_whole(adapter: Rendering, sample: Sample, members: dict[str, bytes],
         rendered.trimmed = True
         return rendered
     media = adapter.media_of(full)
-    return Rendered(input_ids=input_ids, labels=label, position_ids=adapter.position_ids(input_ids, media),
-                    media=media, key=sample.key)
+    return Rendered(
+        input_ids=input_ids,
+        labels=label,
+        position_ids=adapter.position_ids(input_ids, media),
+        media=media,
+        key=sample.key,
+    )
 
 
 def _segments(adapter: Rendering, messages: list[dict]) -> tuple[list[_Segment], str]:
@@ -247,9 +282,11 @@ def _segments(adapter: Rendering, messages: list[dict]) -> tuple[list[_Segment],
         prompt = adapter.chat_text(messages[:a], add_generation_prompt=True)
         through = adapter.chat_text(messages[: a + 1], add_generation_prompt=False)
         if not (full.startswith(through) and through.startswith(prompt)):
-            raise RenderError("template_not_prefix_consistent",
-                              f"the chat template renders turn {a} differently once later turns follow; "
-                              f"mmloom needs prefix-consistent templates to place labels")
+            raise RenderError(
+                "template_not_prefix_consistent",
+                f"the chat template renders turn {a} differently once later turns follow; "
+                f"mmloom needs prefix-consistent templates to place labels",
+            )
         cuts.append((len(prompt), len(through)))
     segments, pos = [], 0
     for start, end in cuts:
@@ -261,31 +298,36 @@ def _segments(adapter: Rendering, messages: list[dict]) -> tuple[list[_Segment],
     return segments, full
 
 
-def _assign_media(adapter: Rendering, segments: list[_Segment], text: str, images: list, videos: list,
-                  key: str) -> None:
+def _assign_media(
+    adapter: Rendering, segments: list[_Segment], text: str, images: list, videos: list, key: str
+) -> None:
     queues = {"image": list(images), "video": list(videos)}
     for seg in segments:
-        piece = text[seg.start: seg.end]
+        piece = text[seg.start : seg.end]
         for kind, token in (("image", adapter.image_token), ("video", adapter.video_token)):
             n = piece.count(token) if token else 0
             if n > len(queues[kind]):
-                raise RenderError("media_mismatch",
-                                  f"sample {key}: the template placed more {kind} tokens than the sample has {kind}s")
+                raise RenderError(
+                    "media_mismatch",
+                    f"sample {key}: the template placed more {kind} tokens than the sample has {kind}s",
+                )
             target = seg.images if kind == "image" else seg.videos
             target.extend(queues[kind][:n])
             del queues[kind][:n]
     for kind, left in queues.items():
         if left:
-            raise RenderError("media_mismatch",
-                              f"sample {key}: {len(left)} {kind}(s) not placed by the chat template "
-                              f"(does this model support {kind}s?)")
+            raise RenderError(
+                "media_mismatch",
+                f"sample {key}: {len(left)} {kind}(s) not placed by the chat template "
+                f"(does this model support {kind}s?)",
+            )
 
 
 def _answer_labels(adapter: Rendering, seg_ids: torch.Tensor) -> torch.Tensor:
     labels = seg_ids.clone()
     eot = [i for i, t in enumerate(seg_ids.tolist()) if t in adapter.end_of_turn_ids]
     if eot:
-        labels[eot[-1] + 1:] = IGNORE         # e.g. the "\n" after <|im_end|>
+        labels[eot[-1] + 1 :] = IGNORE  # e.g. the "\n" after <|im_end|>
     media = torch.tensor(sorted(adapter.media_token_ids), dtype=seg_ids.dtype)
-    labels[torch.isin(seg_ids, media)] = IGNORE   # an image inside an answer is input, not output
+    labels[torch.isin(seg_ids, media)] = IGNORE  # an image inside an answer is input, not output
     return labels

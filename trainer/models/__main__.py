@@ -15,8 +15,13 @@ COLUMNS = ("family", "example checkpoint", "video")
 def table() -> str:
     rows = [COLUMNS, tuple("---" for _ in COLUMNS)]
     for family, cls in {**load_families(), "generic": ModelAdapter}.items():
-        rows.append((f"`{family}`", cls.example or "any AutoModelForImageTextToText with a chat template",
-                     cls.video or "no"))
+        rows.append(
+            (
+                f"`{family}`",
+                cls.example or "any AutoModelForImageTextToText with a chat template",
+                cls.video or "no",
+            )
+        )
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 

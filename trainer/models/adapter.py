@@ -23,5 +23,5 @@ __all__ = ["IGNORE", "ModelAdapter", "VideoFrames"]
 
 
 class ModelAdapter(Batching, Building):
-    model_types: ClassVar[tuple[str, ...]] = ()   # transformers model_type values this adapter serves
-    example: ClassVar[str] = ""                   # a real Hugging Face checkpoint of the family
+    model_types: ClassVar[tuple[str, ...]] = ()  # transformers model_type values this adapter serves
+    example: ClassVar[str] = ""  # a real Hugging Face checkpoint of the family

@@ -14,7 +14,7 @@ from trainer.models.rendering import Rendering
 
 
 class Batching(Rendering):
-    media_cat_dim: ClassVar[dict[str, int]] = {}       # processor outputs not concatenated on dim 0
+    media_cat_dim: ClassVar[dict[str, int]] = {}  # processor outputs not concatenated on dim 0
     dummy_kwargs: ClassVar[dict[str, Any]] = {}
 
     def packs_with(self, pack: list[Any], sample: Any) -> bool:
@@ -26,8 +26,10 @@ class Batching(Rendering):
     def collate_media(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Concatenate media tensors of segments (or of packed samples), in order."""
         keys = {k for p in parts for k in p}
-        return {k: torch.cat([p[k] for p in parts if k in p], dim=self.media_cat_dim.get(k, 0))
-                for k in sorted(keys)}
+        return {
+            k: torch.cat([p[k] for p in parts if k in p], dim=self.media_cat_dim.get(k, 0))
+            for k in sorted(keys)
+        }
 
     def has_vision_inputs(self, media: dict[str, torch.Tensor]) -> bool:
         return "pixel_values" in media or "pixel_values_videos" in media
@@ -37,17 +39,31 @@ class Batching(Rendering):
         """(input_ids, media, position_ids) of one small grey image, as the processor renders it."""
         from PIL import Image
 
-        out = self.processor(text=[self.image_token], images=[Image.new("RGB", (64, 64), (128, 128, 128))],
-                             return_tensors="pt", add_special_tokens=False, **self.dummy_kwargs)
+        out = self.processor(
+            text=[self.image_token],
+            images=[Image.new("RGB", (64, 64), (128, 128, 128))],
+            return_tensors="pt",
+            add_special_tokens=False,
+            **self.dummy_kwargs,
+        )
         ids = out["input_ids"][0].to(torch.int64)
         media = self.media_of(out)
         return ids, media, self.position_ids(ids, media)
 
-    def model_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
-                     media: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def model_inputs(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        media: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
         """Inputs for model(**inputs) from a packed sequence ([L] ids, positions [L] or [3, L])."""
-        return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None],
-                **media}
+        return {
+            "input_ids": input_ids[None],
+            "labels": labels[None],
+            "position_ids": position_ids[None],
+            **media,
+        }
 
     def attention_masks(self, ids: torch.Tensor, backend: str) -> Any:
         """For families whose `model_inputs` give `mmloom_mask` (trainer/attention.py's `block_causal`

@@ -23,8 +23,9 @@ class Building(Checkpoint):
 
     def load_model(self, **kwargs: Any) -> Any:
         """The checkpoint's model through transformers' from_pretrained (remote code if trusted)."""
-        return self.prepare(self.model_class().from_pretrained(self.path, local_files_only=True,
-                                                               **self.load_kwargs, **kwargs))
+        return self.prepare(
+            self.model_class().from_pretrained(self.path, local_files_only=True, **self.load_kwargs, **kwargs)
+        )
 
     def model_from_config(self, **kwargs: Any) -> Any:
         """The checkpoint's architecture with fresh weights (under torch.device("meta"): no memory)."""
@@ -84,7 +85,9 @@ class Building(Checkpoint):
         from trainer import attention
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model_class = None if self.trust_remote_code else self.auto_class()._model_mapping.get(type(self.config), None)
+        model_class = (
+            None if self.trust_remote_code else self.auto_class()._model_mapping.get(type(self.config), None)
+        )
         backend = attention.choose(self.config, model_class, device)
         attention.log_once(f"attention: {backend} for the {self.family} language model on {device.type}")
         return attention.per_module(self.config, backend)
@@ -96,7 +99,10 @@ class Building(Checkpoint):
         names: list[str] = ["lm_head"]
         for name, module in skeleton.named_modules():
             params = [n for n, _ in module.named_parameters(prefix=name)]
-            if (params and all(self.param_group(n) != "llm" for n in params)
-                    and not any(name.startswith(parent + ".") for parent in names)):
+            if (
+                params
+                and all(self.param_group(n) != "llm" for n in params)
+                and not any(name.startswith(parent + ".") for parent in names)
+            ):
                 names.append(name)
         return names

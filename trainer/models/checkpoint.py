@@ -16,7 +16,7 @@ class Checkpoint:
 
     def __init__(self, path: str | Path, trust_remote_code: bool = False) -> None:
         self.path = str(path)
-        self.trust_remote_code = trust_remote_code   # checked against model.code_revision by get_adapter
+        self.trust_remote_code = trust_remote_code  # checked against model.code_revision by get_adapter
 
     def __getstate__(self) -> dict[str, Any]:
         # Dataloader workers get the path and load their own processor.
@@ -36,8 +36,10 @@ class Checkpoint:
 
         proc = AutoProcessor.from_pretrained(self.path, local_files_only=True, **self.load_kwargs)
         if getattr(proc, "chat_template", None) is None:
-            raise ValueError(f"{self.path}: the processor has no chat template; mmloom renders conversations "
-                             f"with it. Add chat_template.jinja to the checkpoint.")
+            raise ValueError(
+                f"{self.path}: the processor has no chat template; mmloom renders conversations "
+                f"with it. Add chat_template.jinja to the checkpoint."
+            )
         return proc
 
     @cached_property

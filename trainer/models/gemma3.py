@@ -50,17 +50,29 @@ class Gemma3Adapter(ModelAdapter):
     def attn_implementation(self) -> str | dict[str, str]:
         return masked_attention(self)
 
-    def model_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
-                     media: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def model_inputs(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        media: dict[str, torch.Tensor],
+    ) -> dict[str, Any]:
         blocks = image_blocks(input_ids == self.config.image_token_id)
-        return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None],
-                "mmloom_mask": mask_ids(position_ids, blocks), **media}
+        return {
+            "input_ids": input_ids[None],
+            "labels": labels[None],
+            "position_ids": position_ids[None],
+            "mmloom_mask": mask_ids(position_ids, blocks),
+            **media,
+        }
 
     def attention_masks(self, ids: torch.Tensor, backend: str) -> dict[str, Any]:
         """One mask per layer type: the sliding layers keep the last `sliding_window` positions."""
         text = self.config.get_text_config()
-        return {kind: block_causal(ids, text.sliding_window if kind == "sliding_attention" else None, backend)
-                for kind in sorted(set(text.layer_types))}
+        return {
+            kind: block_causal(ids, text.sliding_window if kind == "sliding_attention" else None, backend)
+            for kind in sorted(set(text.layer_types))
+        }
 
 
 def mask_ids(position_ids: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,10 @@ class LlavaNextAdapter(LlavaAdapter):
     media_keys = ("pixel_values", "image_sizes")
     # The learned row-end embedding appended to tile features belongs with the projector (trained in
     # stage 1 alongside it), not with the language model.
-    group_patterns = (("projector", (*LlavaAdapter.group_patterns[0][1], "image_newline")),
-                      *LlavaAdapter.group_patterns[1:])
+    group_patterns = (
+        ("projector", (*LlavaAdapter.group_patterns[0][1], "image_newline")),
+        *LlavaAdapter.group_patterns[1:],
+    )
 
     def collate_media(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Concatenate images of segments or packed samples, zero-padding the view dimension as the
@@ -34,5 +36,7 @@ class LlavaNextAdapter(LlavaAdapter):
             return super().collate_media(parts)
         views = max(x.shape[1] for x in pixels)
         padded = [F.pad(x, (0, 0, 0, 0, 0, 0, 0, views - x.shape[1])) for x in pixels]
-        return {"image_sizes": torch.cat([p["image_sizes"] for p in parts if "pixel_values" in p]),
-                "pixel_values": torch.cat(padded)}
+        return {
+            "image_sizes": torch.cat([p["image_sizes"] for p in parts if "pixel_values" in p]),
+            "pixel_values": torch.cat(padded),
+        }

@@ -22,7 +22,9 @@ from trainer.models.llava_next import LlavaNextAdapter
 from trainer.models.registry import register
 
 
-def split_videos(parts: list[dict[str, torch.Tensor]]) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+def split_videos(
+    parts: list[dict[str, torch.Tensor]],
+) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
     """Media of segments or packed samples: each part's image tensors (parts without any left out),
     and the parts' `pixel_values_videos`, in order."""
     images = [{k: v for k, v in p.items() if k != "pixel_values_videos"} for p in parts]

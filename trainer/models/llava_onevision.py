@@ -66,17 +66,24 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if "pixel_values" in media:
             counts = [p["batch_num_images"] for p in parts if "batch_num_images" in p]
             # Parts without a count are segments of one multi-image sample; all others are whole samples.
-            media["batch_num_images"] = torch.cat(counts) if counts else torch.tensor([len(media["image_sizes"])])
+            media["batch_num_images"] = (
+                torch.cat(counts) if counts else torch.tensor([len(media["image_sizes"])])
+            )
         if videos:
             if len({v.shape[1] for v in videos}) > 1:
-                raise ValueError(f"LLaVA-OneVision cannot batch videos of different frame counts "
-                                 f"({sorted({v.shape[1] for v in videos})}): the packer keeps them apart")
+                raise ValueError(
+                    f"LLaVA-OneVision cannot batch videos of different frame counts "
+                    f"({sorted({v.shape[1] for v in videos})}): the packer keeps them apart"
+                )
             media["pixel_values_videos"] = torch.cat(videos)
         return media
 
     def packs_with(self, pack: list[Any], sample: Any) -> bool:
-        frames = {int(r.media["pixel_values_videos"].shape[1]) for r in (*pack, sample)
-                  if "pixel_values_videos" in r.media}
+        frames = {
+            int(r.media["pixel_values_videos"].shape[1])
+            for r in (*pack, sample)
+            if "pixel_values_videos" in r.media
+        }
         return len(frames) <= 1
 
     def fsdp_root_block(self, name: str) -> bool:

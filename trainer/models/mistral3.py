@@ -36,5 +36,7 @@ class Mistral3Adapter(ModelAdapter):
             return super().collate_media(parts)
         height, width = max(x.shape[-2] for x in pixels), max(x.shape[-1] for x in pixels)
         padded = [F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2])) for x in pixels]
-        return {"image_sizes": torch.cat([p["image_sizes"] for p in parts if "pixel_values" in p]),
-                "pixel_values": torch.cat(padded)}
+        return {
+            "image_sizes": torch.cat([p["image_sizes"] for p in parts if "pixel_values" in p]),
+            "pixel_values": torch.cat(padded),
+        }

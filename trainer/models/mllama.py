@@ -68,8 +68,13 @@ class MllamaAdapter(ModelAdapter):
             out.update({k: pixels[k] for k in IMAGE_KEYS})
         return out
 
-    def model_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
-                     media: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def model_inputs(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        media: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
         from transformers.models.mllama.processing_mllama import get_cross_attention_token_mask
 
         image_id = self.config.image_token_index
@@ -77,21 +82,26 @@ class MllamaAdapter(ModelAdapter):
         samples = list(itertools.pairwise(starts))
         grey = any(not bool((input_ids[a:b] == image_id).any()) for a, b in samples)
         if grey:
-            media = self.collate_media([media, self.dummy_image[1]])   # the last image: the grey one
+            media = self.collate_media([media, self.dummy_image[1]])  # the last image: the grey one
         images, max_tiles = media["aspect_ratio_mask"].shape[1:]
         tiles = media["aspect_ratio_mask"][0].sum(-1).tolist()
         mask = torch.zeros((1, input_ids.shape[0], images, max_tiles), dtype=torch.uint8)
-        first = 0                                  # index of the sample's first image in the pack
+        first = 0  # index of the sample's first image in the pack
         for a, b in samples:
             spans = get_cross_attention_token_mask(input_ids[a:b].tolist(), image_id)
             if not spans:
                 mask[0, a:b, images - 1] = 1
                 continue
-            mask[0, a:a + spans[0][0], first:first + len(spans)] = 1
+            mask[0, a : a + spans[0][0], first : first + len(spans)] = 1
             for k, (s, e) in enumerate(spans):
                 e = b - a if e == -1 else e
-                mask[0, a + s:a + e, first + k, :tiles[first + k]] = 1
+                mask[0, a + s : a + e, first + k, : tiles[first + k]] = 1
             first += len(spans)
         assert first + grey == images, "every image of a pack has its <|image|> token"
-        return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None],
-                "cross_attention_mask": mask, **media}
+        return {
+            "input_ids": input_ids[None],
+            "labels": labels[None],
+            "position_ids": position_ids[None],
+            "cross_attention_mask": mask,
+            **media,
+        }

@@ -47,14 +47,17 @@ class PaliGemmaAdapter(ModelAdapter):
         if self.config.text_config.model_type != "gemma":
             # PaliGemma 2 (Gemma 2 inside) soft-caps attention logits, which SDPA cannot do, and eager
             # attention would need the mask as additive floats: not done yet.
-            raise ValueError(f"{self.path}: PaliGemma with a {self.config.text_config.model_type} text model "
-                             f"(PaliGemma 2) is not supported yet; use a PaliGemma (Gemma) checkpoint")
+            raise ValueError(
+                f"{self.path}: PaliGemma with a {self.config.text_config.model_type} text model "
+                f"(PaliGemma 2) is not supported yet; use a PaliGemma (Gemma) checkpoint"
+            )
         return masked_attention(self)
 
     # --- rendering -----------------------------------------------------------------------------------
 
     def chat_text(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        """The rendered conversation as the model reads it: <bos> after the opening images, "\n" at the end."""
+        """The rendered conversation as the model reads it: <bos> after the opening images, "\n" at
+        the end."""
         text = super().chat_text(messages, add_generation_prompt)
         image = re.escape(self.image_token)
         opening = re.match(f"(?:{image})*", text).end()
@@ -74,16 +77,26 @@ class PaliGemmaAdapter(ModelAdapter):
 
     # --- the model ---------------------------------------------------------------------------------------
 
-    def model_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
-                     media: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def model_inputs(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        media: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
         index = torch.arange(len(input_ids))
         sample = (torch.diff(position_ids, prepend=position_ids[:1] - 1) != 1).cumsum(0)
         answer = labels != IGNORE
         first_answer = torch.full((int(sample[-1]) + 1,), len(input_ids))
         first_answer.scatter_reduce_(0, sample[answer], index[answer], reduce="amin")
         prefix = torch.where(index < first_answer[sample], sample, -1)
-        return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None],
-                "mmloom_mask": mask_ids(position_ids, prefix), **media}
+        return {
+            "input_ids": input_ids[None],
+            "labels": labels[None],
+            "position_ids": position_ids[None],
+            "mmloom_mask": mask_ids(position_ids, prefix),
+            **media,
+        }
 
     def attention_masks(self, ids: torch.Tensor, backend: str) -> Any:
         return block_causal(ids, None, backend)

@@ -42,8 +42,14 @@ class Phi4MultimodalAdapter(ModelAdapter):
     media_keys = ("image_pixel_values", "image_attention_mask", "image_sizes")
     end_of_turn_tokens = ("<|end|>",)
     group_patterns = (
-        ("projector", ("image_embed.img_projection_", "image_embed.global_img_feature_extensor",
-                       "image_embed.sub_img_feature_extensor")),
+        (
+            "projector",
+            (
+                "image_embed.img_projection_",
+                "image_embed.global_img_feature_extensor",
+                "image_embed.sub_img_feature_extensor",
+            ),
+        ),
         ("vision", ("image_embed.img_processor.", "audio_embed.")),
     )
 
@@ -63,8 +69,10 @@ class Phi4MultimodalAdapter(ModelAdapter):
         if proc.chat_template is None:
             proc.chat_template = proc.tokenizer.chat_template
         if proc.chat_template is None:
-            raise ValueError(f"{self.path}: the processor has no chat template; mmloom renders conversations "
-                             f"with it. Add chat_template.jinja to the checkpoint.")
+            raise ValueError(
+                f"{self.path}: the processor has no chat template; mmloom renders conversations "
+                f"with it. Add chat_template.jinja to the checkpoint."
+            )
         return proc
 
     def chat_text(self, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -89,6 +97,8 @@ class Phi4MultimodalAdapter(ModelAdapter):
         def pad(x: torch.Tensor, value: float) -> torch.Tensor:
             return F.pad(x, (0, 0) * (x.dim() - 2) + (0, crops - x.shape[1]), value=value)
 
-        return {"image_attention_mask": torch.cat([pad(p["image_attention_mask"], 1) for p in parts]),
-                "image_pixel_values": torch.cat([pad(p["image_pixel_values"], 0) for p in parts]),
-                "image_sizes": torch.cat([p["image_sizes"] for p in parts])}
+        return {
+            "image_attention_mask": torch.cat([pad(p["image_attention_mask"], 1) for p in parts]),
+            "image_pixel_values": torch.cat([pad(p["image_pixel_values"], 0) for p in parts]),
+            "image_sizes": torch.cat([p["image_sizes"] for p in parts]),
+        }

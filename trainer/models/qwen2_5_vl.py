@@ -23,8 +23,13 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
     example = "Qwen/Qwen2.5-VL-7B-Instruct"
-    media_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                  "second_per_grid_ts")
+    media_keys = (
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "second_per_grid_ts",
+    )
 
     def _model_class(self) -> Any:
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel

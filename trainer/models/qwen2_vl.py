@@ -63,31 +63,44 @@ class Qwen2VLAdapter(ModelAdapter):
         rope, _ = self._rope(input_ids[None], kinds[None], **self._rope_kwargs(media))
         return torch.cat([text[None], rope[:, 0]], dim=0)
 
-    def model_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
-                     media: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def model_inputs(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        media: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
         input_ids, media = self.videos_as_images(input_ids, media)
-        return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[:, None],
-                **media}
+        return {
+            "input_ids": input_ids[None],
+            "labels": labels[None],
+            "position_ids": position_ids[:, None],
+            **media,
+        }
 
-    def videos_as_images(self, input_ids: torch.Tensor,
-                         media: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def videos_as_images(
+        self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The videos of a packed sequence as images for the model's single image path: patches and grids
         of images and videos interleaved in the order their tokens appear, video tokens relabelled as
         image tokens. Positions are given (computed with the videos' own grids and times), so nothing
         else reads the video inputs."""
-        media = {k: v for k, v in media.items() if k != "second_per_grid_ts"}   # read by the rope index only
+        media = {k: v for k, v in media.items() if k != "second_per_grid_ts"}  # read by the rope index only
         if "pixel_values_videos" not in media:
             return input_ids, media
         image_id, video_id = self.config.image_token_id, self.config.video_token_id
-        merge = self.config.vision_config.spatial_merge_size ** 2
-        grids = {image_id: media.pop("image_grid_thw", torch.zeros(0, 3, dtype=torch.int64)),
-                 video_id: media.pop("video_grid_thw")}
+        merge = self.config.vision_config.spatial_merge_size**2
+        grids = {
+            image_id: media.pop("image_grid_thw", torch.zeros(0, 3, dtype=torch.int64)),
+            video_id: media.pop("video_grid_thw"),
+        }
         patches = {image_id: media.pop("pixel_values", None), video_id: media.pop("pixel_values_videos")}
-        chunks = {k: torch.split(patches[k], grids[k].prod(-1).tolist()) if len(grids[k]) else ()
-                  for k in grids}
+        chunks = {
+            k: torch.split(patches[k], grids[k].prod(-1).tolist()) if len(grids[k]) else () for k in grids
+        }
         tokens = input_ids[(input_ids == image_id) | (input_ids == video_id)].tolist()
         order, taken, pos = [], {image_id: 0, video_id: 0}, 0
-        while pos < len(tokens):           # each image or video: a run of its grid's merged-patch count
+        while pos < len(tokens):  # each image or video: a run of its grid's merged-patch count
             kind = tokens[pos]
             order.append((kind, taken[kind]))
             pos += int(grids[kind][taken[kind]].prod()) // merge

@@ -13,7 +13,7 @@ from typing import Any
 
 from trainer.models.adapter import ModelAdapter
 
-PARTS = ("adapter", "batching", "building", "checkpoint", "registry", "rendering", "__main__")   # not families
+PARTS = ("adapter", "batching", "building", "checkpoint", "registry", "rendering", "__main__")  # not families
 
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}
@@ -42,8 +42,9 @@ def code_revision(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def get_adapter(path: str | Path, family: str | None = None, trust_remote_code: bool = False,
-                revision: str | None = None) -> ModelAdapter:
+def get_adapter(
+    path: str | Path, family: str | None = None, trust_remote_code: bool = False, revision: str | None = None
+) -> ModelAdapter:
     """The adapter for a checkpoint: by name, else by the checkpoint's model_type, else generic.
 
     A checkpoint that ships its own modeling code (an `auto_map` in config.json: InternLM-XComposer2,
@@ -53,19 +54,27 @@ def get_adapter(path: str | Path, family: str | None = None, trust_remote_code: 
     load_families()
     config = Path(path) / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{config} not found: model.path must be a local Hugging Face checkpoint directory")
+        raise FileNotFoundError(
+            f"{config} not found: model.path must be a local Hugging Face checkpoint directory"
+        )
     meta = json.loads(config.read_text())
     if trust_remote_code:
         pins = {code_revision(path)} | ({Path(path).name} if Path(path).parent.name == "snapshots" else set())
         if revision not in pins:
-            raise ValueError(f"model.trust_remote_code=true runs the Python files in {path}; review them, then pin "
-                             f"them with model.code_revision={code_revision(path)} (got {revision!r})")
+            raise ValueError(
+                f"model.trust_remote_code=true runs the Python files in {path}; review them, then pin "
+                f"them with model.code_revision={code_revision(path)} (got {revision!r})"
+            )
     elif meta.get("auto_map"):
-        raise ValueError(f"{config} names its own modeling code (auto_map): mmloom does not run it unless you set "
-                         f"model.trust_remote_code=true and pin it with model.code_revision (see docs/families.md)")
+        raise ValueError(
+            f"{config} names its own modeling code (auto_map): mmloom does not run it unless you set "
+            f"model.trust_remote_code=true and pin it with model.code_revision (see docs/families.md)"
+        )
     if family is not None:
         if family not in _ADAPTERS and family != "generic":
-            raise ValueError(f"model.family={family!r} is unknown; known: generic, {', '.join(sorted(_ADAPTERS))}")
+            raise ValueError(
+                f"model.family={family!r} is unknown; known: generic, {', '.join(sorted(_ADAPTERS))}"
+            )
         return _ADAPTERS.get(family, ModelAdapter)(path, trust_remote_code)
     for cls in _ADAPTERS.values():
         if meta.get("model_type") in cls.model_types:

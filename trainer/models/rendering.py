@@ -12,7 +12,7 @@ import torch
 
 from trainer.models.checkpoint import Checkpoint
 
-IGNORE = -100       # the label of a position the loss skips (transformers' ignore_index)
+IGNORE = -100  # the label of a position the loss skips (transformers' ignore_index)
 
 
 @dataclass
@@ -22,7 +22,7 @@ class VideoFrames:
     which frames these are), so the processor neither samples again nor guesses the frame rate:
     Qwen2.5-VL's temporal rope spacing and Qwen3-VL's timestamps come from the real sampled frames."""
 
-    frames: Any                          # uint8 [T, H, W, 3]
+    frames: Any  # uint8 [T, H, W, 3]
     metadata: dict[str, Any]
 
     @classmethod
@@ -33,16 +33,25 @@ class VideoFrames:
         total = max(int(clip.total_frames), max(indices) + 1)
         fps = float(clip.fps) if clip.fps and clip.fps > 0 else total / len(indices)
         height, width = clip.frames.shape[1:3]
-        return cls(frames=clip.frames, metadata={"total_num_frames": total, "fps": fps, "frames_indices": indices,
-                                                 "duration": total / fps, "height": height, "width": width})
+        return cls(
+            frames=clip.frames,
+            metadata={
+                "total_num_frames": total,
+                "fps": fps,
+                "frames_indices": indices,
+                "duration": total / fps,
+                "height": height,
+                "width": width,
+            },
+        )
 
 
 class Rendering(Checkpoint):
-    video: ClassVar[str] = "frames"     # "native" (the model takes videos), "frames" (the sampled frames
-                                        # become images), "" (videos are skipped, counted)
+    video: ClassVar[str] = "frames"  # "native" (the model takes videos), "frames" (the sampled frames
+    # become images), "" (videos are skipped, counted)
     media_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "pixel_values_videos")
     end_of_turn_tokens: ClassVar[tuple[str, ...]] = ()  # besides the tokenizer's eos token
-    media_token_pattern: ClassVar[str] = ""             # added tokens that wrap media, besides the processor's
+    media_token_pattern: ClassVar[str] = ""  # added tokens that wrap media, besides the processor's
 
     @property
     def tokenizer(self) -> Any:
@@ -83,8 +92,9 @@ class Rendering(Checkpoint):
     # --- rendering -----------------------------------------------------------------------
 
     def chat_text(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def process(self, text: str, images: list, videos: list, first: bool, sample_images: int = 0) -> Any:
         """Tokenize one segment with its media, as the processor does at inference. `sample_images`:
@@ -93,7 +103,11 @@ class Rendering(Checkpoint):
         # Like processor.apply_chat_template: special tokens only at the very start, and not
         # when the template already wrote the BOS token itself.
         special = first and not (bos is not None and text.startswith(bos))
-        if not images and not videos and not any(t and t in text for t in (self.image_token, self.video_token)):
+        if (
+            not images
+            and not videos
+            and not any(t and t in text for t in (self.image_token, self.video_token))
+        ):
             # Nothing for the processor to expand: its tokenizer alone, at a third of the cost.
             return self.tokenizer([text], return_tensors="pt", add_special_tokens=special)
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": special}
@@ -102,7 +116,7 @@ class Rendering(Checkpoint):
         if videos:
             kwargs["videos"] = [v.frames if isinstance(v, VideoFrames) else v for v in videos]
             metadata = [v.metadata for v in videos if isinstance(v, VideoFrames)]
-            if metadata:   # frames already sampled by data_tools.video: none sampled again
+            if metadata:  # frames already sampled by data_tools.video: none sampled again
                 kwargs.update(video_metadata=metadata, do_sample_frames=False)
         return self.processor(**kwargs)
 

@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 SEED = 0
 FAMILIES: dict[str, Callable[[], tuple[object, object]]] = {
     name: importlib.import_module(f"{__name__}.{name}").build
-    for _, name, _ in sorted(pkgutil.iter_modules(__path__)) if name not in ("common", "__main__")
+    for _, name, _ in sorted(pkgutil.iter_modules(__path__))
+    if name not in ("common", "__main__")
 }
 
 
@@ -62,8 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--family", choices=sorted(FAMILIES), help="model family to build")
     parser.add_argument("--out", type=Path, help="directory to write the checkpoint to")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="the dtype the weights are stored in")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the dtype the weights are stored in",
+    )
     parser.add_argument("--list", action="store_true", help="print the families and exit")
     args = parser.parse_args(argv)
     if args.list:

@@ -45,7 +45,8 @@ def vicuna_turns(model: str) -> str:
         "  {% if message['role'] == 'system' %}{{ body(message['content']) + ' ' }}",
         "  {% elif message['role'] == 'user' %}{{ 'USER: ' + body(message['content']) + ' ' }}",
         "  {% elif message['role'] == 'assistant' %}",
-        "    {{ 'ASSISTANT:' }}{% generation %}{{ ' ' + body(message['content']) + '</s>' }}{% endgeneration %}",
+        "    {{ 'ASSISTANT:' }}{% generation %}{{ ' ' + body(message['content']) + '</s>' }}"
+        "{% endgeneration %}",
         "  {% else %}{{ raise_exception('" + model + " has no role ' + message['role']) }}",
         "  {% endif %}",
         "{% endfor %}",
@@ -86,14 +87,44 @@ class TokenizerSpec:
 
 _SUBJECTS = ("cat", "dog", "man", "woman", "child", "bird", "car", "train", "boat", "horse", "chart", "table")
 _VERBS = ("sits on", "looks at", "stands near", "runs past", "shows", "holds", "is behind", "is next to")
-_OBJECTS = ("the table", "a red box", "the green field", "two people", "the old house", "a blue sky",
-            "the screen", "a small cup", "the open window", "three apples")
-_QUESTIONS = ("What is shown in this image?", "Describe the picture in detail.", "How many people are there?",
-              "What color is the car?", "Where was this photo taken?", "What happens in the video?",
-              "Read the text in the image.", "Is there a dog in the picture?",
-              "Yes. No. It is 3 o'clock, isn't it? I'm sure they're here.")
-_CHAT_WORDS = ("USER: ", "ASSISTANT: ", "system\n", "user\n", "assistant\n", "System: ", "User: ",
-               "Assistant: ", "You are a helpful assistant.", "Picture 1: ", "Video 1: ", "\n\n", "\n")
+_OBJECTS = (
+    "the table",
+    "a red box",
+    "the green field",
+    "two people",
+    "the old house",
+    "a blue sky",
+    "the screen",
+    "a small cup",
+    "the open window",
+    "three apples",
+)
+_QUESTIONS = (
+    "What is shown in this image?",
+    "Describe the picture in detail.",
+    "How many people are there?",
+    "What color is the car?",
+    "Where was this photo taken?",
+    "What happens in the video?",
+    "Read the text in the image.",
+    "Is there a dog in the picture?",
+    "Yes. No. It is 3 o'clock, isn't it? I'm sure they're here.",
+)
+_CHAT_WORDS = (
+    "USER: ",
+    "ASSISTANT: ",
+    "system\n",
+    "user\n",
+    "assistant\n",
+    "System: ",
+    "User: ",
+    "Assistant: ",
+    "You are a helpful assistant.",
+    "Picture 1: ",
+    "Video 1: ",
+    "\n\n",
+    "\n",
+)
 
 
 def _corpus() -> str:
@@ -189,8 +220,15 @@ def build_tokenizer(spec: TokenizerSpec):
 # initializer_range: with the usual 0.02 a random 64-wide output head cannot produce a logit much
 # above 1 (norm ~8 times rows of norm ~0.16), so a model whose head is frozen (LoRA, QLoRA) could
 # never fit anything; 0.2 gives logits the range a trained head has.
-TEXT_WIDTH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, initializer_range=0.2)
+TEXT_WIDTH = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    initializer_range=0.2,
+)
 
 
 def padded_vocab(tokenizer) -> int:
@@ -206,5 +244,13 @@ def clip_336_tower():
     """CLIP ViT-L/14 at 336 px (LLaVA-1.5 and LLaVA-NeXT), 2 layers of width 32."""
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64,
-                            num_hidden_layers=2, num_attention_heads=2, projection_dim=32, hidden_act="quick_gelu")
+    return CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=32,
+        hidden_act="quick_gelu",
+    )

@@ -31,8 +31,15 @@ LLAVA_CHAT_TEMPLATE = join(
 
 
 LLAVA_TOKENS = TokenizerSpec(
-    pattern=LLAMA3_PATTERN, head=("<unk>", "<s>", "</s>"), tail=("<image>", "<pad>"),
-    bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True, named={"image_token": "<image>"},
+    pattern=LLAMA3_PATTERN,
+    head=("<unk>", "<s>", "</s>"),
+    tail=("<image>", "<pad>"),
+    bos="<s>",
+    eos="</s>",
+    pad="<pad>",
+    unk="<unk>",
+    add_bos=True,
+    named={"image_token": "<image>"},
 )
 
 
@@ -42,20 +49,31 @@ def build():
 
     tokenizer = build_tokenizer(LLAVA_TOKENS)
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_center_crop=True, resample=3,
-        image_mean=CLIP_MEAN, image_std=CLIP_STD,
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        do_center_crop=True,
+        resample=3,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,  # CLS, dropped by "default"
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLS, dropped by "default"
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
     config = LlavaConfig(
         vision_config=clip_336_tower(),
         text_config=LlamaConfig(
-            vocab_size=padded_vocab(tokenizer), max_position_embeddings=4096, rms_norm_eps=1e-5,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **TEXT_WIDTH,
+            vocab_size=padded_vocab(tokenizer),
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **TEXT_WIDTH,
         ),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_seq_length=576,

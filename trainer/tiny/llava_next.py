@@ -52,21 +52,35 @@ def build():
 
     tokenizer = build_tokenizer(LLAVA_NEXT_TOKENS)
     image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_center_crop=True, resample=3,
-        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, do_pad=True, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        do_center_crop=True,
+        resample=3,
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        do_pad=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
         chat_template=LLAVA_NEXT_CHAT_TEMPLATE,
     )
     config = LlavaNextConfig(
         vision_config=clip_336_tower(),
         text_config=MistralConfig(
-            vocab_size=padded_vocab(tokenizer), max_position_embeddings=32768, rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, sliding_window=None,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **TEXT_WIDTH,
+            vocab_size=padded_vocab(tokenizer),
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            sliding_window=None,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **TEXT_WIDTH,
         ),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,

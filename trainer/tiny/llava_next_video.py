@@ -34,7 +34,9 @@ LLAVA_NEXT_VIDEO_CHAT_TEMPLATE = join(
 # vicuna-7b-v1.5's SentencePiece vocabulary with llava-hf's <video> (32000) and <image> (32001); the
 # padding token is <unk> (id 0).
 LLAVA_NEXT_VIDEO_TOKENS = dataclasses.replace(
-    LLAVA_TOKENS, tail=("<video>", "<image>"), pad="<unk>",
+    LLAVA_TOKENS,
+    tail=("<video>", "<image>"),
+    pad="<unk>",
     named={"image_token": "<image>", "video_token": "<video>"},
 )
 FRAMES = 32  # frames per video the model was trained on; sampling is left to the caller
@@ -53,25 +55,42 @@ def build():
     )
 
     tokenizer = build_tokenizer(LLAVA_NEXT_VIDEO_TOKENS)
-    clip_336 = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}, "do_center_crop": True,
-                "resample": 3, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}
-    image_processor = LlavaNextImageProcessor(image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, do_pad=True, **clip_336)
+    clip_336 = {
+        "size": {"shortest_edge": 336},
+        "crop_size": {"height": 336, "width": 336},
+        "do_center_crop": True,
+        "resample": 3,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+    }
+    image_processor = LlavaNextImageProcessor(
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, do_pad=True, **clip_336
+    )
     # The checkpoint's video processor was made from CLIP-336's preprocessor config (not the class's 224 px).
     video_processor = LlavaNextVideoVideoProcessor(num_frames=FRAMES, **clip_336)
     processor = LlavaNextVideoProcessor(
-        video_processor=video_processor, image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,  # CLS, dropped by "default"
+        video_processor=video_processor,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLS, dropped by "default"
         chat_template=LLAVA_NEXT_VIDEO_CHAT_TEMPLATE,
     )
     ids = tokenizer.convert_tokens_to_ids
     config = LlavaNextVideoConfig(
         vision_config=clip_336_tower(),
-        # The published config scales rope linearly by 2.5 (the conversion script meant 2.0); kept as published.
+        # The published config scales rope linearly by 2.5 (the conversion script meant 2.0); kept as
+        # published.
         text_config=LlamaConfig(
-            vocab_size=padded_vocab(tokenizer), max_position_embeddings=4096, rms_norm_eps=1e-5,
+            vocab_size=padded_vocab(tokenizer),
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "linear", "factor": 2.5, "rope_theta": 10000.0},
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **TEXT_WIDTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **TEXT_WIDTH,
         ),
         image_token_index=ids("<image>"),
         video_token_index=ids("<video>"),

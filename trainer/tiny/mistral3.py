@@ -17,9 +17,9 @@ MISTRAL3_DEFAULT_SYSTEM = (
     "' + strftime_now('%Y-%m-%d') + '.\\n\\nWhen you\\'re not sure about some information, you say that you "
     "don\\'t have the information and don\\'t make up anything.\\nIf the user\\'s question is not clear, "
     "ambiguous, or does not provide enough context for you to accurately answer the question, you do not try "
-    "to answer it right away and you rather ask the user to clarify their request (e.g. \"What are some good "
-    "restaurants around me?\" => \"Where are you?\" or \"When is the next flight to Tokyo\" => \"Where do you "
-    "travel from?\")"
+    'to answer it right away and you rather ask the user to clarify their request (e.g. "What are some good '
+    'restaurants around me?" => "Where are you?" or "When is the next flight to Tokyo" => "Where do you '
+    'travel from?")'
 )
 MISTRAL3_CHAT_TEMPLATE = join(
     "{% macro body(content) %}",
@@ -40,7 +40,8 @@ MISTRAL3_CHAT_TEMPLATE = join(
     "{{ '[SYSTEM_PROMPT]' + system + '[/SYSTEM_PROMPT]' }}",
     "{% for message in loop_messages %}",
     "  {% if message['role'] == 'user' %}{{ '[INST]' + body(message['content']) + '[/INST]' }}",
-    "  {% elif message['role'] == 'system' %}{{ '[SYSTEM_PROMPT]' + body(message['content']) + '[/SYSTEM_PROMPT]' }}",
+    "  {% elif message['role'] == 'system' %}"
+    "{{ '[SYSTEM_PROMPT]' + body(message['content']) + '[/SYSTEM_PROMPT]' }}",
     "  {% elif message['role'] == 'assistant' %}",
     "    {% generation %}{{ body(message['content']) + '</s>' }}{% endgeneration %}",
     "  {% else %}{{ raise_exception('Only user, system and assistant roles are supported!') }}",
@@ -58,15 +59,38 @@ TEKKEN_PATTERN = (
 # [IMG_END] = 13); the other 980 are unused <SPECIAL_n> placeholders.
 MISTRAL3_TOKENS = TokenizerSpec(
     pattern=TEKKEN_PATTERN,
-    head=("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-          "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
-          "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"),
-    bos="<s>", eos="</s>", pad="<pad>", unk="<unk>", add_bos=True,
+    head=(
+        "<unk>",
+        "<s>",
+        "</s>",
+        "[INST]",
+        "[/INST]",
+        "[AVAILABLE_TOOLS]",
+        "[/AVAILABLE_TOOLS]",
+        "[TOOL_RESULTS]",
+        "[/TOOL_RESULTS]",
+        "[TOOL_CALLS]",
+        "[IMG]",
+        "<pad>",
+        "[IMG_BREAK]",
+        "[IMG_END]",
+        "[PREFIX]",
+        "[MIDDLE]",
+        "[SUFFIX]",
+        "[SYSTEM_PROMPT]",
+        "[/SYSTEM_PROMPT]",
+        "[TOOL_CONTENT]",
+    ),
+    bos="<s>",
+    eos="</s>",
+    pad="<pad>",
+    unk="<unk>",
+    add_bos=True,
 )
 
 
 def build():
-    """mistralai/Mistral-Small-3.1-24B-Instruct-2503: Pixtral ViT, 14-px patches merged 2x2 at native size up to 1540 px."""
+    """mistralai/Mistral-Small-3.1-24B-Instruct-2503: Pixtral ViT, 14-px patches merged 2x2 at native size up to 1540 px."""  # noqa: E501 (one line: python -m trainer.tiny --list)
     # Native resolution: the longest edge is scaled down to 1540 px if larger, each edge rounded up to
     # 28 px (patch 14 x merge 2); one [IMG] per 28x28 px, [IMG_BREAK] after each row, [IMG_END] last.
     from transformers import (
@@ -79,23 +103,40 @@ def build():
 
     tokenizer = build_tokenizer(MISTRAL3_TOKENS)
     image_processor = PixtralImageProcessor(
-        size={"longest_edge": 1540}, patch_size={"height": 14, "width": 14}, resample=3,
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+        size={"longest_edge": 1540},
+        patch_size={"height": 14, "width": 14},
+        resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
     )
     processor = PixtralProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=14, spatial_merge_size=2,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        spatial_merge_size=2,
         chat_template=MISTRAL3_CHAT_TEMPLATE,
     )
     config = Mistral3Config(
         vision_config=PixtralVisionConfig(
-            image_size=1540, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, hidden_act="silu", rope_parameters={"rope_type": "axial", "rope_theta": 10000.0},
+            image_size=1540,
+            patch_size=14,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            hidden_act="silu",
+            rope_parameters={"rope_type": "axial", "rope_theta": 10000.0},
         ),
         text_config=MistralConfig(
-            vocab_size=padded_vocab(tokenizer), max_position_embeddings=131072, rms_norm_eps=1e-5,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000000.0}, sliding_window=None,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **TEXT_WIDTH,
+            vocab_size=padded_vocab(tokenizer),
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000000.0},
+            sliding_window=None,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **TEXT_WIDTH,
         ),
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
         spatial_merge_size=2,

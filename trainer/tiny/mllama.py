@@ -72,11 +72,24 @@ MLLAMA_CHAT_TEMPLATE = join(
 # (128256 in the real model, = text_config.vocab_size: the output head cannot produce it).
 MLLAMA_TOKENS = TokenizerSpec(
     pattern=LLAMA3_PATTERN,
-    tail=("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-          "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
-          "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
-          "<|image|>"),
-    bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|finetune_right_pad_id|>", add_bos=True,
+    tail=(
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>",
+        "<|reserved_special_token_2|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",
+        "<|eot_id|>",
+        "<|python_tag|>",
+        "<|image|>",
+    ),
+    bos="<|begin_of_text|>",
+    eos="<|eot_id|>",
+    pad="<|finetune_right_pad_id|>",
+    add_bos=True,
 )
 
 
@@ -88,31 +101,58 @@ def build():
 
     tokenizer = build_tokenizer(MLLAMA_TOKENS)
     image_processor = MllamaImageProcessor(
-        do_resize=True, size={"height": 560, "width": 560}, max_image_tiles=4, resample=2, do_rescale=True,
-        rescale_factor=1 / 255, do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_pad=True,
+        do_resize=True,
+        size={"height": 560, "width": 560},
+        max_image_tiles=4,
+        resample=2,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_pad=True,
         do_convert_rgb=True,
     )
-    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                chat_template=MLLAMA_CHAT_TEMPLATE)
+    processor = MllamaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=MLLAMA_CHAT_TEMPLATE
+    )
     image_token_id = tokenizer.convert_tokens_to_ids("<|image|>")
-    text = {k: v for k, v in TEXT_WIDTH.items() if k != "head_dim"}   # mllama: hidden_size / heads (= 16)
+    text = {k: v for k, v in TEXT_WIDTH.items() if k != "head_dim"}  # mllama: hidden_size / heads (= 16)
     config = MllamaConfig(
         # Width 16: the tile-position table holds 9 aspect ratios x 4 tiles x 1601 patches x width values.
         vision_config=dict(
-            image_size=560, patch_size=14, max_num_tiles=4, hidden_size=16, attention_heads=2,
-            intermediate_size=32, num_hidden_layers=2, num_global_layers=1,
-            intermediate_layers_indices=[0, 1], vision_output_dim=16 * 3, norm_eps=1e-5,
+            image_size=560,
+            patch_size=14,
+            max_num_tiles=4,
+            hidden_size=16,
+            attention_heads=2,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_global_layers=1,
+            intermediate_layers_indices=[0, 1],
+            vision_output_dim=16 * 3,
+            norm_eps=1e-5,
             supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
         ),
         # Layer 0 self-attention, layer 1 cross-attention (the 11B model: 40 layers, cross at 3, 8, ..., 38).
         text_config=dict(
-            vocab_size=image_token_id, cross_attention_layers=[1], max_position_embeddings=131072,
-            rms_norm_eps=1e-5, tie_word_embeddings=False,
-            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": 8192},
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **text,
+            vocab_size=image_token_id,
+            cross_attention_layers=[1],
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **text,
         ),
         image_token_index=image_token_id,
     )

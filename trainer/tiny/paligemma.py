@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.tiny.common import (
-    QWEN2_PATTERN,
-    TEXT_WIDTH,
-    TokenizerSpec,
-    build_tokenizer,
-    join,
-    padded_vocab,
-)
+from trainer.tiny.common import QWEN2_PATTERN, TEXT_WIDTH, TokenizerSpec, build_tokenizer, join, padded_vocab
 
 # PaliGemma has no chat template: the model reads "<image>" x 256 per image, "<bos>", the prompt (the
 # prefix, attended bidirectionally), "\n", then the answer and "<eos>" (the suffix, causal). Its
@@ -39,7 +32,8 @@ PALIGEMMA_CHAT_TEMPLATE = join(
     "{% endmacro %}",
     "{% if messages and messages[0]['role'] == 'system' %}",
     "  {% set content = messages[0]['content'] %}",
-    "  {% set system = (content if content is string else content | map(attribute='text') | join('')) + '\\n' %}",
+    "  {% set system = (content if content is string else content | map(attribute='text') | join(''))"
+    " + '\\n' %}",
     "  {% set loop_messages = messages[1:] %}",
     "{% else %}",
     "  {% set system = '' %}",
@@ -60,13 +54,18 @@ PALIGEMMA_CHAT_TEMPLATE = join(
 # tokens after them are left out); PaliGemma appends 1024 <locXXXX> and 128 <segXXX> tokens (plain,
 # not special) and then <image> (257152).
 PALIGEMMA_TOKENS = TokenizerSpec(
-    pattern=QWEN2_PATTERN, head=("<pad>", "<eos>", "<bos>", "<unk>"),
-    bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>", add_bos=True,
+    pattern=QWEN2_PATTERN,
+    head=("<pad>", "<eos>", "<bos>", "<unk>"),
+    bos="<bos>",
+    eos="<eos>",
+    pad="<pad>",
+    unk="<unk>",
+    add_bos=True,
 )
 
 
 def build():
-    """google/paligemma-3b-pt-224: SigLIP at 224 px, 14-px patches -> 256 tokens per image, bidirectional prefix."""
+    """google/paligemma-3b-pt-224: SigLIP at 224 px, 14-px patches -> 256 tokens per image, bidirectional prefix."""  # noqa: E501 (one line: python -m trainer.tiny --list)
     from transformers import (
         GemmaConfig,
         PaliGemmaConfig,
@@ -77,29 +76,46 @@ def build():
     from transformers.models.paligemma.processing_paligemma import EXTRA_TOKENS
 
     tokenizer = build_tokenizer(PALIGEMMA_TOKENS)
-    tokenizer.add_tokens(EXTRA_TOKENS)             # before <image>, which the processor adds, as in the real vocab
-    image_processor = SiglipImageProcessor(size={"height": 224, "width": 224}, resample=3,
-                                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    tokenizer.add_tokens(EXTRA_TOKENS)  # before <image>, which the processor adds, as in the real vocab
+    image_processor = SiglipImageProcessor(
+        size={"height": 224, "width": 224}, resample=3, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
+    )
     image_processor.image_seq_length = 256
-    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                   chat_template=PALIGEMMA_CHAT_TEMPLATE)
+    processor = PaliGemmaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=PALIGEMMA_CHAT_TEMPLATE
+    )
     # The processor turns <bos> off for its own calls (it places <bos> itself, and does so again when
     # it is loaded); the checkpoint's tokenizer, used alone, adds it.
     tokenizer.add_bos_token = True
     text = GemmaConfig(
-        vocab_size=padded_vocab(tokenizer), max_position_embeddings=8192, rms_norm_eps=1e-6,
-        hidden_activation="gelu_pytorch_tanh", rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **TEXT_WIDTH,
+        vocab_size=padded_vocab(tokenizer),
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TEXT_WIDTH,
     )
     config = PaliGemmaConfig(
-        vision_config=SiglipVisionConfig(image_size=224, patch_size=14, hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=2, vision_use_head=False,
-                                         projector_hidden_act="gelu_fast"),
+        vision_config=SiglipVisionConfig(
+            image_size=224,
+            patch_size=14,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vision_use_head=False,
+            projector_hidden_act="gelu_fast",
+        ),
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vocab_size=text.vocab_size, projection_dim=text.hidden_size, hidden_size=text.hidden_size,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=text.vocab_size,
+        projection_dim=text.hidden_size,
+        hidden_size=text.hidden_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     return config, processor

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.tiny.common import (
-    QWEN2_PATTERN,
-    TEXT_WIDTH,
-    TokenizerSpec,
-    build_tokenizer,
-    join,
-    padded_vocab,
-)
+from trainer.tiny.common import QWEN2_PATTERN, TEXT_WIDTH, TokenizerSpec, build_tokenizer, join, padded_vocab
 
 # The message body of Qwen-VL ChatML templates: media in place, as
 # <|vision_start|><|image_pad|><|vision_end|> (videos with <|video_pad|>), optionally numbered
@@ -56,26 +49,54 @@ def qwen_text_config(tokenizer, max_positions: int) -> dict:
     width = dict(TEXT_WIDTH)
     ids = tokenizer.convert_tokens_to_ids
     return dict(
-        vocab_size=padded_vocab(tokenizer), max_position_embeddings=max_positions, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                         "mrope_section": _scaled_mrope(width.pop("head_dim"))},
-        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"), use_sliding_window=False, **width,
+        vocab_size=padded_vocab(tokenizer),
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": _scaled_mrope(width.pop("head_dim")),
+        },
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+        use_sliding_window=False,
+        **width,
     )
 
 
 def qwen_media_ids(tokenizer) -> dict:
     ids = tokenizer.convert_tokens_to_ids
-    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    return dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
 
 
 QWEN2_VL_TOKENS = TokenizerSpec(
     pattern=QWEN2_PATTERN,
-    tail=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-          "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-          "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"),
-    bos=None, eos="<|im_end|>", pad="<|endoftext|>", add_bos=False,
+    tail=(
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|object_ref_start|>",
+        "<|object_ref_end|>",
+        "<|box_start|>",
+        "<|box_end|>",
+        "<|quad_start|>",
+        "<|quad_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|vision_pad|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ),
+    bos=None,
+    eos="<|im_end|>",
+    pad="<|endoftext|>",
+    add_bos=False,
 )
 # Qwen2-VL-2B-Instruct: head_dim 128 with mrope_section [16, 24, 24] (sum 64 = head_dim / 2).
 QWEN2_VL_REAL_MROPE = (16, 24, 24)
@@ -98,14 +119,22 @@ def build():
     # Frame pixel limits: transformers' Qwen2-VL video defaults; the per-frame cap as qwen-vl-utils does it.
     video_processor = Qwen2VLVideoProcessor(cap_pixels_per_frame=True, **geometry)
     processor = Qwen2VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
     config = Qwen2VLConfig(
         text_config=qwen_text_config(tokenizer, max_positions=32768),
         vision_config=dict(
-            depth=2, embed_dim=32, hidden_size=TEXT_WIDTH["hidden_size"], mlp_ratio=4, num_heads=2,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            depth=2,
+            embed_dim=32,
+            hidden_size=TEXT_WIDTH["hidden_size"],
+            mlp_ratio=4,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
         ),
         **qwen_media_ids(tokenizer),
         tie_word_embeddings=True,  # as the 2B checkpoint

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.tiny.common import (
-    QWEN2_PATTERN,
-    TEXT_WIDTH,
-    TokenizerSpec,
-    build_tokenizer,
-    join,
-    padded_vocab,
-)
+from trainer.tiny.common import QWEN2_PATTERN, TEXT_WIDTH, TokenizerSpec, build_tokenizer, join, padded_vocab
 from trainer.tiny.qwen2_5_vl import QWEN2_5_VL_TOKENS
 from trainer.tiny.qwen2_vl import QWEN_VL_BODY, qwen_media_ids
 
@@ -46,7 +39,10 @@ QWEN3_VL_CHAT_TEMPLATE = QWEN_VL_BODY + join(
 QWEN3_VL_TOKENS = TokenizerSpec(
     pattern=QWEN2_PATTERN,
     tail=(*QWEN2_5_VL_TOKENS.tail, "<tool_response>", "</tool_response>", "<think>", "</think>"),
-    bos=None, eos="<|im_end|>", pad="<|endoftext|>", add_bos=False,
+    bos=None,
+    eos="<|im_end|>",
+    pad="<|endoftext|>",
+    add_bos=False,
 )
 
 # Qwen3-VL-8B: head_dim 128 with interleaved mrope_section [24, 20, 20] (THWTHW..., the leftover
@@ -60,34 +56,62 @@ def build():
     from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     tokenizer = build_tokenizer(QWEN3_VL_TOKENS)
-    geometry = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5, 0.5, 0.5],
-                    image_std=[0.5, 0.5, 0.5])
+    geometry = dict(
+        patch_size=16,
+        temporal_patch_size=2,
+        merge_size=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
     # Pixel limits of the published preprocessor_config.json / video_preprocessor_config.json.
-    image_processor = Qwen2VLImageProcessor(size={"shortest_edge": 256 * 256, "longest_edge": 4096 * 4096},
-                                            **geometry)
-    video_processor = Qwen3VLVideoProcessor(size={"shortest_edge": 64 * 64, "longest_edge": 24 * 1024 * 1024},
-                                            cap_pixels_per_frame=True, **geometry)
+    image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": 256 * 256, "longest_edge": 4096 * 4096}, **geometry
+    )
+    video_processor = Qwen3VLVideoProcessor(
+        size={"shortest_edge": 64 * 64, "longest_edge": 24 * 1024 * 1024},
+        cap_pixels_per_frame=True,
+        **geometry,
+    )
     processor = Qwen3VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
         chat_template=QWEN3_VL_CHAT_TEMPLATE,
     )
     ids = tokenizer.convert_tokens_to_ids
     text = dict(TEXT_WIDTH, head_dim=HEAD_DIM)
     config = Qwen3VLConfig(
         text_config=dict(
-            vocab_size=padded_vocab(tokenizer), max_position_embeddings=262144, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": MROPE_SECTION,
-                             "mrope_interleaved": True},
-            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), hidden_act="silu", **text,
+            vocab_size=padded_vocab(tokenizer),
+            max_position_embeddings=262144,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5000000.0,
+                "mrope_section": MROPE_SECTION,
+                "mrope_interleaved": True,
+            },
+            bos_token_id=ids("<|endoftext|>"),
+            eos_token_id=ids("<|im_end|>"),
+            hidden_act="silu",
+            **text,
         ),
         # The real tower: 27 blocks of width 1152 whose blocks 8, 16 and 24 feed DeepStack mergers,
         # added to the first three decoder layers. Two blocks keep one intermediate DeepStack level
         # (reaching decoder layer 0 of 2). The learned 48x48 position grid is kept: it is resampled
         # to every image's patch grid.
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT_WIDTH["hidden_size"],
-            patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
-            deepstack_visual_indexes=[0], hidden_act="gelu_pytorch_tanh",
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=TEXT_WIDTH["hidden_size"],
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=2304,
+            deepstack_visual_indexes=[0],
+            hidden_act="gelu_pytorch_tanh",
         ),
         **qwen_media_ids(tokenizer),
         tie_word_embeddings=False,  # as the 8B checkpoint (the 2B and 4B tie them)

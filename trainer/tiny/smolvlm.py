@@ -19,11 +19,24 @@ assert SMOLVLM_CHAT_TEMPLATE.count("<|im_start|>") == 1 and "<|begin_of_text|>" 
 SMOLVLM_TOKENS = TokenizerSpec(
     pattern=QWEN2_PATTERN,
     head=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
-    tail=("<global-img>", *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
-          "<fake_token_around_image>", "<image>", "<end_of_utterance>"),
-    bos="<|im_start|>", eos="<end_of_utterance>", pad="<|im_end|>", unk="<|endoftext|>", add_bos=False,
-    named={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
-           "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
+    tail=(
+        "<global-img>",
+        *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
+        "<fake_token_around_image>",
+        "<image>",
+        "<end_of_utterance>",
+    ),
+    bos="<|im_start|>",
+    eos="<end_of_utterance>",
+    pad="<|im_end|>",
+    unk="<|endoftext|>",
+    add_bos=False,
+    named={
+        "image_token": "<image>",
+        "fake_image_token": "<fake_token_around_image>",
+        "global_image_token": "<global-img>",
+        "end_of_utterance_token": "<end_of_utterance>",
+    },
 )
 
 
@@ -38,8 +51,14 @@ def build():
     )
 
     tokenizer = build_tokenizer(SMOLVLM_TOKENS)
-    geometry = dict(size={"longest_edge": 4 * 384}, max_image_size={"longest_edge": 384}, resample=1,
-                    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_pad=True)
+    geometry = dict(
+        size={"longest_edge": 4 * 384},
+        max_image_size={"longest_edge": 384},
+        resample=1,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_pad=True,
+    )
     image_processor = SmolVLMImageProcessor(do_image_splitting=True, **geometry)
     # Frames: one 384-px tile each, 1 frame/s, at most 64 (the checkpoint's video_sampling).
     video_processor = SmolVLMVideoProcessor(
@@ -47,19 +66,30 @@ def build():
         **{**geometry, "size": {"longest_edge": 384}},
     )
     processor = SmolVLMProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-        image_seq_len=81, chat_template=SMOLVLM_CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        image_seq_len=81,
+        chat_template=SMOLVLM_CHAT_TEMPLATE,
     )
     config = SmolVLMConfig(
         vision_config=dict(
-            image_size=384, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            image_size=384,
+            patch_size=14,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
             num_attention_heads=2,
         ),
         text_config=LlamaConfig(
-            vocab_size=padded_vocab(tokenizer), max_position_embeddings=8192, rms_norm_eps=1e-5,
+            vocab_size=padded_vocab(tokenizer),
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 273768.0},
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **TEXT_WIDTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **TEXT_WIDTH,
         ),
         scale_factor=3,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
