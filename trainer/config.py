@@ -115,9 +115,8 @@ class TrainConfig:
     # Recompute activations in backward: each block's ("full"), or every other block's ("selective").
     activation_checkpointing: Literal["none", "full", "selective"] = "full"
     compile: bool = False  # torch.compile each block, inside activation checkpointing
-    nonfinite: Literal["skip", "abort"] = (
-        "skip"  # a NaN/inf loss on any rank: skip the step everywhere, or stop
-    )
+    # A NaN/inf loss on any rank: skip the step everywhere, or stop.
+    nonfinite: Literal["skip", "abort"] = "skip"
     log_every: int = 1  # optimizer steps between metric logs
     # The device's dense bf16 peak in TFLOP/s, for perf/mfu; 0 = the table of known GPUs in
     # trainer/flops.py (without a figure, only perf/model_tflops_per_s is logged).
