@@ -81,7 +81,7 @@ def move_to_mid_epoch(checkpoint: Path, shards: Path, seed: int = 0) -> int:
     plan = plan_epoch(manifest, plan_seed(manifest, seed), 0)
     path = checkpoint / "rank0.pt"
     extra = torch.load(path, weights_only=True)
-    states = stream_states(extra["data"])
+    states = stream_states(extra["data"]["loader"])
     assert states, "no pipeline state in the checkpoint"
     consumed = 0
     for state in states:
@@ -95,7 +95,7 @@ def move_to_mid_epoch(checkpoint: Path, shards: Path, seed: int = 0) -> int:
         state["cursor"] = cursor
         state["shuffle"], state["pool"] = held[: len(state["shuffle"])], held[len(state["shuffle"]) :]
         consumed += cursor - len(held)
-    extra["data_consumed"] = consumed
+    extra["data"]["batches"]["consumed"] = consumed
     torch.save(extra, path)
     return consumed
 
@@ -148,7 +148,7 @@ def child(args: list[str]) -> None:
         mark("first_batch_s")
         step(self, packs, wait)
         mark("first_step_s")
-        marks["step"] = self.state["step"]
+        marks["step"] = self.state.step
         print(json.dumps(marks), flush=True)
         os._exit(0)  # the measurement ends here: no checkpoint, no export
 

@@ -1,10 +1,17 @@
 """Checkpoints: `run.dir/checkpoints/step-<N>/`, written with torch.distributed.checkpoint.
 
-Model and optimizer are saved sharded (DCP); what differs per rank (its data pipeline state,
-RNG states) goes into `rank<r>.pt` beside them, with the step, epoch and counters: tensors,
-numbers, strings and containers only, read back with `torch.load(weights_only=True)` (nothing is
-unpickled). A checkpoint is written under `.step-<N>.tmp` and renamed once every rank has finished,
-so a directory named `step-<N>` is always complete; resuming picks the newest one automatically.
+Model and optimizer are saved sharded (DCP); what differs per rank goes into `rank<r>.pt` beside
+them: tensors, numbers, strings and containers only, read back with `torch.load(weights_only=True)`
+(nothing is unpickled). The training loop (trainer/loop.py) writes
+
+    {"train": TrainState.state_dict(),                  # step, epoch, counters: the same on every rank
+     "data": {"loader": ..., "generation": ..., "world": ..., "workers": ...,
+              "batches": EpochBatches.state_dict()},    # this rank's place in the epoch
+     "rng": rng_state()}                                # added here
+
+and `load` returns it in that layout, also from a checkpoint written before TrainState existed.
+A checkpoint is written under `.step-<N>.tmp` and renamed once every rank has finished, so a
+directory named `step-<N>` is always complete; resuming picks the newest one automatically.
 With `checkpoint.async_save` (AsyncSaver) training waits only while the state is copied to host
 memory; the files are written in the background, and a kill during that write leaves the previous
 checkpoint the newest. DCP reshards model and optimizer for any number of ranks; a rank the checkpoint
@@ -14,6 +21,7 @@ trainer.data.pipeline.resume_generation, its RNG starts fresh).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -52,8 +60,11 @@ def _barrier() -> None:
 def rng_state() -> dict[str, Any]:
     # numpy's key array as a list: the rank files hold only what torch.load(weights_only=True) reads.
     name, keys, *rest = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (name, keys.tolist(), *rest)}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (name, keys.tolist(), *rest),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -68,11 +79,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@dataclasses.dataclass(kw_only=True)
+class TrainState:
+    """Where the run is, the same on every rank. Saved and restored as one piece (rank file key
+    "train"), so that a resumed run goes on counting from exactly where the checkpoint was."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # the epoch being trained
+    total_steps: int = 0  # steps the LR schedule plans for (train.steps; 0 with train.epochs)
+    samples: int = 0  # samples trained, over all ranks
+    tokens: int = 0  # tokens trained (packed, media tokens included), over all ranks
+    skipped_steps: int = 0  # steps skipped everywhere for a non-finite loss or gradient
+    per_source: list[int] = dataclasses.field(default_factory=list)  # samples trained per source
+
+    def state_dict(self) -> dict[str, Any]:
+        # A copy: the rank file must hold the counts at save(), not a list that training goes on changing.
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = {f.name for f in dataclasses.fields(self)}
+        if set(state) != names:
+            raise ValueError(
+                f"the checkpoint's train state has keys {sorted(state)}, this mmloom expects "
+                f"{sorted(names)}: resume with the version that wrote it"
+            )
+        for name in names:
+            setattr(self, name, state[name])
+        self.per_source = list(self.per_source)
+
+
 def latest(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint, or None; rank 0 decides for all (shared filesystems can
     show ranks different directory listings for a moment)."""
     root = Path(run_dir) / "checkpoints"
-    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP.fullmatch(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP.fullmatch(p.name)) and p.is_dir()
+    ]
     choice = [str(max(found)[1]) if found else None]
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
@@ -109,15 +151,26 @@ class AsyncSaver:
         self._stager: DefaultStager | None = None
         self._pending: _Write | None = None
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any],
-             metrics: Metrics | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        extra: dict[str, Any],
+        metrics: Metrics | None = None,
+    ) -> None:
         """Start writing step-<step> (collective: every rank calls it); logs the previous write's times."""
         previous, start = self._pending, time.perf_counter()
         self.wait(metrics)
         waited = time.perf_counter() - start
         if previous is not None and waited > 1.0 and self.rank == 0:
-            logger.warning("step %d: the checkpoint of step %d was still being written; training waited "
-                           "%.1f s for it (raise checkpoint.every)", step, previous.step, waited)
+            logger.warning(
+                "step %d: the checkpoint of step %d was still being written; training waited "
+                "%.1f s for it (raise checkpoint.every)",
+                step,
+                previous.step,
+                waited,
+            )
         start = time.perf_counter()
         tmp = self.root / f".step-{step}.tmp"
         if self.rank == 0:
@@ -136,9 +189,10 @@ class AsyncSaver:
                     # new_group is collective: made here, where every rank is. A long timeout, as the
                     # ranks wait in it for the slowest one's write.
                     self._group = dist.new_group(backend="gloo", timeout=timedelta(hours=2))
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group,
-                                    async_stager=self._stager)
-            assert isinstance(future, Future), type(future)          # staging is synchronous
+            future = dcp.async_save(
+                state, checkpoint_id=str(tmp), process_group=self._group, async_stager=self._stager
+            )
+            assert isinstance(future, Future), type(future)  # staging is synchronous
         else:
             future = Future()
             future.set_result(dcp.save(state, checkpoint_id=str(tmp)))
@@ -153,11 +207,14 @@ class AsyncSaver:
             return None
         write.done.wait()
         if write.error is not None:
-            raise RuntimeError(f"writing checkpoint {write.tmp} failed; the newest complete one in "
-                               f"{self.root} is still usable") from write.error
+            raise RuntimeError(
+                f"writing checkpoint {write.tmp} failed; the newest complete one in "
+                f"{self.root} is still usable"
+            ) from write.error
         if metrics is not None:
-            metrics.log(write.step, {"ckpt/save_blocking_s": write.blocking_s,
-                                     "ckpt/save_total_s": write.total_s})
+            metrics.log(
+                write.step, {"ckpt/save_blocking_s": write.blocking_s, "ckpt/save_total_s": write.total_s}
+            )
         return write.final
 
     def wait_after_error(self, timeout_s: float = 600.0) -> None:
@@ -172,8 +229,13 @@ class AsyncSaver:
             if self.rank == 0:
                 logger.warning("checkpoint %s was written before leaving on the error", write.final)
         else:
-            logger.warning("the checkpoint of step %d was not written (%s); the newest complete one in %s "
-                           "is still usable", write.step, write.error or "timed out", self.root)
+            logger.warning(
+                "the checkpoint of step %d was not written (%s); the newest complete one in %s "
+                "is still usable",
+                write.step,
+                write.error or "timed out",
+                self.root,
+            )
 
     def close(self) -> None:
         """Free the staging memory (after wait())."""
@@ -187,20 +249,26 @@ class AsyncSaver:
         if write.final.exists():
             shutil.rmtree(write.final)
         write.tmp.rename(write.final)
-        old = sorted((int(m.group(1)), p) for p in self.root.glob("step-*")
-                     if (m := _STEP.fullmatch(p.name)))
-        for _, p in old[:-self.keep]:
+        old = sorted((int(m.group(1)), p) for p in self.root.glob("step-*") if (m := _STEP.fullmatch(p.name)))
+        for _, p in old[: -self.keep]:
             shutil.rmtree(p, ignore_errors=True)
-        logger.info("saved checkpoint %s in %.1f s (%.1f s blocking)", write.final, write.total_s,
-                    write.blocking_s)
+        logger.info(
+            "saved checkpoint %s in %.1f s (%.1f s blocking)", write.final, write.total_s, write.blocking_s
+        )
 
 
 def _stager() -> DefaultStager:
     # Staging in the calling thread (then training may change the weights), into host buffers kept
     # for the next save: pinned on CUDA, where pinning anew each time would cost seconds a save.
     cuda = torch.cuda.is_available()
-    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                        use_async_staging=False, use_non_blocking_copy=cuda))
+    return DefaultStager(
+        StagingOptions(
+            use_pinned_memory=cuda,
+            use_shared_memory=False,
+            use_async_staging=False,
+            use_non_blocking_copy=cuda,
+        )
+    )
 
 
 class _Write:
@@ -219,14 +287,14 @@ class _Write:
             self.total_s = time.perf_counter() - self.start
             if self.saver.rank == 0:
                 self.saver._finalize(self)
-        except BaseException as e:          # raised in the training thread by wait()
+        except BaseException as e:  # raised in the training thread by wait()
             self.error = e
         finally:
             self.done.set()
 
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and RNG from `path`; returns this rank's extra state."""
+    """Restore model, optimizer and RNG from `path`; returns this rank's extra state (without RNG)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     model_sd, optim_sd = _trainable_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
@@ -234,19 +302,29 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     # ever had a gradient (LLaVA never uses its vision tower's last layer). The rest keep the fresh
     # zero state, which AdamW never touches while they get no gradient.
     dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(strict=False))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=StateDictOptions(strict=False),
+    )
     rank_file = path / f"rank{rank}.pt"
     if rank_file.exists():
         extra = torch.load(rank_file, weights_only=True)
         set_rng_state(extra.pop("rng"))
     else:
-        logger.warning("%s has no rank%d.pt (it was written by %d ranks): this rank starts from rank 0's "
-                       "counters and a fresh RNG", path, rank, saved_ranks(path))
+        logger.warning(
+            "%s has no rank%d.pt (it was written by %d ranks): this rank starts from rank 0's "
+            "counters and a fresh RNG",
+            path,
+            rank,
+            saved_ranks(path),
+        )
         extra = torch.load(path / "rank0.pt", weights_only=True)
         extra.pop("rng")
     logger.info("resumed from %s", path)
-    return extra
+    return _upgrade(extra)
 
 
 def saved_ranks(path: Path) -> int:
@@ -260,5 +338,30 @@ def rank_extras(path: Path) -> list[dict[str, Any]]:
     for rank in range(saved_ranks(path)):
         extra = torch.load(path / f"rank{rank}.pt", weights_only=True)
         extra.pop("rng", None)
-        extras.append(extra)
+        extras.append(_upgrade(extra))
     return extras
+
+
+def _upgrade(extra: dict[str, Any]) -> dict[str, Any]:
+    """A rank file's extra state in the layout of the module docstring. Files written before TrainState
+    (flat keys: "state", "total_steps", "data", "data_generation", "data_world", "data_workers",
+    "data_exhausted", "data_skips", "data_consumed") still resume: a requeued job may find one."""
+    if "data_exhausted" not in extra:
+        return extra
+    # micro_batches_in_epoch was saved but never counted: nothing reads it.
+    train = {k: v for k, v in extra["state"].items() if k != "micro_batches_in_epoch"}
+    batches = {
+        "exhausted": extra["data_exhausted"],
+        "skips": extra["data_skips"],
+        "consumed": extra["data_consumed"],
+    }
+    return {
+        "train": {**train, "total_steps": extra["total_steps"]},
+        "data": {
+            "loader": extra["data"],
+            "generation": extra["data_generation"],
+            "world": extra["data_world"],
+            "workers": extra["data_workers"],
+            "batches": batches,
+        },
+    }

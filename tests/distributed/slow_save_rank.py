@@ -32,7 +32,7 @@ def slow_write(self, plan, planner):
 
 def noted_step(self, *args, **kwargs):
     loss = real_step(self, *args, **kwargs)
-    (flags / f"step-{self.state['step']}-rank{rank}").touch()
+    (flags / f"step-{self.state.step}-rank{rank}").touch()
     return loss
 
 

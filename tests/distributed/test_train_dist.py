@@ -21,8 +21,15 @@ from tests.support import REPO
 
 def run(out: Path, tag: str, schedule: str, overrides: list[str], ranks: int) -> dict:
     script = [str(REPO / "tests" / "distributed" / "train_rank.py"), str(out), tag, schedule, *overrides]
-    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                              "--master-port", "29521"] if ranks > 1 else []), *script]
+    cmd = [
+        sys.executable,
+        *(
+            ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", "29521"]
+            if ranks > 1
+            else []
+        ),
+        *script,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -31,17 +38,34 @@ def run(out: Path, tag: str, schedule: str, overrides: list[str], ranks: int) ->
 
 def two_ranks(script: str, *args: str, timeout: int = 300) -> None:
     """tests/distributed/<script> on 2 ranks under torchrun, on a free port; fails with its stderr."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           str(REPO / "tests" / "distributed" / script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--standalone",
+        str(REPO / "tests" / "distributed" / script),
+        *args,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def overrides(tiny, shards: Path, run_dir: Path) -> list[str]:
-    return [f"model.path={tiny('llava')}", f"data.shards={shards}", f"run.dir={run_dir}", "data.workers=0",
-            "data.shuffle_buffer=6", "data.packing.buffer=4", "data.packing.max_tokens=1600",
-            "finetune.freeze_vision=false", "train.activation_checkpointing=full", "train.loss_chunk=16"]
+    return [
+        f"model.path={tiny('llava')}",
+        f"data.shards={shards}",
+        f"run.dir={run_dir}",
+        "data.workers=0",
+        "data.shuffle_buffer=6",
+        "data.packing.buffer=4",
+        "data.packing.max_tokens=1600",
+        "finetune.freeze_vision=false",
+        "train.activation_checkpointing=full",
+        "train.loss_chunk=16",
+    ]
 
 
 def assert_same(one: dict, other: dict) -> None:
@@ -55,8 +79,9 @@ def assert_same(one: dict, other: dict) -> None:
         assert err <= 1e-6, (name, float(err))
 
 
-def test_accumulation_fsdp_and_hsdp_give_the_same_gradients(tiny, stream_shards: Path,
-                                                             tmp_path: Path) -> None:
+def test_accumulation_fsdp_and_hsdp_give_the_same_gradients(
+    tiny, stream_shards: Path, tmp_path: Path
+) -> None:
     args = overrides(tiny, stream_shards, tmp_path / "run")
     one = run(tmp_path, "one", "0,1,2,3", args, ranks=1)
     assert_same(one, run(tmp_path, "two", "0,1|2,3", args, ranks=2))
@@ -66,8 +91,12 @@ def test_accumulation_fsdp_and_hsdp_give_the_same_gradients(tiny, stream_shards:
 
 # Four processes on the two cores CI has is more than the test suite may take; run it with
 # MMLOOM_TEST_4_RANKS=1 (it passed on the 2-core VM on 2026-11-21, see the issue 4 note).
-@pytest.mark.skipif(os.environ.get("MMLOOM_TEST_4_RANKS") != "1", reason="set MMLOOM_TEST_4_RANKS=1: 4 processes")
-def test_four_ranks_of_one_micro_batch_give_the_same_gradients(tiny, stream_shards: Path, tmp_path: Path) -> None:
+@pytest.mark.skipif(
+    os.environ.get("MMLOOM_TEST_4_RANKS") != "1", reason="set MMLOOM_TEST_4_RANKS=1: 4 processes"
+)
+def test_four_ranks_of_one_micro_batch_give_the_same_gradients(
+    tiny, stream_shards: Path, tmp_path: Path
+) -> None:
     args = overrides(tiny, stream_shards, tmp_path / "run")
     one = run(tmp_path, "one", "0,1,2,3", args, ranks=1)
     assert_same(one, run(tmp_path, "four", "0|1|2|3", args, ranks=4))
@@ -87,10 +116,24 @@ def test_an_error_on_one_rank_ends_the_job_promptly(tiny, overfit_shards: Path, 
     until the process-group timeout, and no checkpoint is written for the failed step."""
     import time
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29522",
-           str(REPO / "tests" / "distributed" / "fail_rank.py"), f"model.path={tiny('llava')}",
-           f"data.shards={overfit_shards}", f"run.dir={tmp_path / 'run'}", "data.workers=0",
-           "data.packing.max_tokens=700", "train.steps=10", "checkpoint.every=1", "checkpoint.keep=10"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29522",
+        str(REPO / "tests" / "distributed" / "fail_rank.py"),
+        f"model.path={tiny('llava')}",
+        f"data.shards={overfit_shards}",
+        f"run.dir={tmp_path / 'run'}",
+        "data.workers=0",
+        "data.packing.max_tokens=700",
+        "train.steps=10",
+        "checkpoint.every=1",
+        "checkpoint.keep=10",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     start = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -99,24 +142,28 @@ def test_an_error_on_one_rank_ends_the_job_promptly(tiny, overfit_shards: Path, 
     assert "injected failure in the forward pass on rank 1" in proc.stderr
     assert took < 120, f"the job took {took:.0f} s to end"
     steps = sorted(int(d.name.split("-")[1]) for d in (tmp_path / "run" / "checkpoints").glob("step-*"))
-    assert steps == [1, 2]                               # the third step failed on rank 1: never saved
+    assert steps == [1, 2]  # the third step failed on rank 1: never saved
 
 
 @pytest.mark.parametrize("reduce", ["auto", "step"])
-def test_gradients_stay_sharded_between_micro_batches(tiny, stream_shards: Path, tmp_path: Path,
-                                                      reduce: str) -> None:
+def test_gradients_stay_sharded_between_micro_batches(
+    tiny, stream_shards: Path, tmp_path: Path, reduce: str
+) -> None:
     """Full finetuning with 2 micro-batches on 2 FSDP2 ranks: by default (auto) each micro-batch's
     gradients are reduce-scattered at once, so between micro-batches a rank holds only its shard of the
     gradients; with train.grad_reduce=step it holds the whole model's unsharded gradients instead."""
-    args = [*overrides(tiny, stream_shards, tmp_path / "run"), "train.grad_accum=2",
-            f"train.grad_reduce={reduce}"]
+    args = [
+        *overrides(tiny, stream_shards, tmp_path / "run"),
+        "train.grad_accum=2",
+        f"train.grad_reduce={reduce}",
+    ]
     two_ranks("grad_memory_rank.py", str(tmp_path), reduce, *args)
     for rank in range(2):
         mem = json.loads((tmp_path / f"{reduce}-rank{rank}.json").read_text())
         after, between = mem["after"], mem["between"]
-        assert after["unsharded"] == 0 and 0 < after["sharded"] < 0.6 * after["full"]     # about half each
+        assert after["unsharded"] == 0 and 0 < after["sharded"] < 0.6 * after["full"]  # about half each
         if reduce == "auto":
-            assert between == after                      # already reduced: only this rank's shard
+            assert between == after  # already reduced: only this rank's shard
         else:
             assert between["unsharded"] == after["full"] and between["sharded"] == 0
 
@@ -129,13 +176,22 @@ def tiny_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
-def test_trained_weights_are_fp32_and_frozen_ones_stay_as_stored(tiny_bf16: Path, stream_shards: Path,
-                                                                  tmp_path: Path, method: str) -> None:
+def test_trained_weights_are_fp32_and_frozen_ones_stay_as_stored(
+    tiny_bf16: Path, stream_shards: Path, tmp_path: Path, method: str
+) -> None:
     """The dtype plan on 2 FSDP2 ranks from a bf16 checkpoint: trained parameters (and their AdamW
     state) are fp32, frozen ones bf16 (QLoRA's base: 4-bit), every weight equals the checkpoint's."""
-    args = [f"model.path={tiny_bf16}", f"data.shards={stream_shards}", f"run.dir={tmp_path / 'run'}",
-            "data.workers=0", "data.shuffle_buffer=6", "data.packing.buffer=4",
-            "data.packing.max_tokens=1600", f"finetune.method={method}", "train.log_every=1000"]
+    args = [
+        f"model.path={tiny_bf16}",
+        f"data.shards={stream_shards}",
+        f"run.dir={tmp_path / 'run'}",
+        "data.workers=0",
+        "data.shuffle_buffer=6",
+        "data.packing.buffer=4",
+        "data.packing.max_tokens=1600",
+        f"finetune.method={method}",
+        "train.log_every=1000",
+    ]
     two_ranks("dtype_rank.py", str(tmp_path), method, *args)
     for rank in range(2):
         got = json.loads((tmp_path / f"{method}-rank{rank}.json").read_text())
@@ -154,7 +210,7 @@ def test_trained_weights_are_fp32_and_frozen_ones_stay_as_stored(tiny_bf16: Path
             assert all("language_model" in n for n in quantized)
         else:
             assert not quantized
-        if method == "full":                 # the default freezes the vision tower only
+        if method == "full":  # the default freezes the vision tower only
             assert all("vision_tower" in n for n in frozen) and any("language_model" in n for n in trained)
         else:
             assert all("lora_" in n or "modules_to_save" in n for n in trained)
@@ -172,5 +228,5 @@ def test_ranks_wait_for_rank0_on_the_store_not_in_a_collective(tmp_path: Path) -
     waiting = json.loads((tmp_path / "wait-rank1.json").read_text())
     message, waited = waiting["1"]
     assert "train.dist_timeout_s=1" in message and 0.9 < waited < 2.5
-    assert waiting["30"][0] == "ok" and waiting["30"][1] >= 4.5        # the rest of rank 0's 6 s
+    assert waiting["30"][0] == "ok" and waiting["30"][1] >= 4.5  # the rest of rank 0's 6 s
     assert json.loads((tmp_path / "wait-rank0.json").read_text())["30"][0] == "ok"

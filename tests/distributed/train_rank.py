@@ -21,7 +21,7 @@ from trainer.loop import Trainer
 
 
 def fixed_packs(cfg, adapter) -> list:
-    loader = build_loader(cfg.data, adapter, cfg.train.seed)      # the same on every rank: world 1
+    loader = build_loader(cfg.data, adapter, cfg.train.seed)  # the same on every rank: world 1
     loader.dataset.set_epoch(0)
     return [p for p in loader if not p.empty]
 
@@ -41,14 +41,22 @@ def main() -> None:
         per_rank = [[int(i) for i in part.split(",")] for part in schedule.split("|")]
     assert len(per_rank) == world
     mine = [packs[i] for i in per_rank[rank]]
-    total_loss, targets, bad = trainer.backward(mine)
+    loss = trainer.backward(mine)
     grads = {}
     for name, p in trainer.model.named_parameters():
         if p.grad is not None:
             g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             grads[name.replace("_checkpoint_wrapped_module.", "")] = g.detach().clone()
     if rank == 0:
-        torch.save({"loss": total_loss / targets, "targets": targets, "bad": bad, "grads": grads}, out / f"{tag}.pt")
+        torch.save(
+            {
+                "loss": loss.total / loss.targets,
+                "targets": loss.targets,
+                "bad": not loss.finite,
+                "grads": grads,
+            },
+            out / f"{tag}.pt",
+        )
     if dist.is_initialized():
         dist.barrier()
     shutdown()

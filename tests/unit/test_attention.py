@@ -163,6 +163,7 @@ def test_backend_per_family_and_device(tiny, monkeypatch: pytest.MonkeyPatch, ca
     assert implementation == {"vision_config": "sdpa", "text_config": attention.VARLEN, "": "sdpa"}
 
 
+@pytest.mark.slow
 def test_compiled_blocks_under_checkpointing_do_not_recompile(tiny) -> None:
     """train.compile with full activation checkpointing on CPU (inductor): graphs are compiled, packs of
     1 to 4 samples in any order reuse them (no new frame after the first pack), the loss is eager's."""
@@ -211,6 +212,7 @@ def test_compiled_blocks_under_checkpointing_do_not_recompile(tiny) -> None:
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_attention_benchmark_counts_host_reads_per_backend() -> None:
     import json
     import subprocess

@@ -72,6 +72,7 @@ KEYS = {
 }
 
 
+@pytest.mark.slow
 def test_run_all_quick_prints_every_benchmark_as_json() -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--quick"],
@@ -150,6 +151,7 @@ def test_gpu_benchmark_without_a_gpu_exits_cleanly() -> None:
     assert "no GPU" in proc.stderr
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_runs_its_code_on_cpu_with_smoke() -> None:
     """`--smoke`: the tiny Qwen2-VL through the GPU suite's own build, data, step and FLOP count."""
     proc = subprocess.run(
@@ -168,6 +170,7 @@ def test_gpu_benchmark_runs_its_code_on_cpu_with_smoke() -> None:
     assert 0 <= run["data_wait_fraction"] < 1
 
 
+@pytest.mark.slow
 def test_gpu_validation_runs_every_stage_on_cpu_with_smoke(tmp_path: Path) -> None:
     """benchmarks/gpu/validate.py --smoke: one JSON line per stage in order, each stage's checks
     passing on CPU with tiny sizes, then the summary; --out gets the same lines."""

@@ -24,8 +24,9 @@ def model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimiz
     return model, optimizer
 
 
-def test_a_save_writes_in_the_background_what_the_weights_were(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_save_writes_in_the_background_what_the_weights_were(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     release, writing = threading.Event(), threading.Event()
     real = _FileSystemWriter.write_data
 
@@ -44,16 +45,16 @@ def test_a_save_writes_in_the_background_what_the_weights_were(tmp_path: Path,
     release.clear()
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     saver.save(2, model, optimizer, {"state": {"step": 2}})
-    assert writing.wait(60)                      # save() returned; the write is held in the background
+    assert writing.wait(60)  # save() returned; the write is held in the background
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(1.0)                          # training goes on meanwhile
+            p.add_(1.0)  # training goes on meanwhile
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == [".step-2.tmp", "step-1"]    # not named step-2 before it is written
+    assert names == [".step-2.tmp", "step-1"]  # not named step-2 before it is written
     release.set()
     assert saver.wait() == tmp_path / "checkpoints" / "step-2"
     saver.close()
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2"]     # keep=1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2"]  # keep=1
 
     loaded, fresh_optimizer = model_and_optimizer(1)
     extra = checkpoint.load(checkpoint.latest(tmp_path), loaded, fresh_optimizer)
@@ -61,8 +62,9 @@ def test_a_save_writes_in_the_background_what_the_weights_were(tmp_path: Path,
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items())
 
 
-def test_a_failed_write_raises_in_the_training_thread(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_write_raises_in_the_training_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(self, plan, planner):
         raise OSError("disk full")
 

@@ -44,7 +44,9 @@ def global_order(per_rank: list[list]) -> list[tuple[int, str, int]]:
     return [k for i in range(steps) for packs in per_rank if i < len(packs) for k in packs[i].keys]
 
 
-@pytest.mark.parametrize("ranks, workers", [(1, 0), (2, 2)])
+@pytest.mark.parametrize(
+    "ranks, workers", [(1, 0), pytest.param(2, 2, marks=pytest.mark.slow)]
+)  # workers: slow
 def test_every_moment_carries_the_mix(tiny, mix_shards: Path, ranks: int, workers: int) -> None:
     cfg = config(tiny, mix_shards, workers)
     order = global_order([list(loader(cfg, r, ranks, epoch=0)) for r in range(ranks)])
@@ -60,7 +62,10 @@ def test_every_moment_carries_the_mix(tiny, mix_shards: Path, ranks: int, worker
     assert len(set(labels[-12:])) > 1
 
 
-@pytest.mark.parametrize("before, after", [((2, 0), (1, 0)), ((1, 0), (2, 0)), ((1, 2), (1, 1))])
+@pytest.mark.parametrize(
+    "before, after",
+    [((2, 0), (1, 0)), ((1, 0), (2, 0)), pytest.param((1, 2), (1, 1), marks=pytest.mark.slow)],
+)
 def test_a_checkpoint_resumes_on_other_ranks_or_workers_exactly_once(
     tiny, mix_shards: Path, before: tuple, after: tuple
 ) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.support import family_params
 from tests.support.samples import PHOTOS, SAMPLES, assert_packed_equals_alone, cropped_photo, summed_loss
 from trainer import attention
 from trainer.data.packing import collate
@@ -25,7 +26,14 @@ def backends(family: str) -> list[str]:
     return ["sdpa", "trainer", *([attention.FLEX] if masked else [])]
 
 
-@pytest.mark.parametrize(("family", "backend"), [(f, b) for f in sorted(FAMILIES) for b in backends(f)])
+@pytest.mark.parametrize(
+    ("family", "backend"),
+    [
+        pytest.param(*p.values, b, marks=p.marks)
+        for p in family_params(sorted(FAMILIES))
+        for b in backends(p.values[0])
+    ],
+)
 def test_packed_loss_equals_per_sample_losses(tiny, family: str, backend: str) -> None:
     """On each backend that runs on CPU (see `backends`)."""
     torch.manual_seed(0)
@@ -44,7 +52,7 @@ def test_packed_loss_equals_per_sample_losses(tiny, family: str, backend: str) -
     assert abs(packed.item() - alone.item()) <= 1e-6 * abs(alone.item()), (packed.item(), alone.item())
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", family_params(sorted(FAMILIES)))
 def test_no_gradient_crosses_packed_samples(tiny, family: str) -> None:
     path = tiny(family)
     adapter = get_adapter(path)
@@ -85,7 +93,7 @@ def test_llava_next_packs_images_with_different_view_counts(tiny) -> None:
     assert_packed_equals_alone(path, adapter, rendered, pack)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", family_params(sorted(FAMILIES)))
 def test_the_trainers_attention_gives_the_masked_sdpa_logits(tiny, family: str) -> None:
     """What the trainer runs on CPU (trainer/attention.py: per-sample SDPA where the model allows it)
     gives the logits of SDPA over the block-diagonal mask, on a pack of three samples."""
@@ -110,7 +118,7 @@ def test_the_trainers_attention_gives_the_masked_sdpa_logits(tiny, family: str) 
     )
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", family_params(sorted(FAMILIES)))
 def test_the_trainers_loss_computes_logits_only_for_targets(tiny, family: str) -> None:
     """trainer.loop.micro_batch_loss projects only the positions that predict a target onto the
     vocabulary, 5 at a time (trainer/loss.py); its loss, per-source sums and gradients are those of

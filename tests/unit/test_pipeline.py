@@ -16,9 +16,18 @@ from trainer.models.registry import get_adapter
 
 
 def config(tiny, shards: Path, *overrides: str):
-    return load_config(None, [f"model.path={tiny('llava')}", f"data.shards={shards}", "data.workers=0",
-                              "data.shuffle_buffer=6", "data.packing.buffer=4", "data.packing.max_tokens=2048",
-                              *overrides])
+    return load_config(
+        None,
+        [
+            f"model.path={tiny('llava')}",
+            f"data.shards={shards}",
+            "data.workers=0",
+            "data.shuffle_buffer=6",
+            "data.packing.buffer=4",
+            "data.packing.max_tokens=2048",
+            *overrides,
+        ],
+    )
 
 
 def keys(packs) -> list[tuple[int, str, int]]:
@@ -41,7 +50,11 @@ def test_every_planned_occurrence_arrives_exactly_once(tiny, stream_shards: Path
     plan = plan_epoch(manifest, plan_seed(manifest, cfg.train.seed), 1)
     assert sorted(occ for _, _, occ in got) == list(range(len(plan)))
     per_source = Counter(src for src, _, _ in got)
-    assert dict(per_source) == {i: s.epoch_samples for i, s in enumerate(manifest.sources)} == {0: 24, 1: 25, 2: 9}
+    assert (
+        dict(per_source)
+        == {i: s.epoch_samples for i, s in enumerate(manifest.sources)}
+        == {0: 24, 1: 25, 2: 9}
+    )
     assert all(p.tokens <= 2048 for p in packs) and not any(p.skips for p in packs)
 
 
@@ -52,9 +65,10 @@ def test_order_is_deterministic_and_differs_by_epoch(tiny, stream_shards: Path) 
     assert [k[:2] for k in first] != [k[:2] for k in other]
 
 
-@pytest.mark.parametrize("workers, cuts", [(0, [0, 1, 5, -1]), (2, [3])])
-def test_resume_at_any_micro_batch_continues_identically(tiny, stream_shards: Path, workers: int,
-                                                          cuts: list[int]) -> None:
+@pytest.mark.parametrize("workers, cuts", [(0, [0, 1, 5, -1]), pytest.param(2, [3], marks=pytest.mark.slow)])
+def test_resume_at_any_micro_batch_continues_identically(
+    tiny, stream_shards: Path, workers: int, cuts: list[int]
+) -> None:
     cfg = config(tiny, stream_shards, f"data.workers={workers}")
     adapter = get_adapter(cfg.model.path)
     full = [p.keys for p in run_epoch(cfg, 2)]
@@ -67,7 +81,7 @@ def test_resume_at_any_micro_batch_continues_identically(tiny, stream_shards: Pa
         state = loader.state_dict()
         del it
         resumed = build_loader(cfg.data, adapter, cfg.train.seed)
-        resumed.dataset.set_epoch(2)                       # the loop's checkpoint knows the epoch
+        resumed.dataset.set_epoch(2)  # the loop's checkpoint knows the epoch
         resumed.load_state_dict(state)
         tail = [p.keys for p in resumed]
         assert head + tail == full, f"cut after {cut} of {len(full)} micro-batches"
@@ -95,7 +109,7 @@ def test_skips_are_counted_and_the_limit_aborts(tiny, stream_shards: Path, tmp_p
     broken = tmp_path / "shards"
     shutil.copytree(stream_shards, broken)
     manifest = load_manifest(broken)
-    victim = broken / manifest.sources[1].shards[0].path       # a text shard: cut it short
+    victim = broken / manifest.sources[1].shards[0].path  # a text shard: cut it short
     victim.write_bytes(victim.read_bytes()[:3000])
     cfg = config(tiny, broken, "data.max_skip_fraction=0.5")
     adapter = get_adapter(cfg.model.path)
@@ -104,7 +118,7 @@ def test_skips_are_counted_and_the_limit_aborts(tiny, stream_shards: Path, tmp_p
     got = keys(list(batches))
     skipped = sum(batches.skips.values())
     assert skipped > 0 and set(batches.skips) == {"corrupt_shard:1"}
-    assert len(got) + skipped == 58                           # every occurrence: packed or counted
+    assert len(got) + skipped == 58  # every occurrence: packed or counted
     strict = EpochBatches(build_loader(cfg.data, adapter, cfg.train.seed), adapter, max_skip_fraction=0.0)
     with pytest.raises(RuntimeError, match="data.max_skip_fraction=0.0"):
         list(strict)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from data_tools.sample import Sample, Turn
+from tests.support import family_params
 from tests.support.samples import CONVERSATIONS, PHOTOS, image, images_of, text
 from trainer.data.render import IGNORE, RenderError, decode_image, render_sample, to_messages
 from trainer.models.registry import get_adapter
@@ -38,7 +39,7 @@ PALIGEMMA_NO_INFERENCE = {
 }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(FAMILIES))
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 def test_prompts_match_inference_and_labels_cover_answers(tiny, family: str, name: str, request) -> None:
     if (family, name) == ("llava_onevision", "multi_turn_multi_image_system"):
@@ -79,7 +80,7 @@ def test_prompts_match_inference_and_labels_cover_answers(tiny, family: str, nam
     assert torch.equal(r.labels[labelled], r.input_ids[labelled])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_media_tensors_match_the_processor(tiny, family: str, request) -> None:
     if family == "paligemma":
         reason = PALIGEMMA_NO_INFERENCE["multi_turn_multi_image_system"]
@@ -147,7 +148,7 @@ def test_qwen2_5_vl_video_positions_keep_time(tiny) -> None:
     assert video_t.unique().tolist() == [1, 5]  # after <|vision_start|> at 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_overlong_samples_are_trimmed_at_a_turn_boundary_or_dropped(tiny, family: str, request) -> None:
     if family == "llava_onevision":
         request.applymarker(pytest.mark.xfail(strict=True, reason=ONEVISION_TRIM))
@@ -179,7 +180,7 @@ def test_bad_members_are_counted_skips(tiny) -> None:
     assert e.value.reason == "missing_member"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_media_inside_an_answer_is_never_a_label(tiny, family: str) -> None:
     adapter = get_adapter(tiny(family))
     sample = Sample(
@@ -217,7 +218,7 @@ def test_an_answer_without_end_of_turn_gets_eos(tiny) -> None:
     assert torch.equal(r.input_ids[: first_prompt["input_ids"].shape[1]], first_prompt["input_ids"][0])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(FAMILIES))
 def test_the_whole_conversation_path_gives_the_same_result(tiny, family: str, monkeypatch) -> None:
     # Tokenizers that mark word starts at the start of every call (SentencePiece) cannot be split
     # per turn; they take the slower whole-conversation path, which must agree exactly.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO
+from tests.support import REPO, family_params
 from trainer.models.registry import load_families
 from trainer.tiny import FAMILIES, build_tiny, main
 
@@ -23,7 +23,7 @@ def test_every_family_has_an_adapter_a_builder_and_its_oracles() -> None:
         build_tiny("gpt2", "/nonexistent")
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", family_params(sorted(FAMILIES)))
 def test_build_is_deterministic(tiny, family: str, tmp_path: Path) -> None:
     first = tiny(family)
     again = build_tiny(family, tmp_path / family)
@@ -41,6 +41,7 @@ def test_build_is_deterministic(tiny, family: str, tmp_path: Path) -> None:
         assert (first / name).read_bytes() == (again / name).read_bytes(), f"{family}/{name}"
 
 
+@pytest.mark.slow
 def test_cli_builds_the_same_bytes_in_a_fresh_process(tiny, tmp_path: Path) -> None:
     listing = subprocess.run(
         [sys.executable, "-m", "trainer.tiny", "--list"], capture_output=True, text=True, check=True, cwd=REPO

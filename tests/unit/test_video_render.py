@@ -10,6 +10,7 @@ from PIL import Image
 
 from data_tools.sample import Sample, TextPart, Turn, VideoPart
 from data_tools.video import VideoPolicy, decode_video
+from tests.support import family_params
 from trainer.data.render import IGNORE, RenderError, render_sample, to_messages
 from trainer.models.registry import get_adapter, load_families
 
@@ -81,7 +82,7 @@ def test_a_video_too_long_for_the_pack_is_dropped(tiny, media) -> None:
 FRAME_FAMILIES = sorted(f for f, cls in load_families().items() if cls.video == "frames")
 
 
-@pytest.mark.parametrize("family", FRAME_FAMILIES)
+@pytest.mark.parametrize("family", family_params(FRAME_FAMILIES))
 def test_every_frames_family_renders_a_video_as_the_processor_renders_its_frames(
     tiny, media, family: str
 ) -> None:

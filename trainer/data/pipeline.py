@@ -14,7 +14,7 @@ split over the new slices (`resume_generation`).
     loader = build_loader(cfg.data, adapter, seed=cfg.train.seed, rank=rank, world=world)
     for epoch in range(cfg.train.epochs):
         loader.dataset.set_epoch(epoch)
-        for pack in EpochBatches(loader, adapter, group): ...   # same count on every rank
+        for pack in EpochBatches(loader, adapter, cfg.data.max_skip_fraction): ...  # as many on every rank
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from trainer.models.adapter import ModelAdapter
 logger = logging.getLogger(__name__)
 
 
-STREAM = "mmloom_stream"       # marks a reader state inside torchdata's loader state
+STREAM = "mmloom_stream"  # marks a reader state inside torchdata's loader state
 
 
 def plan_seed(manifest: Manifest, seed: int) -> int:
@@ -55,7 +55,9 @@ def plan_seed(manifest: Manifest, seed: int) -> int:
 class PackedStream(IterableDataset):
     """Packed micro-batches of one rank for one epoch (`set_epoch`), split over its workers."""
 
-    def __init__(self, cfg: DataConfig, adapter: ModelAdapter, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, cfg: DataConfig, adapter: ModelAdapter, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
         super().__init__()
         self.cfg, self.adapter, self.rank, self.world = cfg, adapter, rank, world
         self.root = Path(cfg.shards)
@@ -78,7 +80,7 @@ class PackedStream(IterableDataset):
         return self.rank * workers + worker, self.world * workers
 
     def epoch_occurrences(self) -> int:
-        return sum(s.epoch_samples for s in self.manifest.sources)     # the plan's length, exactly
+        return sum(s.epoch_samples for s in self.manifest.sources)  # the plan's length, exactly
 
     def rank_occurrences(self) -> int:
         """Occurrences of this epoch's generation planned for this rank (all its workers)."""
@@ -103,13 +105,18 @@ class _StreamIter:
         self.plan: EpochPlan = plan_epoch(ds.manifest, ds.seed, self.epoch)
         # Per source the ids this slice reads, and the sources in the order it reads them.
         self.ids, self.order = slice_ids(self.plan, self.generation, ds.seed, self.part, self.parts)
-        self.cursor = 0                 # samples read so far (entries of self.order)
-        self.rng = np.random.default_rng([ds.seed & 0xFFFFFFFF, ds.seed >> 32, self.epoch,
-                                          self.generation.index, self.part, 0x5B0F])
+        self.cursor = 0  # samples read so far (entries of self.order)
+        self.rng = np.random.default_rng(
+            [ds.seed & 0xFFFFFFFF, ds.seed >> 32, self.epoch, self.generation.index, self.part, 0x5B0F]
+        )
         self.shuffle: list[RawSample] = []
         self.reserve = len(ds.adapter.dummy_image[0])
-        self.packer = Packer(ds.cfg.packing.max_tokens, ds.cfg.packing.buffer, reserve=self.reserve,
-                             compatible=ds.adapter.packs_with)
+        self.packer = Packer(
+            ds.cfg.packing.max_tokens,
+            ds.cfg.packing.buffer,
+            reserve=self.reserve,
+            compatible=ds.adapter.packs_with,
+        )
         self.skips: Counter[str] = Counter()
         self._restore: dict[str, Any] | None = None
         self._gen: Iterator[Pack] | None = None
@@ -117,22 +124,35 @@ class _StreamIter:
     # --- state ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {STREAM: 1, "epoch": self.epoch, "generation": self.generation.index, "part": self.part,
-                "parts": self.parts, "cursor": self.cursor, "shuffle": [r.occurrence for r in self.shuffle],
-                "pool": [s.occurrence for s in self.packer.pool],
-                "rng": self.rng.bit_generator.state, "skips": dict(self.skips)}
+        return {
+            STREAM: 1,
+            "epoch": self.epoch,
+            "generation": self.generation.index,
+            "part": self.part,
+            "parts": self.parts,
+            "cursor": self.cursor,
+            "shuffle": [r.occurrence for r in self.shuffle],
+            "pool": [s.occurrence for s in self.packer.pool],
+            "rng": self.rng.bit_generator.state,
+            "skips": dict(self.skips),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["epoch"] != self.epoch:
             # Saved in an earlier epoch (its end): this epoch starts from its beginning.
             logger.info("data state is from epoch %d; epoch %d starts fresh", state["epoch"], self.epoch)
             return
-        if (state["part"], state["parts"], state.get("generation", 0)) != \
-                (self.part, self.parts, self.generation.index):
-            raise ValueError(f"data state is for slice {state['part']}/{state['parts']} of generation "
-                             f"{state.get('generation', 0)} but this worker reads {self.part}/{self.parts} "
-                             f"of generation {self.generation.index}: other ranks or workers resume "
-                             f"through resume_generation")
+        if (state["part"], state["parts"], state.get("generation", 0)) != (
+            self.part,
+            self.parts,
+            self.generation.index,
+        ):
+            raise ValueError(
+                f"data state is for slice {state['part']}/{state['parts']} of generation "
+                f"{state.get('generation', 0)} but this worker reads {self.part}/{self.parts} "
+                f"of generation {self.generation.index}: other ranks or workers resume "
+                f"through resume_generation"
+            )
         self._restore = state
 
     # --- the stream ------------------------------------------------------------------------
@@ -149,7 +169,7 @@ class _StreamIter:
         if self._restore is not None:
             self._resume(self._restore)
         reader = read_slice(self.ds.root, self.plan, self.ids, self.order, self.cursor)
-        for self.cursor, item in enumerate(reader, self.cursor + 1):      # samples read, this one included
+        for self.cursor, item in enumerate(reader, self.cursor + 1):  # samples read, this one included
             if isinstance(item, Skip):
                 self._skip(item.reason, item.source, item.detail)
                 continue
@@ -176,7 +196,7 @@ class _StreamIter:
                 self.packer.pool.append(rendered)
         for o in held:
             if isinstance(raw.get(o), Skip):
-                self._skip(raw[o].reason, raw[o].source, raw[o].detail)   # the shard broke since
+                self._skip(raw[o].reason, raw[o].source, raw[o].detail)  # the shard broke since
         self._restore = None
 
     def _draw(self) -> RawSample:
@@ -194,8 +214,9 @@ class _StreamIter:
                 raise RenderError("corrupt_sample", f"{raw.shard} key {raw.key}: {e}") from None
             # A sample without media must leave room for the grey image its pack will carry.
             limit = self.ds.cfg.packing.max_tokens - (0 if sample.media else self.reserve)
-            rendered = render_sample(self.ds.adapter, sample, raw.members, limit, self.ds.cfg.packing.overlong,
-                                     self.ds.cfg.video)
+            rendered = render_sample(
+                self.ds.adapter, sample, raw.members, limit, self.ds.cfg.packing.overlong, self.ds.cfg.video
+            )
         except RenderError as e:
             self._skip(e.reason, raw.source, f"{raw.shard} key {raw.key}: {e.detail}")
             return None
@@ -228,7 +249,7 @@ class _StreamIter:
         return skips
 
 
-PREEMPTION = (signal.SIGUSR2, signal.SIGTERM)   # the training process checkpoints, then exits
+PREEMPTION = (signal.SIGUSR2, signal.SIGTERM)  # the training process checkpoints, then exits
 
 
 def _ignore_preemption(worker_id: int) -> None:
@@ -240,16 +261,22 @@ def _ignore_preemption(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, set(PREEMPTION))
 
 
-def build_loader(cfg: DataConfig, adapter: ModelAdapter, seed: int, rank: int = 0, world: int = 1) -> StatefulDataLoader:
+def build_loader(
+    cfg: DataConfig, adapter: ModelAdapter, seed: int, rank: int = 0, world: int = 1
+) -> StatefulDataLoader:
     """A StatefulDataLoader yielding this rank's packs (batch_size=None: packing made the batch)."""
     dataset = PackedStream(cfg, adapter, seed, rank, world)
     # Its own generator: each iter() of a DataLoader otherwise draws a seed from the global torch
     # RNG, and a resumed run (fewer iter() calls) would then see other dropout masks.
-    return StatefulDataLoader(dataset, batch_size=None, num_workers=cfg.workers,
-                              multiprocessing_context="spawn" if cfg.workers else None,
-                              prefetch_factor=2 if cfg.workers else None,
-                              worker_init_fn=_ignore_preemption if cfg.workers else None,
-                              generator=torch.Generator().manual_seed(seed))
+    return StatefulDataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=cfg.workers,
+        multiprocessing_context="spawn" if cfg.workers else None,
+        prefetch_factor=2 if cfg.workers else None,
+        worker_init_fn=_ignore_preemption if cfg.workers else None,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def stream_states(loader_state: Any) -> list[dict[str, Any]]:
@@ -266,23 +293,26 @@ def stream_states(loader_state: Any) -> list[dict[str, Any]]:
     return found
 
 
-def resume_generation(manifest: Manifest, seed: int, generation: Generation,
-                      loader_states: list[Any]) -> Generation:
+def resume_generation(
+    manifest: Manifest, seed: int, generation: Generation, loader_states: list[Any]
+) -> Generation:
     """The next generation of `generation`'s epoch: every occurrence that no slice of the checkpoint had
     trained (read but held in a shuffle or packing buffer counts as untrained), to be split over another
     number of ranks or workers. `loader_states`: every rank's loader state from the checkpoint."""
     states, parts = {}, None
     for state in (s for ls in loader_states for s in stream_states(ls)):
         if state["epoch"] != generation.epoch:
-            continue                    # saved before this epoch began: that slice had read nothing of it
+            continue  # saved before this epoch began: that slice had read nothing of it
         if state.get("generation", 0) != generation.index:
-            raise ValueError(f"a data state of the checkpoint is from generation "
-                             f"{state.get('generation', 0)} of epoch {generation.epoch}, the checkpoint's "
-                             f"generation is {generation.index}")
+            raise ValueError(
+                f"a data state of the checkpoint is from generation "
+                f"{state.get('generation', 0)} of epoch {generation.epoch}, the checkpoint's "
+                f"generation is {generation.index}"
+            )
         parts = state["parts"]
         states[state["part"]] = {"cursor": state["cursor"], "held": [*state["shuffle"], *state["pool"]]}
     plan = plan_epoch(manifest, seed, generation.epoch)
-    if parts is None:                   # no slice had started the epoch
+    if parts is None:  # no slice had started the epoch
         return Generation(epoch=generation.epoch, index=generation.index, runs=generation.runs)
     left = remaining(plan, generation, seed, parts, states)
     return Generation(epoch=generation.epoch, index=generation.index + 1, runs=to_runs(left))
@@ -303,26 +333,41 @@ class EpochBatches:
     the epoch's planned occurrences consumed (trained on or skipped), by the furthest rank, the same
     on every rank, reaching 1.0 at the end of the epoch (a resumed generation counts what earlier ones
     consumed).
+
+    The loader keeps its own position; what a checkpoint needs besides it is `state_dict()`, given back
+    to a new EpochBatches of the same epoch by `load_state_dict()` before it is iterated.
     """
 
-    def __init__(self, loader: StatefulDataLoader, adapter: ModelAdapter, max_skip_fraction: float,
-                 group: Any = None, exhausted: bool = False, consumed: int = 0) -> None:
+    def __init__(
+        self, loader: StatefulDataLoader, adapter: ModelAdapter, max_skip_fraction: float, group: Any = None
+    ) -> None:
         self.loader, self.adapter, self.group = loader, adapter, group
         # True once this rank's loader has ended this epoch. A checkpoint stores it: resuming a
         # rank that had run dry must not iterate its (finished) loader again.
-        self.exhausted = exhausted
+        self.exhausted = False
         self.max_skip_fraction = max_skip_fraction
         ds: PackedStream = loader.dataset  # type: ignore[assignment]
         self.planned = ds.rank_occurrences()
         # The share of the epoch earlier generations consumed (0 in the first one).
         epoch_total = max(ds.epoch_occurrences(), 1)
         self.before = 1 - ds.generation.size(epoch_total) / epoch_total
-        self.share = epoch_total / ds.world        # the skip limit counts against a rank's share of the epoch
+        self.share = epoch_total / ds.world  # the skip limit counts against a rank's share of the epoch
         self.skips: Counter[str] = Counter()
         self.per_source: Counter[int] = Counter()
-        self.consumed = consumed     # occurrences trained on or skipped this epoch (a checkpoint keeps it)
+        self.consumed = 0  # occurrences trained on or skipped this epoch, for `progress`
         self.progress = 0.0
         self.steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state in the epoch besides the loader's position; the skip counts are kept so
+        that the skip limit holds for the whole epoch across requeues."""
+        return {"exhausted": self.exhausted, "skips": dict(self.skips), "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from `state_dict()` of the same epoch; before iterating."""
+        self.exhausted = bool(state["exhausted"])
+        self.skips = Counter(state["skips"])
+        self.consumed = int(state["consumed"])
 
     def __iter__(self) -> Iterator[Pack]:
         # Workers start with the parent's signal mask: keep the preemption signals blocked until they
@@ -355,14 +400,16 @@ class EpochBatches:
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
             if flags[2]:
-                raise RuntimeError("the data pipeline failed on "
-                                   + ("this rank" if error is not None else "another rank")) from error
+                raise RuntimeError(
+                    "the data pipeline failed on " + ("this rank" if error is not None else "another rank")
+                ) from error
             if flags[1]:
                 raise SkipLimitExceeded(
                     f"more than data.max_skip_fraction={self.max_skip_fraction} of the epoch's samples were "
                     f"skipped on some rank (this rank: {dict(self.skips)} of {round(self.share)}); see the "
                     f"warnings "
-                    f"above, fix the data, or raise data.max_skip_fraction")
+                    f"above, fix the data, or raise data.max_skip_fraction"
+                )
             if not flags[0]:
                 return
             self.progress = min(int(flags[3]), 1_000_000) / 1_000_000
