@@ -4,43 +4,11 @@ per-source counts of an epoch equal the manifest's epoch_samples exactly, and ru
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from data_tools.manifest import load_manifest
 from tests.support import REPO
-
-
-def dry_run(tiny, shards: Path, *extra: str, ranks: int = 1) -> dict:
-    args = [
-        "-m",
-        "trainer.train",
-        "--dry-run",
-        f"model.path={tiny('llava')}",
-        f"data.shards={shards}",
-        "data.shuffle_buffer=8",
-        "data.packing.buffer=4",
-        "data.packing.max_tokens=2048",
-        *extra,
-    ]
-    if ranks > 1:
-        args = [
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(ranks),
-            "--master-port",
-            "29519",
-            *args,
-        ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+from tests.support.runs import dry_run
 
 
 def test_dry_run_counts_on_one_and_two_ranks(tiny, stream_shards: Path) -> None:

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e.test_train import ENV, REPO, a_pack, command, logits, train
+from tests.support import ENV, REPO
+from tests.support.runs import a_pack, command, logits, train
 
 
 @pytest.fixture(scope="module")

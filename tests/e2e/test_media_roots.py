@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_shard_cli import dump, read_samples, shard
+from tests.support.shards import dump, read_samples, shard
 
 EGO4D = "ego4d/0219ad48-8f54-4f61-b22f-4d1e8173e584.mp4"
 # lmms-finetune's file names -> the real media of tests/media.py they are copies of

@@ -233,7 +233,7 @@ def test_a_dead_rank_ends_the_job_quickly(slurm, tiny, stream_shards: Path, tmp_
 
 
 def test_sharding_as_array_tasks_is_byte_identical(slurm, media, tmp_path: Path) -> None:
-    from tests.e2e.test_shard_cli import build_dataset
+    from tests.support.shards import build_dataset
 
     data_txt = build_dataset(tmp_path / "data", media)
     single, spread = tmp_path / "single", tmp_path / "spread"

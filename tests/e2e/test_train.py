@@ -17,64 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def command(tiny, shards: Path, run_dir: Path, *extra: str, ranks: int = 1) -> list[str]:
-    args = [
-        "-m",
-        "trainer.train",
-        f"model.path={tiny('llava')}",
-        f"data.shards={shards}",
-        f"run.dir={run_dir}",
-        "data.workers=0",
-        "data.packing.max_tokens=2048",
-        "optim.schedule=constant",
-        "optim.lr=1e-2",
-        "finetune.lora.dropout=0.0",
-        *extra,
-    ]
-    if ranks > 1:
-        args = [
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(ranks),
-            "--master-port",
-            "29523",
-            *args,
-        ]
-    return [sys.executable, *args]
-
-
-def train(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def logits(model, inputs: dict) -> torch.Tensor:
-    inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    with torch.no_grad():
-        return model(**inputs, use_cache=False).logits
-
-
-def a_pack(tiny, shards: Path):
-    from trainer.config import load_config
-    from trainer.data.pipeline import build_loader
-    from trainer.models.registry import get_adapter
-
-    cfg = load_config(
-        None,
-        [
-            f"model.path={tiny('llava')}",
-            f"data.shards={shards}",
-            "data.workers=0",
-            "data.packing.max_tokens=2048",
-        ],
-    )
-    return next(iter(build_loader(cfg.data, get_adapter(cfg.model.path), 0))).inputs
+from tests.support import ENV, REPO
+from tests.support.runs import a_pack, command, logits, train
 
 
 def test_full_finetuning_overfits_and_exports(tiny, overfit_shards: Path, tmp_path: Path) -> None:

@@ -25,9 +25,9 @@ from PIL import Image
 
 from data_tools.sample import Sample, VideoPart
 from data_tools.video import VideoPolicy, decode_video, frame_indices
-from tests.e2e.test_dry_run import dry_run
-from tests.e2e.test_shard_cli import dump, run, shard
 from tests.support import REPO
+from tests.support.runs import dry_run
+from tests.support.shards import dump, run, shard
 
 ASK = [{"from": "human", "value": "<video>\nWhat happens?"}, {"from": "gpt", "value": "Something moves."}]
 

@@ -53,6 +53,17 @@ def test_imports_keep_the_layers(folder: str, forbidden: str, why: str) -> None:
     assert not broken, f"{folder} must not import {forbidden} ({why}):\n" + "\n".join(broken)
 
 
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in tests/support (and a family's base classes in tests/families)."""
+    broken = [
+        f"{path.relative_to(REPO)}:{line}: {module}"
+        for path in sorted((REPO / "tests").rglob("*.py"))
+        for line, module in imported_modules(path)
+        if module.rsplit(".", 1)[-1].startswith("test_")
+    ]
+    assert not broken, "import shared helpers from tests/support instead:\n" + "\n".join(broken)
+
+
 def test_the_rule_sees_an_import_inside_a_function(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text(

@@ -9,26 +9,7 @@ import pytest
 from data_tools.formats import MediaRef
 from data_tools.media import probe_image, probe_video, read_media
 from data_tools.sample import Rejected
-
-ACCEPTED_IMAGES = {
-    # name: (width, height, format, member extension), width/height after EXIF orientation
-    "gray.png": (512, 512, "png", "png"),
-    "palette.png": (640, 427, "png", "png"),
-    "rgba.png": (64, 64, "png", "png"),
-    "cmyk.jpg": (640, 427, "jpeg", "jpg"),
-    "sixteen.png": (512, 512, "png", "png"),
-    "rotated.jpg": (427, 640, "jpeg", "jpg"),
-    "one.png": (1, 1, "png", "png"),
-    "large.jpg": (8000, 6000, "jpeg", "jpg"),
-    "photo.webp": (640, 427, "webp", "webp"),
-    "PHOTO.JPG": (640, 427, "jpeg", "jpg"),
-    "progressive.jpg": (640, 427, "jpeg", "jpg"),
-    "my photo.v2.final.jpeg": (640, 427, "jpeg", "jpg"),
-    "png_named.jpg": (50, 40, "png", "png"),
-    "anim.gif": (14, 25, "gif", "gif"),
-    "multipage.tif": (10, 15, "tiff", "tiff"),
-    "flower.jpg": (640, 427, "jpeg", "jpg"),
-}
+from tests.support.media import ACCEPTED_IMAGES, ACCEPTED_VIDEOS
 
 REJECTED_IMAGES = {
     "text.jpg": "not_an_image",
@@ -40,14 +21,6 @@ REJECTED_IMAGES = {
     "truncated.gif": "truncated_image",
 }
 
-ACCEPTED_VIDEOS = {
-    # name: (width, height, frames, fps, duration)
-    "bikes.mp4": (640, 272, 250, 25.0, 10.0),
-    "carphone.mp4": (176, 144, 120, 29.97003, 4.004),
-    "short.mp4": (64, 48, 3, 10.0, 0.3),
-    "one_frame.mp4": (64, 48, 1, 10.0, 0.1),
-    "vfr.mp4": (64, 48, 12, 8.275862, 1.45),
-}
 
 REJECTED_VIDEOS = {
     "truncated.mp4": "undecodable_video",
