@@ -190,6 +190,30 @@ def register() -> None:
     AttentionInterface.register(VARLEN, varlen_attention)
 
 
+# Text-config fields of layers that carry state from token to token whatever the mask says: linear
+# attention, state-space and short-convolution layers (Qwen3.5, Jamba, Falcon-H1, LFM2, ...).
+RECURRENT_FIELDS = (
+    "linear_conv_kernel_dim",
+    "mamba_d_state",
+    "mamba_d_ssm",
+    "ssm_state_size",
+    "conv_L_cache",
+)
+
+
+def packing_leaks(config: Any) -> str:
+    """Why packed samples would see each other in this language model ("" when they cannot): a layer
+    type other than full or sliding-window attention, or fields of recurrent layers. Restarting
+    positions and per-sample attention keep attention layers apart, nothing keeps a recurrent state
+    apart unless the layer takes the pack's boundaries, which mmloom has not checked for such models."""
+    text = config.get_text_config()
+    kinds = sorted(set(getattr(text, "layer_types", None) or ["full_attention"]) - LAYER_TYPES)
+    if kinds:
+        return f"its layer types {', '.join(kinds)} carry state from one token to the next"
+    fields = [name for name in RECURRENT_FIELDS if getattr(text, name, None)]
+    return f"its config describes recurrent layers ({', '.join(fields)})" if fields else ""
+
+
 def plain_layers(config: Any) -> bool:
     """Whether the language model's layers are all full or sliding-window attention (no linear
     attention, no soft-capping), so sample boundaries and a window are all the mask they need."""
@@ -258,8 +282,10 @@ def per_module(config: Any, backend: str) -> str | dict[str, str]:
 
 
 @functools.cache
-def log_once(message: str) -> None:
-    logger.info(message)
+def log_once(message: str, level: int = logging.INFO) -> None:
+    """`message`, once per process; not from data-loader workers, whose main process says it too."""
+    if torch.utils.data.get_worker_info() is None:
+        logger.log(level, message)
 
 
 @contextlib.contextmanager

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.packing import llava_like_lengths, padded_efficiency
@@ -79,3 +82,38 @@ def test_empty_pack_is_the_dummy_alone(tiny) -> None:
     pack = empty_pack(adapter, {"bad_image:0": 1})
     assert pack.empty and pack.tokens == pack.targets == 0 and pack.skips == {"bad_image:0": 1}
     assert pack.inputs["position_ids"].shape[0] == 4 and "image_grid_thw" in pack.inputs
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("Qwen3_5Config", "linear_attention"),
+        ("JambaConfig", "linear_attention"),
+        ("Lfm2Config", "conv_L_cache"),
+    ],
+)
+def test_a_model_whose_layers_carry_state_packs_one_sample_at_a_time(
+    name: str, why: str, tmp_path: Path, caplog
+) -> None:
+    """Hybrid checkpoints no family adapter serves yet (Qwen3.5: 3 of 4 layers Gated DeltaNet linear
+    attention; Jamba: Mamba layers; LFM2: short convolutions, told by its config's fields): the generic
+    adapter does not pack them, and says why in the log."""
+    import transformers
+
+    getattr(transformers, name)().save_pretrained(tmp_path)
+    adapter = get_adapter(tmp_path)
+    assert adapter.family == "generic"
+    with caplog.at_level(logging.WARNING, logger="trainer.attention"):
+        assert not adapter.packs_isolated
+    assert "packing is off" in caplog.text and why in caplog.text
+    packer = Packer(4096, 8, compatible=adapter.packs_with)
+    packs = [p for i in range(20) for p in packer.add(fake(50 + i, str(i)))] + list(packer.flush())
+    assert sorted(len(p) for p in packs) == [1] * 20
+
+
+def test_attention_only_models_still_pack(tiny) -> None:
+    adapter = get_adapter(tiny("llava"))
+    assert adapter.packs_isolated
+    packer = Packer(4096, 8, compatible=adapter.packs_with)
+    packs = [p for i in range(20) for p in packer.add(fake(50 + i, str(i)))] + list(packer.flush())
+    assert max(len(p) for p in packs) > 1 and sum(len(p) for p in packs) == 20

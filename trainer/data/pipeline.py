@@ -266,6 +266,7 @@ def build_loader(
 ) -> StatefulDataLoader:
     """A StatefulDataLoader yielding this rank's packs (batch_size=None: packing made the batch)."""
     dataset = PackedStream(cfg, adapter, seed, rank, world)
+    adapter.packs_isolated  # decided here, and said once when packing is off, not in each worker
     # Its own generator: each iter() of a DataLoader otherwise draws a seed from the global torch
     # RNG, and a resumed run (fewer iter() calls) would then see other dropout masks.
     return StatefulDataLoader(

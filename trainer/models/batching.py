@@ -5,11 +5,13 @@ is rendered, hence on top of Rendering."""
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
 
+from trainer import attention
 from trainer.models.rendering import Rendering
 
 
@@ -19,9 +21,24 @@ class Batching(Rendering):
 
     def packs_with(self, pack: list[Any], sample: Any) -> bool:
         """Whether rendered `sample` can join the rendered samples of `pack` in one micro-batch (the
-        packer asks; a sample alone always packs). LLaVA-OneVision cannot batch videos of different
+        packer asks; a sample alone always packs). Never in a model whose layers would let packed
+        samples see each other (`packs_isolated`); LLaVA-OneVision cannot batch videos of different
         frame counts."""
-        return True
+        return not pack or self.packs_isolated
+
+    @cached_property
+    def packs_isolated(self) -> bool:
+        """Whether packed samples stay apart in every layer of the language model. Where they would not
+        (trainer/attention.py's `packing_leaks`: linear attention, state-space layers, unknown layer
+        types), packing is off for the run, said once in the log: one sample per micro-batch."""
+        why = attention.packing_leaks(self.config)
+        if why:
+            attention.log_once(
+                f"packing is off for {self.path} ({self.family} adapter): {why}, so packed samples would "
+                f"see each other; each micro-batch holds one sample",
+                logging.WARNING,
+            )
+        return not why
 
     def collate_media(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Concatenate media tensors of segments (or of packed samples), in order."""

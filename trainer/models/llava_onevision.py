@@ -84,7 +84,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             for r in (*pack, sample)
             if "pixel_values_videos" in r.media
         }
-        return len(frames) <= 1
+        return super().packs_with(pack, sample) and len(frames) <= 1
 
     def fsdp_root_block(self, name: str) -> bool:
         return self.param_group(name + ".") == "vision"
