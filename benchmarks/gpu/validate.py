@@ -453,7 +453,6 @@ def stage_oracle(args: argparse.Namespace) -> dict[str, Any]:
     from trainer import attention
     from trainer.data.packing import collate
     from trainer.loop import micro_batch_loss
-    from trainer.models.adapter import ModelAdapter
     from trainer.models.registry import get_adapter
 
     dev, shards = device(), demo_shards(args.work)
@@ -465,7 +464,7 @@ def stage_oracle(args: argparse.Namespace) -> dict[str, Any]:
             adapter = get_adapter(tiny_checkpoint(args.work, family))
             rendered = demo_samples(adapter, shards)
             model_class = adapter.auto_class()._model_mapping.get(type(adapter.config), None)
-            masked = type(adapter).attention_masks is not ModelAdapter.attention_masks
+            masked = adapter.block_masks()
             entry["trainer_backend"] = (
                 attention.choose_masked(dev) if masked else attention.choose(adapter.config, model_class, dev)
             )

@@ -14,7 +14,6 @@ from tests.support.samples import PHOTOS, SAMPLES, assert_packed_equals_alone, c
 from trainer import attention
 from trainer.data.packing import collate
 from trainer.data.render import render_sample
-from trainer.models.adapter import ModelAdapter
 from trainer.models.registry import get_adapter, load_families
 from trainer.tiny import FAMILIES
 
@@ -22,7 +21,7 @@ from trainer.tiny import FAMILIES
 def backends(family: str) -> list[str]:
     """SDPA over the masked row, the trainer's pick on CPU (trainer/attention.py), and for the families
     with block masks the flex_attention BlockMasks the trainer picks on CUDA."""
-    masked = load_families()[family].attention_masks is not ModelAdapter.attention_masks
+    masked = load_families()[family].block_masks()
     return ["sdpa", "trainer", *([attention.FLEX] if masked else [])]
 
 
@@ -102,9 +101,7 @@ def test_the_trainers_attention_gives_the_masked_sdpa_logits(tiny, family: str) 
     path = tiny(family)
     adapter = get_adapter(path)
     implementation = adapter.attn_implementation()
-    if type(adapter).attn_implementation is ModelAdapter.attn_implementation and attention.plain_layers(
-        adapter.config
-    ):
+    if not adapter.block_masks() and attention.plain_layers(adapter.config):
         assert implementation == attention.per_module(adapter.config, attention.PACKED)
     inputs = dict(collate(adapter, [render_sample(adapter, s, PHOTOS) for s in SAMPLES]).inputs)
     inputs.pop("labels")

@@ -82,6 +82,11 @@ class Batching(Rendering):
             **media,
         }
 
+    @classmethod
+    def block_masks(cls) -> bool:
+        """Whether the family's `model_inputs` hand the model `mmloom_mask` for `attention_masks`."""
+        return cls.attention_masks is not Batching.attention_masks
+
     def attention_masks(self, ids: torch.Tensor, backend: str) -> Any:
         """For families whose `model_inputs` give `mmloom_mask` (trainer/attention.py's `block_causal`
         ids): the `attention_mask` the model takes."""

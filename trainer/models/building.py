@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from trainer.models.batching import Batching
 from trainer.models.checkpoint import Checkpoint
 
 
@@ -35,7 +34,7 @@ class Building(Checkpoint):
         """`model`, made to take this family's packs: where `model_inputs` hands it `mmloom_mask`, a
         hook turns that into `attention_masks` for the model's attention implementation, once per
         forward (on the device the pack is on)."""
-        if type(self).attention_masks is not Batching.attention_masks:
+        if self.block_masks():  # type: ignore[attr-defined]
             model.register_forward_pre_hook(self._masks_hook, with_kwargs=True)
         return model
 
@@ -88,7 +87,10 @@ class Building(Checkpoint):
         model_class = (
             None if self.trust_remote_code else self.auto_class()._model_mapping.get(type(self.config), None)
         )
-        backend = attention.choose(self.config, model_class, device)
+        if self.block_masks():  # type: ignore[attr-defined]
+            backend = attention.choose_masked(device)  # bidirectional blocks: flex_attention or SDPA
+        else:
+            backend = attention.choose(self.config, model_class, device)
         attention.log_once(f"attention: {backend} for the {self.family} language model on {device.type}")
         return attention.per_module(self.config, backend)
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from trainer import attention
 from trainer.attention import block_causal
 from trainer.models.adapter import ModelAdapter
 from trainer.models.registry import register
@@ -46,9 +45,6 @@ class Gemma3Adapter(ModelAdapter):
     end_of_turn_tokens = ("<end_of_turn>",)
     # The processor names <start_of_image> only; the soft tokens and <end_of_image> are media too.
     media_token_pattern = r"<image_soft_token>|<end_of_image>"
-
-    def attn_implementation(self) -> str | dict[str, str]:
-        return masked_attention(self)
 
     def model_inputs(
         self,
@@ -80,12 +76,3 @@ def mask_ids(position_ids: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     (as transformers' `find_packed_sequence_indices` reads them); `blocks` as `image_blocks` numbers them."""
     sample = (torch.diff(position_ids, prepend=position_ids[:1] - 1) != 1).cumsum(0)
     return torch.stack([sample, blocks]).to(torch.int32)
-
-
-def masked_attention(adapter: ModelAdapter) -> str | dict[str, str]:
-    """attn_implementation for a family with `mmloom_mask`: flex_attention for the language model on CUDA,
-    SDPA elsewhere and for the vision tower. Logged once."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = attention.choose_masked(device)
-    attention.log_once(f"attention: {backend} for the {adapter.family} language model on {device.type}")
-    return attention.per_module(adapter.config, backend)

@@ -31,7 +31,7 @@ import torch
 
 from trainer.attention import block_causal
 from trainer.models.adapter import IGNORE, ModelAdapter
-from trainer.models.gemma3 import mask_ids, masked_attention
+from trainer.models.gemma3 import mask_ids
 from trainer.models.registry import register
 
 
@@ -51,7 +51,7 @@ class PaliGemmaAdapter(ModelAdapter):
                 f"{self.path}: PaliGemma with a {self.config.text_config.model_type} text model "
                 f"(PaliGemma 2) is not supported yet; use a PaliGemma (Gemma) checkpoint"
             )
-        return masked_attention(self)
+        return super().attn_implementation()
 
     # --- rendering -----------------------------------------------------------------------------------
 
