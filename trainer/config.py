@@ -111,6 +111,9 @@ class TrainConfig:
     # node's 8 GPUs) and replicate across groups; 0 = shard over all ranks (FSDP).
     shard_group: int = 0
     loss_chunk: int = 1024  # target positions per cross-entropy chunk (bounds memory); 0 = all
+    # Mixture-of-experts models: the weight of the router's load-balancing loss (trainer/moe.py);
+    # null = the checkpoint's router_aux_loss_coef, 0 = none.
+    router_aux_loss_coef: float | None = None
     dist_timeout_s: int = 1800  # collective timeout; how long ranks wait for rank 0's load or export
     # Recompute activations in backward: each block's ("full"), or every other block's ("selective").
     activation_checkpointing: Literal["none", "full", "selective"] = "full"
@@ -138,6 +141,8 @@ class TrainConfig:
             raise ValueError(
                 f"train.peak_tflops must be >= 0 (0 = from the device name), got {self.peak_tflops}"
             )
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise ValueError(f"train.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if self.shard_group < 0 or self.loss_chunk < 0 or self.dist_timeout_s < 1:
             raise ValueError(
                 f"train.shard_group and train.loss_chunk must be >= 0 and train.dist_timeout_s "

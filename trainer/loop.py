@@ -40,6 +40,7 @@ from trainer.metrics import Metrics, StepStats, step_scalars
 from trainer.model import build_model
 from trainer.models.adapter import ModelAdapter
 from trainer.models.registry import adapter_for
+from trainer.moe import RouterBalance
 from trainer.optim import build_optimizer, set_lr, step_progress
 from trainer.order import OrderLog
 from trainer.parallel import CompileStats
@@ -76,15 +77,18 @@ def micro_batch_loss(
     device: torch.device,
     per_source: torch.Tensor | None = None,
     chunk: int = 0,
+    router: RouterBalance | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy over the pack's target tokens (fp32), `chunk` target positions at a time
     (trainer/loss.py; 0 = all at once). With `per_source` ([sources, 2]), adds each source's summed
-    loss and target count into it."""
+    loss and target count into it; with `router`, hands it the model's router logits."""
     inputs = {
         k: v.to(device) if isinstance(v, torch.Tensor) else v
         for k, v in pack.inputs.items()
         if k not in PACKED_KWARGS or _takes(model, k)
     }
+    if router is not None:
+        inputs["output_router_logits"] = True
     # Position t predicts token t+1: logits only where that token is a target. Most of a multimodal
     # pack is image tokens and prompts, and the rest would cost a [tokens, vocab] matmul and fp32
     # logits (5 GiB for 8192 tokens of a 152k vocabulary) for nothing.
@@ -94,7 +98,7 @@ def micro_batch_loss(
     if head is not None:
         inputs["logits_to_keep"] = keep
         with _head_inputs(head) as hidden:  # the model stops short of the projection
-            model(**inputs, use_cache=False)
+            out = model(**inputs, use_cache=False)
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         total, token_loss = linear_cross_entropy(
             hidden[0][0], head.weight, labels[keep], chunk, getattr(text, "final_logit_softcapping", None)
@@ -102,11 +106,14 @@ def micro_batch_loss(
     else:
         if _takes(model, "logits_to_keep"):
             inputs["logits_to_keep"] = keep
-        logits = model(**inputs, use_cache=False).logits[0]
+        out = model(**inputs, use_cache=False)
+        logits = out.logits[0]
         if logits.shape[0] != len(keep):  # remote code that computes every position's logits
             logits = logits[keep]
         token_loss = F.cross_entropy(logits.float(), labels[keep], reduction="none")
         total = token_loss.sum()
+    if router is not None:
+        router.observe(out.router_logits)
     if per_source is not None and pack.sources:
         # Target token t+1 belongs to the sample whose span holds t+1.
         owner = torch.repeat_interleave(
@@ -147,6 +154,7 @@ class StepLoss:
     targets: float  # target tokens
     finite: bool  # every rank's loss was finite
     by_source: torch.Tensor  # [sources, 2] float64: this rank's summed token loss and targets per source
+    router: torch.Tensor | None = None  # this rank's RouterBalance.take() (mixture-of-experts models)
 
     @property
     def mean(self) -> float:
@@ -166,6 +174,7 @@ class Trainer:
         small = cfg.finetune.method in ("lora", "qlora")  # unsharded gradients of LoRA weights only
         self.reduce_per_step = reduce == "step" or (reduce == "auto" and small)
         self.compute_dtype = built.compute_dtype
+        self.router = RouterBalance.of(self.model, cfg.train.router_aux_loss_coef)
         self.optimizer = build_optimizer(
             self.model, self.adapter, cfg.optim, fused=self.device.type == "cuda"
         )
@@ -473,8 +482,9 @@ class Trainer:
     # --- one step ----------------------------------------------------------------------------
 
     def backward(self, packs: list[Pack]) -> StepLoss:
-        """Gradients of the step's loss (summed over ranks), and that loss."""
-        (targets,) = all_sum([sum(p.targets for p in packs)], self.device)
+        """Gradients of the step's loss (summed over ranks), and that loss. A mixture-of-experts model's
+        router loss (trainer/moe.py) joins each micro-batch's by its share of the step's tokens."""
+        targets, routed = all_sum([sum(p.targets for p in packs), sum(p.length for p in packs)], self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         by_source = torch.zeros(
             (len(self.loader.dataset.manifest.sources), 2), dtype=torch.float64, device=self.device
@@ -486,13 +496,23 @@ class Trainer:
                 self.model.set_requires_gradient_sync(i == len(packs) - 1)
             with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.autocast):
                 loss = micro_batch_loss(
-                    self.model, self.adapter, pack, self.device, by_source, self.cfg.train.loss_chunk
+                    self.model,
+                    self.adapter,
+                    pack,
+                    self.device,
+                    by_source,
+                    self.cfg.train.loss_chunk,
+                    self.router,
                 )
-            (loss / max(targets, 1.0)).backward()
+            objective = loss / max(targets, 1.0)
+            if self.router is not None:
+                objective = objective + self.router.loss(pack.length / routed)
+            objective.backward()
             loss_sum += loss.detach().double()
         finite = math.isfinite(loss_sum.item())
         total_loss, bad = all_sum([loss_sum.item() if finite else 0.0, float(not finite)], self.device)
-        return StepLoss(total=total_loss, targets=targets, finite=not bad, by_source=by_source)
+        router = self.router.take(self.device) if self.router is not None else None
+        return StepLoss(total=total_loss, targets=targets, finite=not bad, by_source=by_source, router=router)
 
     def step(self, packs: list[Pack], wait: float) -> float | None:
         """One optimizer step over these micro-batches; returns the mean loss per target token, or None
@@ -552,15 +572,16 @@ class Trainer:
         wait: float,
     ) -> None:
         """Log the step's scalars (trainer/metrics.py); collective, as every rank logs the same steps."""
-        # The step's model FLOPs (trainer/flops.py: host arithmetic on the packs) ride with the
-        # per-source losses: one all-reduce and one read (torch.full needs no copy).
+        # The step's model FLOPs (trainer/flops.py: host arithmetic on the packs) and a mixture of
+        # experts' router figures ride with the per-source losses: one all-reduce and one read.
         step_flops = flops.counter(self.model, self.adapter).step(packs)
-        reduced = torch.cat(
-            [loss.by_source.flatten(), torch.full((1,), step_flops, dtype=torch.float64, device=self.device)]
-        )
+        flops_t = torch.full((1,), step_flops, dtype=torch.float64, device=self.device)
+        router = [loss.router] if loss.router is not None else []
+        reduced = torch.cat([loss.by_source.flatten(), flops_t, *router])
         if dist.is_initialized():
             dist.all_reduce(reduced)
-        *by_source, step_flops = reduced.tolist()
+        summed = reduced.tolist()
+        *by_source, step_flops = summed[: loss.by_source.numel() + 1]
         names = [s.name for s in self.loader.dataset.manifest.sources]
         cfg = self.cfg
         stats = StepStats(
@@ -578,7 +599,10 @@ class Trainer:
             skipped=sum(self.batches.skips.values()) if self.batches is not None else None,
             peak_tflops=flops.peak_tflops(self.device, cfg.train.peak_tflops),
         )
-        self.metrics.log(self.state.step, step_scalars(stats))
+        scalars = step_scalars(stats)
+        if self.router is not None:
+            scalars.update(self.router.scalars(summed[loss.by_source.numel() + 1 :]))
+        self.metrics.log(self.state.step, scalars)
 
     def evaluate(self) -> float:
         """Mean loss per target token over one pass of the eval shards (all ranks)."""

@@ -4,6 +4,10 @@
     train/grad_norm                 global gradient norm before clipping
     train/lr/<group>                learning rate of each optimizer group (llm, projector/no_decay, ...)
     train/loss_by_source/<source>   mean loss per target token of each source in the step's packs
+    train/router_aux_loss           mixture of experts: the step's router load-balancing loss, before
+                                    its coefficient (trainer/moe.py)
+    moe/layer_NN/tokens_min|max     tokens of the step (all ranks) routed to MoE layer NN's least and
+                                    most loaded expert
     perf/tokens_per_s               tokens of all ranks per second of the step, its data wait included
     perf/samples_per_s              samples likewise
     perf/model_tflops_per_s         model FLOPs of the step (trainer/flops.py, counted from its packs),

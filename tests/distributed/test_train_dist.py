@@ -53,9 +53,9 @@ def two_ranks(script: str, *args: str, timeout: int = 300) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def overrides(tiny, shards: Path, run_dir: Path) -> list[str]:
+def overrides(tiny, shards: Path, run_dir: Path, family: str = "llava") -> list[str]:
     return [
-        f"model.path={tiny('llava')}",
+        f"model.path={tiny(family)}",
         f"data.shards={shards}",
         f"run.dir={run_dir}",
         "data.workers=0",
@@ -68,12 +68,14 @@ def overrides(tiny, shards: Path, run_dir: Path) -> list[str]:
     ]
 
 
-def assert_same(one: dict, other: dict) -> None:
+LLAVA_PARTS = {"vision_tower", "multi_modal_projector", "language_model"}
+
+
+def assert_same(one: dict, other: dict, parts: set[str] = LLAVA_PARTS) -> None:
     assert one["targets"] == other["targets"] > 0 and not one["bad"] and not other["bad"]
     assert abs(one["loss"] - other["loss"]) <= 1e-6 * abs(one["loss"])
     assert one["grads"].keys() == other["grads"].keys()
-    groups = {k.split(".")[1] for k in one["grads"]}
-    assert {"vision_tower", "multi_modal_projector", "language_model"} <= groups
+    assert parts <= {k.split(".")[1] for k in one["grads"]}
     for name, g in one["grads"].items():
         err = (g - other["grads"][name]).norm() / max(g.norm(), 1e-12)
         assert err <= 1e-6, (name, float(err))
@@ -87,6 +89,27 @@ def test_accumulation_fsdp_and_hsdp_give_the_same_gradients(
     assert_same(one, run(tmp_path, "two", "0,1|2,3", args, ranks=2))
     # HSDP on a 2 x 1 mesh: each rank holds whole parameters, replicated; gradients are all-reduced.
     assert_same(one, run(tmp_path, "hsdp", "0,1|2,3", [*args, "train.shard_group=1"], ranks=2))
+
+
+def test_the_router_loss_is_the_same_however_micro_batches_are_spread(
+    tiny, stream_shards: Path, tmp_path: Path
+) -> None:
+    """Qwen3-VL-MoE, full finetuning: 1 rank x 4 micro-batches == 2 FSDP2 ranks x 2 on the loss, the
+    router loss, the expert load and every gradient (experts and routers included); without the router
+    loss the routers' gradients differ, so it did reach them."""
+    args = overrides(tiny, stream_shards, tmp_path / "run", family="qwen3_vl_moe")
+    one = run(tmp_path, "one", "0,1,2,3", args, ranks=1)
+    two = run(tmp_path, "two", "0,1|2,3", args, ranks=2)
+    assert_same(one, two, parts={"visual", "language_model"})
+    assert one["router"][0] > 0 and torch.allclose(one["router"], two["router"], rtol=1e-9)
+    layers, experts = 2, 8
+    assert one["router"][1:].sum() == layers * 2 * one["tokens"]  # top-2 of every token, per layer
+    experts_grads = [k for k in one["grads"] if ".mlp.experts." in k]
+    assert len(experts_grads) == 2 * layers and one["grads"][experts_grads[0]].shape[0] == experts
+    off = run(tmp_path, "off", "0,1,2,3", [*args, "train.router_aux_loss_coef=0"], ranks=1)
+    assert off["router"][0] == one["router"][0]  # still measured
+    gate = "model.language_model.layers.0.mlp.gate.weight"
+    assert not torch.allclose(one["grads"][gate], off["grads"][gate], rtol=1e-6, atol=0)
 
 
 # Four processes on the two cores CI has is more than the test suite may take; run it with

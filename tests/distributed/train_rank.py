@@ -1,5 +1,6 @@
 """Run by tests/distributed/test_train_dist.py, alone or under torchrun: one backward pass over a fixed
-set of packs split between the ranks, then the full gradients and the loss to OUT/<tag>.pt.
+set of packs split between the ranks, then the full gradients, the loss and a mixture of experts' router
+figures to OUT/<tag>.pt.
 
     python tests/distributed/train_rank.py OUT TAG SCHEDULE key=value ...
 SCHEDULE: "0,1,2,3" (one rank, four micro-batches) or "0,1|2,3" (rank 0 gets packs 0-1, rank 1
@@ -42,6 +43,12 @@ def main() -> None:
     assert len(per_rank) == world
     mine = [packs[i] for i in per_rank[rank]]
     loss = trainer.backward(mine)
+    router = loss.router  # a mixture of experts: the step's router loss and expert load, over ranks
+    tokens = torch.tensor(float(sum(p.length for p in mine)), dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tokens)
+        if router is not None:
+            dist.all_reduce(router)
     grads = {}
     for name, p in trainer.model.named_parameters():
         if p.grad is not None:
@@ -52,8 +59,10 @@ def main() -> None:
             {
                 "loss": loss.total / loss.targets,
                 "targets": loss.targets,
+                "tokens": tokens.item(),
                 "bad": not loss.finite,
                 "grads": grads,
+                "router": router,
             },
             out / f"{tag}.pt",
         )

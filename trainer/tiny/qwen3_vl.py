@@ -53,7 +53,15 @@ MROPE_SECTION = [6, 5, 5]
 
 def build():
     """Qwen/Qwen3-VL-8B-Instruct: 16-px patches, 2x2 merge, interleaved 3-D mrope, DeepStack features."""
-    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers import Qwen3VLConfig
+
+    return build_qwen3_vl(Qwen3VLConfig, tie_word_embeddings=False)  # as the 8B (the 2B and 4B tie them)
+
+
+def build_qwen3_vl(config_class, text_extra=None, **extra):
+    """Qwen3-VL's processor and a tiny `config_class` (Qwen3-VL or its MoE) of the 8B's geometry, the
+    text config given `text_extra`, the top-level config `extra`."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     tokenizer = build_tokenizer(QWEN3_VL_TOKENS)
     geometry = dict(
@@ -80,7 +88,7 @@ def build():
     )
     ids = tokenizer.convert_tokens_to_ids
     text = dict(TEXT_WIDTH, head_dim=HEAD_DIM)
-    config = Qwen3VLConfig(
+    config = config_class(
         text_config=dict(
             vocab_size=padded_vocab(tokenizer),
             max_position_embeddings=262144,
@@ -95,6 +103,7 @@ def build():
             eos_token_id=ids("<|im_end|>"),
             hidden_act="silu",
             **text,
+            **(text_extra or {}),
         ),
         # The real tower: 27 blocks of width 1152 whose blocks 8, 16 and 24 feed DeepStack mergers,
         # added to the first three decoder layers. Two blocks keep one intermediate DeepStack level
@@ -114,6 +123,6 @@ def build():
             hidden_act="gelu_pytorch_tanh",
         ),
         **qwen_media_ids(tokenizer),
-        tie_word_embeddings=False,  # as the 8B checkpoint (the 2B and 4B tie them)
+        **extra,
     )
     return config, processor
