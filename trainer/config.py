@@ -157,6 +157,7 @@ class LoraConfig:
     dropout: float = 0.05  # on the adapters' input
     targets: list[str] | None = None  # module name patterns; None = the family's default
     vision: bool = False  # LoRA on the vision tower too
+    experts: bool = False  # mixture of experts: LoRA on every expert's weights too (trainer/lora.py)
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha < 1:

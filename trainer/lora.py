@@ -1,8 +1,10 @@
 """LoRA and QLoRA through peft: which modules get adapters, and wrapping the model.
 
 Targets default to every linear layer of the language model's blocks (and of the vision tower's
-with `finetune.lora.vision`); `finetune.lora.targets` narrows them to module names ending in one
-of the given names (e.g. [q_proj, v_proj]).
+with `finetune.lora.vision`), a mixture of experts' routers left out; `finetune.lora.targets` narrows
+them to module names ending in one of the given names (e.g. [q_proj, v_proj]). The experts of a
+mixture-of-experts model are 3-D parameters, not linear layers: `finetune.lora.experts` gives each
+expert its own adapter through peft's `target_parameters` (attention and shared layers only, without it).
 """
 
 from __future__ import annotations
@@ -11,15 +13,19 @@ from torch import nn
 
 from trainer.config import FinetuneConfig
 from trainer.models.building import Building
+from trainer.moe import expert_parameters, router_classes
 from trainer.parallel import BLOCK_LISTS
 
 
 def lora_targets(adapter: Building, model: nn.Module, ft: FinetuneConfig) -> list[str]:
     """Full names of the linear layers that get LoRA adapters."""
     groups = {"llm"} | ({"vision"} if ft.lora.vision else set())
+    routers = router_classes(model)  # Llama 4's is an nn.Linear: it routes, it is not adapted
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) and type(module).__name__ not in ("Linear4bit", "Linear8bitLt"):
+            continue
+        if isinstance(module, routers):
             continue
         if adapter.param_group(name + ".weight") not in groups:
             continue
@@ -32,6 +38,19 @@ def lora_targets(adapter: Building, model: nn.Module, ft: FinetuneConfig) -> lis
         raise ValueError(
             f"finetune.lora.targets={ft.lora.targets} matches no linear layer inside the "
             f"{' and '.join(sorted(groups))} blocks"
+        )
+    return names
+
+
+def expert_targets(adapter: Building, model: nn.Module, ft: FinetuneConfig) -> list[str]:
+    """Full names of the language model's expert weights that get LoRA (`finetune.lora.experts`)."""
+    if not ft.lora.experts:
+        return []
+    names = [n for n in expert_parameters(model) if adapter.param_group(n) == "llm"]
+    if not names:
+        raise ValueError(
+            f"finetune.lora.experts=true, but {type(model).__name__} has no mixture-of-experts weights "
+            f"(3-D expert parameters) in its language model"
         )
     return names
 
@@ -58,6 +77,7 @@ def lora_config(adapter: Building, model: nn.Module, ft: FinetuneConfig):
         lora_alpha=ft.lora.alpha,
         lora_dropout=ft.lora.dropout,
         target_modules=lora_targets(adapter, model, ft),
+        target_parameters=expert_targets(adapter, model, ft) or None,
         modules_to_save=keep,
         bias="none",
     )

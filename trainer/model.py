@@ -33,6 +33,7 @@ from trainer.config import Config
 from trainer.dist import wait_for_rank0
 from trainer.lora import apply_lora, lora_config
 from trainer.models.building import Building
+from trainer.moe import refuse_quantized_experts
 from trainer.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp, unwrapped_name
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def load_pretrained(adapter: Building, cfg: Config, device: torch.device, dtype:
 
     kwargs: dict = {"dtype": checkpoint_dtype(adapter), "attn_implementation": adapter.attn_implementation()}
     if cfg.finetune.method == "qlora":
+        refuse_quantized_experts(adapter)
         q = cfg.finetune.qlora
         compute = dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -23,12 +23,14 @@ The experts themselves are 3-D parameters ([experts, out, in]) of their decoder 
 with the layer's unit (trainer/parallel.py makes one unit per block), LoRA reaches them through peft's
 `target_parameters` with `finetune.lora.experts` (trainer/lora.py), and transformers runs them as one
 grouped GEMM (`experts_implementation="grouped_mm"`) where torch has it, else its per-expert loop.
+QLoRA is refused for them (`refuse_quantized_experts`): bitsandbytes would leave the experts in 16 bits.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -145,3 +147,22 @@ class RouterBalance:
             values[f"moe/layer_{i:02d}/tokens_min"] = float(row.min())
             values[f"moe/layer_{i:02d}/tokens_max"] = float(row.max())
         return values
+
+
+def refuse_quantized_experts(adapter: Any) -> None:
+    """QLoRA's 4-bit base is bitsandbytes' Linear4bit, which transformers swaps in for nn.Linear layers
+    only: a mixture of experts' 3-D expert weights, most of its parameters, would stay in 16 bits, so
+    QLoRA would cost nearly LoRA's memory while claiming 4 bits. mmloom refuses it with the figures."""
+    with torch.device("meta"):
+        model = adapter.model_from_config()
+    experts = set(expert_parameters(model))
+    if not experts:
+        return
+    counts = {n: p.numel() for n, p in model.named_parameters()}
+    share = sum(counts[n] for n in experts) / sum(counts.values())
+    raise ValueError(
+        f"finetune.method=qlora cannot quantize {adapter.path}: its experts ({share:.0%} of the weights) "
+        f"are 3-D parameters, and bitsandbytes' 4-bit layers replace nn.Linear layers only, so they would "
+        f"stay in 16 bits. Use finetune.method=lora: FSDP2 shards the experts over the GPUs, and "
+        f"finetune.lora.experts=true adapts them too"
+    )

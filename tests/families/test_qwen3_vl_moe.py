@@ -8,6 +8,8 @@ from tests.families.qwen3_vl_facts import Qwen3VLFacts
 
 class TestQwen3VLMoe(Qwen3VLFacts):
     FAMILY = "qwen3_vl_moe"
+    LORA_OVERRIDES = ["finetune.lora.experts=true"]  # the exported adapter carries the experts' LoRA
+    QLORA_REFUSED = True
 
     def check_geometry(self, config, processor) -> None:
         super().check_geometry(config, processor)

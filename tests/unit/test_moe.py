@@ -98,3 +98,20 @@ def test_experts_run_as_one_grouped_gemm_with_the_loops_losses_and_gradients(moe
     for name, g in grads[0].items():
         assert g.abs().sum() > 0, name
         assert torch.allclose(g, grads[1][name], rtol=1e-4, atol=1e-6), name
+
+
+def test_lora_reaches_the_experts_only_when_asked(moe, tiny) -> None:
+    from trainer.config import FinetuneConfig, LoraConfig
+    from trainer.lora import lora_config
+
+    adapter, model, _ = moe
+    default = lora_config(adapter, model, FinetuneConfig(method="lora"))
+    assert default.target_parameters is None
+    assert not any(".experts" in t or t.endswith(".gate") for t in default.target_modules)
+    assert any(t.endswith("layers.0.self_attn.q_proj") for t in default.target_modules)
+    experts = lora_config(adapter, model, FinetuneConfig(method="lora", lora=LoraConfig(experts=True)))
+    assert experts.target_parameters == expert_parameters(model)
+    assert experts.target_modules == default.target_modules
+    dense = get_adapter(tiny("qwen3_vl"))
+    with pytest.raises(ValueError, match="finetune.lora.experts=true, but .* has no mixture-of-experts"):
+        lora_config(dense, dense.load_model(), FinetuneConfig(method="lora", lora=LoraConfig(experts=True)))
