@@ -101,6 +101,11 @@ def test_the_router_loss_is_the_same_however_micro_batches_are_spread(
     one = run(tmp_path, "one", "0,1,2,3", args, ranks=1)
     two = run(tmp_path, "two", "0,1|2,3", args, ranks=2)
     assert_same(one, two, parts={"visual", "language_model"})
+    # The experts are sharded over the ranks with their decoder layer's FSDP unit, on the expert dim.
+    for name in [k for k in two["placements"] if ".mlp.experts." in k]:
+        assert two["placements"][name] == ["S(0)"], name  # Shard(dim=0)
+        unit = max((u for u in two["units"] if name.startswith(u + ".")), key=len)
+        assert unit == name.split(".mlp.")[0], (name, unit)
     assert one["router"][0] > 0 and torch.allclose(one["router"], two["router"], rtol=1e-9)
     layers, experts = 2, 8
     assert one["router"][1:].sum() == layers * 2 * one["tokens"]  # top-2 of every token, per layer

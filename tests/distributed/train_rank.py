@@ -54,6 +54,14 @@ def main() -> None:
         if p.grad is not None:
             g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             grads[name.replace("_checkpoint_wrapped_module.", "")] = g.detach().clone()
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [n for n, m in trainer.model.named_modules() if isinstance(m, FSDPModule)]
+    placements = {
+        name.replace("_checkpoint_wrapped_module.", ""): [str(p) for p in param.placements]
+        for name, param in trainer.model.named_parameters()
+        if hasattr(param, "placements")
+    }
     if rank == 0:
         torch.save(
             {
@@ -63,6 +71,8 @@ def main() -> None:
                 "bad": not loss.finite,
                 "grads": grads,
                 "router": router,
+                "units": [u.replace("_checkpoint_wrapped_module.", "").rstrip(".") for u in units],
+                "placements": placements,
             },
             out / f"{tag}.pt",
         )
