@@ -7,7 +7,9 @@ Weights are written in the checkpoint's dtype, under the names `save_pretrained`
 safetensors files of at most `max_shard_gib`. A full finetune is streamed a file at a time: every
 rank gathers one tensor after another (all ranks take part in each gather), rank 0 writes each file
 as soon as it is complete, so no host ever holds more than one file of it; the ranks wait for one
-file's write at most inside a collective. LoRA gathers only the trained tensors. Everything is
+file's write at most inside a collective. Where transformers converts weights on save (a mixture of
+experts stored one tensor per expert: Qwen3.5-MoE, GLM-4.5V), each block's tensors are gathered
+together and converted by transformers' own `revert_weight_conversion`, and files take whole blocks. LoRA gathers only the trained tensors. Everything is
 written under `.hf.tmp` and renamed when complete: a killed export never leaves a plausible half.
 A LoRA merge needs the base weights: rank 0 loads the base in the checkpoint's dtype (one copy of
 it in host memory) while the other ranks wait on the rendezvous store.
@@ -19,6 +21,7 @@ import argparse
 import contextlib
 import json
 import logging
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -113,6 +116,60 @@ def saved_names(model: nn.Module) -> dict[str, str] | None:
     return None if None in names or len(names) != len(kept) else names
 
 
+def _group(key: str) -> str:
+    """The unit a weight conversion may span: a transformer block (experts, fused projections), or
+    the key alone outside the blocks."""
+    match = re.match(r"(.*?\.(?:layers|blocks|layer)\.\d+)\.", key)
+    return match.group(1) if match else key
+
+
+def converted_files(model: nn.Module, max_shard_gib: float) -> tuple[list, bool, dict]:
+    """The write plan of a model that transformers converts on save (a mixture of experts stored as one
+    tensor per expert, fused projections split): each block's weights are gathered together and
+    converted with transformers' own `revert_weight_conversion`, on rank 0, a block at a time; files
+    take whole blocks up to `max_shard_gib`. ([(file, [(keys, saved names)])], sharded, metadata)."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    kept = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    groups: dict[str, list[str]] = {}
+    for key in kept:
+        groups.setdefault(_group(key), []).append(key)
+    whole = revert_weight_conversion(model, dict(kept))
+    files: list[list] = [[]]
+    size = total = 0
+    seen: dict[str, tuple] = {}
+    for keys in groups.values():
+        saved = revert_weight_conversion(model, {k: kept[k] for k in keys})
+        seen.update({name: tuple(t.shape) for name, t in saved.items()})
+        nbytes = sum(t.numel() * t.element_size() for t in saved.values())
+        if files[-1] and size + nbytes > max_shard_gib * 2**30:
+            files.append([])
+            size = 0
+        files[-1].append((keys, sorted(saved)))
+        size, total = size + nbytes, total + nbytes
+    if seen != {name: tuple(t.shape) for name, t in whole.items()}:
+        raise NotImplementedError(
+            f"{type(model).__name__}: transformers' conversion on save spans more than one block; "
+            f"the streamed export cannot write it"
+        )
+    count = len(files)
+    names = [
+        f"model-{i + 1:05d}-of-{count:05d}.safetensors" if count > 1 else "model.safetensors"
+        for i in range(count)
+    ]
+    return list(zip(names, files)), count > 1, {"total_size": total}
+
+
+def revert(model: nn.Module, full: dict[str, torch.Tensor], saved: list[str]) -> dict[str, torch.Tensor]:
+    """One block's gathered weights, converted to the names and layout save_pretrained writes."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out = revert_weight_conversion(model, full)
+    assert sorted(out) == saved, (sorted(out)[:3], saved[:3])
+    return {name: t.clone() for name, t in out.items()}  # split views would share storage
+
+
 def write_full(
     state: dict[str, torch.Tensor], adapter: Building, out: Path, rank: int, max_shard_gib: float
 ) -> None:
@@ -121,25 +178,24 @@ def write_full(
     from safetensors.torch import save_file
 
     plan: list = [None]
-    if rank == 0:
-        model = skeleton(adapter)
+    model = skeleton(adapter) if rank == 0 else None
+    if model is not None:
         names = saved_names(model)
-        if names is None:
-            raise NotImplementedError(
-                f"{type(model).__name__}: transformers converts its weights on save "
-                f"(not a renaming); the streamed export cannot write it"
+        if names is not None:
+            meta = model.state_dict()
+            split = split_torch_state_dict_into_shards(
+                {saved: meta[key] for key, saved in names.items()},
+                filename_pattern="model{suffix}.safetensors",
+                max_shard_size=int(max_shard_gib * 2**30),
             )
-        meta = model.state_dict()
-        split = split_torch_state_dict_into_shards(
-            {saved: meta[key] for key, saved in names.items()},
-            filename_pattern="model{suffix}.safetensors",
-            max_shard_size=int(max_shard_gib * 2**30),
-        )
-        by_saved = {saved: key for key, saved in names.items()}
-        files = [
-            (file, [(by_saved[s], s) for s in saved]) for file, saved in split.filename_to_tensors.items()
-        ]
-        plan = [(files, split.is_sharded, split.metadata)]
+            by_saved = {saved: key for key, saved in names.items()}
+            files = [
+                (file, [([by_saved[s]], [s]) for s in saved])
+                for file, saved in split.filename_to_tensors.items()
+            ]
+            plan = [(files, split.is_sharded, split.metadata, False)]
+        else:
+            plan = [(*converted_files(model, max_shard_gib), True)]
         model.config.save_pretrained(out)
         if model.can_generate() and model.generation_config is not None:
             model.generation_config.save_pretrained(out)
@@ -149,15 +205,19 @@ def write_full(
             custom_object_save(model, out, config=model.config)
     if dist.is_initialized():
         dist.broadcast_object_list(plan, src=0)
-    files, sharded, metadata = plan[0]
+    files, sharded, metadata, converted = plan[0]
     dtype = checkpoint_dtype(adapter)
-    for file, keys in files:
-        tensors = {saved: gather(state[key], dtype, rank) for key, saved in keys}
+    for file, groups in files:
+        tensors: dict[str, torch.Tensor] = {}
+        for keys, saved in groups:
+            full = {key: gather(state[key], dtype, rank) for key in keys}
+            if rank == 0:
+                tensors.update(revert(model, full, saved) if converted else {saved[0]: full[keys[0]]})
         if rank == 0:
             save_file({k: t.contiguous() for k, t in tensors.items()}, out / file, metadata={"format": "pt"})
         del tensors
     if rank == 0 and sharded:
-        weight_map = {saved: file for file, keys in files for _, saved in keys}
+        weight_map = {saved: file for file, groups in files for _, written in groups for saved in written}
         index = {"metadata": metadata, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
