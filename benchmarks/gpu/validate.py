@@ -25,7 +25,8 @@ Stages:
    memory and bf16 peak, whether flash-attn is installed and torch's varlen_attn runs (checked
    against per-sample SDPA on a 3-sample row).
 2. oracle: packed loss == sum of per-sample losses in bf16 (relative difference <= ORACLE_TOL) with
-   the trainer's own micro_batch_loss, for llava, qwen2_5_vl, mllama and gemma3 (tiny random-weight
+   the trainer's own micro_batch_loss, for llava, qwen2_5_vl, mllama, gemma3, qwen3_vl_moe (how its
+   experts run: grouped_mm where torch has it) and qwen3_5 (Gated DeltaNet) (tiny random-weight
    builds), on every attention backend that can run here (mmloom_varlen and flash_attention_2 on
    CUDA, mmloom_packed, sdpa; gemma3's block masks: flex_attention on CUDA, sdpa), on three real
    samples of the bundled demo data (one image and two turns, two images, text only) rendered by
@@ -73,7 +74,8 @@ DEPS = REPO / ".gpu-deps"
 MISSING_THERE = ("webdataset", "braceexpand", "torchdata", "num2words", "docopt")
 STAGES = ("env", "oracle", "attention", "mfu", "memory", "run")
 SHARE = {"env": 0.04, "oracle": 0.12, "attention": 0.08, "mfu": 0.46, "memory": 0.13, "run": 0.17}
-ORACLE_FAMILIES = ("llava", "qwen2_5_vl", "mllama", "gemma3")  # gemma3: block masks
+# gemma3: block masks; qwen3_vl_moe: experts as a grouped GEMM; qwen3_5: linear attention packed per sample
+ORACLE_FAMILIES = ("llava", "qwen2_5_vl", "mllama", "gemma3", "qwen3_vl_moe", "qwen3_5")
 # Relative, on the summed losses in bf16. Measured on CPU: packed and per-sample agree to 3e-5 (the
 # roundings differ in order), and attention across the samples' boundaries moves the sum by 0.3 %
 # on these tiny random models: the tolerance sits between the two.
@@ -454,6 +456,7 @@ def stage_oracle(args: argparse.Namespace) -> dict[str, Any]:
     from trainer.data.packing import collate
     from trainer.loop import micro_batch_loss
     from trainer.models.registry import get_adapter
+    from trainer.moe import experts_implementation
 
     dev, shards = device(), demo_shards(args.work)
     families: dict[str, Any] = {}
@@ -474,6 +477,8 @@ def stage_oracle(args: argparse.Namespace) -> dict[str, Any]:
                     attention.register()
                     impl = "sdpa" if backend == "sdpa" else attention.per_module(adapter.config, backend)
                     model = adapter.load_model(dtype=torch.bfloat16, attn_implementation=impl).to(dev).eval()
+                    if experts_implementation(model):
+                        entry["experts"] = experts_implementation(model)
                     with torch.no_grad():
                         alone = sum(
                             float(micro_batch_loss(model, adapter, collate(adapter, [r]), dev))
