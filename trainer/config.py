@@ -157,7 +157,8 @@ class LoraConfig:
     dropout: float = 0.05  # on the adapters' input
     targets: list[str] | None = None  # module name patterns; None = the family's default
     vision: bool = False  # LoRA on the vision tower too
-    experts: bool = False  # mixture of experts: LoRA on every expert's weights too (trainer/lora.py)
+    # Mixture of experts: LoRA on every expert's weights too (trainer/lora.py; needs dropout 0).
+    experts: bool = False
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha < 1:
@@ -166,6 +167,11 @@ class LoraConfig:
             )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"finetune.lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.experts and self.dropout:
+            raise ValueError(
+                f"finetune.lora.experts=true needs finetune.lora.dropout=0 (peft's LoRA on the experts' "
+                f"3-D weights takes no dropout), got {self.dropout}"
+            )
 
 
 @dataclass(kw_only=True)

@@ -9,8 +9,9 @@ rank gathers one tensor after another (all ranks take part in each gather), rank
 as soon as it is complete, so no host ever holds more than one file of it; the ranks wait for one
 file's write at most inside a collective. Where transformers converts weights on save (a mixture of
 experts stored one tensor per expert: Qwen3.5-MoE, GLM-4.5V), each block's tensors are gathered
-together and converted by transformers' own `revert_weight_conversion`, and files take whole blocks. LoRA gathers only the trained tensors. Everything is
-written under `.hf.tmp` and renamed when complete: a killed export never leaves a plausible half.
+together and converted by transformers' own `revert_weight_conversion`, and files take whole blocks.
+LoRA gathers only the trained tensors. Everything is written under `.hf.tmp` and renamed when
+complete: a killed export never leaves a plausible half.
 A LoRA merge needs the base weights: rank 0 loads the base in the checkpoint's dtype (one copy of
 it in host memory) while the other ranks wait on the rendezvous store.
 """

@@ -1,10 +1,11 @@
 """LoRA and QLoRA through peft: which modules get adapters, and wrapping the model.
 
 Targets default to every linear layer of the language model's blocks (and of the vision tower's
-with `finetune.lora.vision`), a mixture of experts' routers left out; `finetune.lora.targets` narrows
-them to module names ending in one of the given names (e.g. [q_proj, v_proj]). The experts of a
-mixture-of-experts model are 3-D parameters, not linear layers: `finetune.lora.experts` gives each
-expert its own adapter through peft's `target_parameters` (attention and shared layers only, without it).
+with `finetune.lora.vision`), a mixture of experts' routers and scalar gates left out;
+`finetune.lora.targets` narrows them to module names ending in one of the given names (e.g.
+[q_proj, v_proj]). The experts of a mixture-of-experts model are 3-D parameters, not linear layers:
+`finetune.lora.experts` gives each expert its own adapter through peft's `target_parameters`
+(attention and shared layers only, without it; peft takes no dropout there).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def lora_targets(adapter: Building, model: nn.Module, ft: FinetuneConfig) -> lis
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) and type(module).__name__ not in ("Linear4bit", "Linear8bitLt"):
             continue
-        if isinstance(module, routers):
-            continue
+        if isinstance(module, routers) or getattr(module, "out_features", 0) == 1:
+            continue  # a router, or a scalar gate (Qwen3.5-MoE's shared_expert_gate): nothing to adapt
         if adapter.param_group(name + ".weight") not in groups:
             continue
         if not any(f".{lst}." in f".{name}." for lst in BLOCK_LISTS):

@@ -3,7 +3,9 @@ load-balancing loss, expert load metrics, and which parameters are experts.
 
 The router loss. transformers adds it (`router_aux_loss_coef` x `load_balancing_loss_func`) only when the
 model computes the loss itself, which mmloom's loop does not (trainer/loop.py: chunked cross-entropy on
-the captured hidden states). So the loop asks the model for its router logits (`output_router_logits`,
+the captured hidden states), and never for Llama 4, whose config carries a coefficient (0.001) all the
+same: mmloom applies every checkpoint's coefficient alike (`train.router_aux_loss_coef=0` is
+transformers' Llama 4 behaviour). So the loop asks the model for its router logits (`output_router_logits`,
 transformers' own recording of every MoE layer's router) and adds, per micro-batch,
 
     coef x (tokens of the micro-batch / tokens of the step over all ranks) x balance(router logits)
