@@ -101,7 +101,7 @@ class TrainConfig:
     # FSDP with grad_accum > 1: "micro_batch" reduce-scatters after every micro-batch, so gradients
     # stay sharded (otherwise a rank holds the whole model's fp32 gradients between micro-batches:
     # +30 GB for a 7B full finetune); "step" once per step (less communication); "auto": "step" for
-    # LoRA/QLoRA, whose trained weights are small, else "micro_batch".
+    # LoRA/QLoRA, whose trained weights are small (not with finetune.lora.experts), else "micro_batch".
     grad_reduce: Literal["auto", "micro_batch", "step"] = "auto"
     # Compute dtype (auto: bf16 on GPU, fp32 on CPU). Weights are held as loaded: trained ones in fp32
     # (master weights), frozen ones in the checkpoint's dtype (4-bit for QLoRA's base).

@@ -171,7 +171,8 @@ class Trainer:
         # FSDP's mixed-precision policy casts for bf16 compute; a single unsharded GPU uses autocast.
         self.autocast = not self.fsdp and built.compute_dtype != torch.float32
         reduce = cfg.train.grad_reduce
-        small = cfg.finetune.method in ("lora", "qlora")  # unsharded gradients of LoRA weights only
+        # Unsharded gradients of LoRA weights only; an adapter on every expert is billions of them.
+        small = cfg.finetune.method in ("lora", "qlora") and not cfg.finetune.lora.experts
         self.reduce_per_step = reduce == "step" or (reduce == "auto" and small)
         self.compute_dtype = built.compute_dtype
         self.router = RouterBalance.of(self.model, cfg.train.router_aux_loss_coef)

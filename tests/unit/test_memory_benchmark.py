@@ -11,11 +11,23 @@ import types
 import pytest
 import torch
 
-from benchmarks.memory import NF4_BITS, Run, build, state_bytes, working_bytes
+from benchmarks.memory import (
+    GIB,
+    NF4_BITS,
+    RUNS,
+    Run,
+    activation_bytes,
+    build,
+    config_dir,
+    measure,
+    state_bytes,
+    working_bytes,
+)
 from trainer.config import FinetuneConfig, LoraConfig, OptimConfig
 from trainer.lora import apply_lora, lora_config
 from trainer.model import freeze
 from trainer.models.registry import get_adapter
+from trainer.moe import expert_parameters
 from trainer.optim import build_optimizer
 
 
@@ -137,3 +149,115 @@ def test_predicted_4bit_bytes_equal_the_quantized_model(tiny) -> None:
     # Every rank holds the whole 4-bit base, however many ranks shard the rest.
     assert state_bytes(model, trainable, quantized, shard=4)["params_4bit"] == predicted["params_4bit"]
     assert NF4_BITS == pytest.approx(4.127, abs=1e-3)
+
+
+# The mixture-of-experts rows: the published sizes on the meta device, the experts sharded with their layer.
+MOE = {
+    # name: (decoder layers, experts, routed per token, moe_intermediate_size, hidden size)
+    "Qwen/Qwen3-VL-30B-A3B-Instruct": (48, 128, 8, 768, 2048),
+    "Qwen/Qwen3.5-35B-A3B": (40, 256, 8, 512, 2048),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_adapters(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("moe")
+    return {name: get_adapter(config_dir(name, root / name.split("/")[1])) for name in MOE}
+
+
+@pytest.fixture(scope="module")
+def moe_rows(moe_adapters) -> dict:
+    """benchmarks/memory.py's JSON line of every MoE run, by (model, method, gpus, lora_experts)."""
+    runs = [run for run in RUNS if run.model in MOE]
+    return {
+        (run.model, run.method, run.gpus, run.lora_experts): measure(moe_adapters[run.model], run, 8192)
+        for run in runs
+    }
+
+
+def test_moe_rows_full_and_lora_on_8_gpus_and_the_smallest_count_that_fits(moe_rows) -> None:
+    for name in MOE:
+        rows = {key[1:]: row for key, row in moe_rows.items() if key[0] == name}
+        assert set(rows) == {("full", 8, False), ("full", 16, False), ("lora", 8, False), ("lora", 8, True)}
+        # Full finetuning does not fit on 8 GPUs (kept for comparison); 16, sharded over all, does.
+        on8, on16 = rows["full", 8, False], rows["full", 16, False]
+        assert not on8["required"] and not on8["fits_80gb"]
+        assert on16["required"] and on16["fits_80gb"] and on16["shard_group"] == 16
+        # The fp32 master, gradient and two AdamW states of every trained weight: half as much per rank on 16.
+        assert on8["per_rank_gib"]["optimizer"] == pytest.approx(on8["trainable_params"] / GIB, rel=0.01)
+        assert on16["per_rank_gib"]["optimizer"] == pytest.approx(
+            on8["per_rank_gib"]["optimizer"] / 2, abs=0.01
+        )
+        for key in (("lora", 8, False), ("lora", 8, True)):
+            lora = rows[key]
+            assert lora["required"] and lora["fits_80gb"] and lora["assumptions"]["lora_r"] == 64
+            # The frozen bf16 base, experts included, sharded over the 8 ranks.
+            assert lora["per_rank_gib"]["params_bf16"] == pytest.approx(
+                lora["bf16_checkpoint_gib"] / 8, rel=0.02
+            )
+    assert not any(run.method == "qlora" for run in RUNS if run.model in MOE)  # refused for MoE models
+
+
+@pytest.mark.parametrize("name", list(MOE))
+def test_moe_parameters_match_the_published_sizes_and_experts_shard_over_8_ranks(moe_adapters, name) -> None:
+    adapter = moe_adapters[name]
+    layers, experts_per_layer, top_k, inter, hidden = MOE[name]
+    run = next(r for r in RUNS if r.model == name and r.method == "full" and r.gpus == 8)
+    model, trainable, _, base, _ = build(adapter, run)
+    named = dict(model.named_parameters())
+    experts = set(expert_parameters(model))
+    expert_params = sum(named[n].numel() for n in experts)
+    # gate_up [experts, 2 x inter, hidden] and down [experts, hidden, inter] in every decoder layer.
+    assert expert_params == layers * experts_per_layer * 3 * inter * hidden
+    llm = sum(p.numel() for n, p in named.items() if adapter.param_group(n) == "llm")
+    active = llm - expert_params + expert_params * top_k // experts_per_layer
+    if name == "Qwen/Qwen3-VL-30B-A3B-Instruct":
+        # Qwen3-30B-A3B's text model: 30.5B total, 3.3B active (its model card); keras-hub lists the same
+        # backbone (Qwen3-Omni's thinker) at 30,532,122,624. The checkpoint: 31.07B with the vision tower.
+        assert llm == 30_532_122_624
+        assert 3.3e9 < active < 3.4e9
+        assert 31.0e9 < base < 31.1e9
+    else:
+        # "35B total / 3B active" (transformers' docs); the checkpoint's MTP layer is not built.
+        assert 34.5e9 < base < 35.5e9
+        assert 3.0e9 < active < 3.6e9
+    # Full finetuning trains the experts: their fp32 master, gradient and AdamW states, 1/8 on each rank
+    # (dim 0, the experts, splits evenly).
+    with_experts = state_bytes(model, trainable, set(), shard=8)
+    without = state_bytes(model, trainable - experts, set(), shard=8)
+    assert experts <= trainable
+    assert with_experts["params_fp32"] - without["params_fp32"] == 4 * expert_params // 8
+    assert with_experts["optimizer"] - without["optimizer"] == 8 * expert_params // 8
+    assert without["params_bf16"] - with_experts["params_bf16"] == 2 * expert_params // 8
+    # Gathered for compute, a decoder layer holds all its experts: the biggest unit, twice with prefetch.
+    units: dict[str, int] = {}
+    for n, p in named.items():
+        found = re.search(r"^(.*\.(layers|blocks)\.\d+)\.", n)
+        unit = found.group(1) if found else ""
+        units[unit] = units.get(unit, 0) + p.numel()
+    biggest = max(v for u, v in units.items() if u)
+    assert biggest > experts_per_layer * 3 * inter * hidden
+    assert working_bytes(model, trainable, set(), adapter)["params"] == 2 * (units[""] + 2 * biggest)
+
+
+@pytest.mark.parametrize("name", list(MOE))
+def test_lora_on_the_experts_adds_an_adapter_per_expert(moe_adapters, moe_rows, name) -> None:
+    layers, experts_per_layer, _, inter, hidden = MOE[name]
+    plain, with_experts = moe_rows[name, "lora", 8, False], moe_rows[name, "lora", 8, True]
+    assert not plain["lora_experts"] and with_experts["lora_experts"]
+    # peft's target_parameters: r x experts rows for gate_up (hidden -> 2 inter) and down (inter -> hidden).
+    per_layer = 64 * experts_per_layer * ((hidden + 2 * inter) + (inter + hidden))
+    assert with_experts["trainable_params"] - plain["trainable_params"] == layers * per_layer
+    assert (
+        plain["expert_params"]
+        == with_experts["expert_params"]
+        == layers * experts_per_layer * 3 * inter * hidden
+    )
+    # The default LoRA leaves the experts and the router alone: attention, DeltaNet and shared layers only.
+    assert plain["trainable_params"] < 0.005 * plain["params"]
+    # peft folds W + BA per expert weight: merged weights and a gradient, full size, in each block's backward.
+    config = moe_adapters[name].config
+    merged = 2 * 3 * experts_per_layer * inter * hidden * (1 + 2 / 3)
+    peaks = [activation_bytes(config, 8192, False, True, expert_lora=e)["block_peak"] for e in (False, True)]
+    assert peaks[1] - peaks[0] == pytest.approx(merged, abs=1)
+    assert with_experts["activations_gib"]["block_peak"] > plain["activations_gib"]["block_peak"]
