@@ -4,6 +4,7 @@ the loss of a pack computed the way transformers computes it."""
 from __future__ import annotations
 
 import io
+import re
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,12 @@ SAMPLES = [
         system="Be brief.",
     ),
 ]
+
+
+def answer_text(decoded: str) -> str:
+    """An answer as the sample wrote it, from its decoded tokens: stripped, without the empty reasoning
+    block a thinking model's template writes before an answer that has none (GLM-4.5V: <think></think>)."""
+    return re.sub(r"^<think>\s*</think>", "", decoded.strip()).strip()
 
 
 def summed_loss(model, inputs: dict) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from data_tools.sample import Sample, Turn
 from tests.support import family_params
-from tests.support.samples import CONVERSATIONS, PHOTOS, image, images_of, text
+from tests.support.samples import CONVERSATIONS, PHOTOS, answer_text, image, images_of, text
 from trainer.data.render import IGNORE, RenderError, decode_image, render_sample, to_messages
 from trainer.models.registry import get_adapter
 from trainer.tiny import FAMILIES as TINY_FAMILIES
@@ -71,11 +71,11 @@ def test_prompts_match_inference_and_labels_cover_answers(tiny, family: str, nam
     labelled = (r.labels != IGNORE).nonzero().flatten().tolist()
     expected = []
     for a, start in zip(answers, spans):
-        answer_text = messages[a]["content"][0]["text"]
+        text_of_answer = messages[a]["content"][0]["text"]
         eot = next(i for i in range(start, r.length) if int(r.input_ids[i]) in adapter.end_of_turn_ids)
         expected += list(range(start, eot + 1))
         decoded = adapter.tokenizer.decode(r.input_ids[start:eot])
-        assert decoded.strip() == answer_text
+        assert answer_text(decoded) == text_of_answer
     assert labelled == expected
     assert torch.equal(r.labels[labelled], r.input_ids[labelled])
 
