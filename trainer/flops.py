@@ -89,8 +89,9 @@ class ModelFlops:
     forward: dict[str, int]  # matmul parameters by group (CHAIN)
     backward: dict[str, int]  # the same, each weighted by its matmuls in backward (0, 1 or 2)
     attention_backward: dict[str, bool]  # backward runs through the group's attention ("llm", "vision")
-    text_width: int  # heads x head_dim of the language model's attention
+    text_width: int  # heads x head_dim of the language model's attention (of its first layer)
     text_layers: tuple[tuple[int, int | None], ...]  # (attention layers, sliding window or None)
+    text_widths: tuple[int, ...]  # heads x head_dim of each text_layers group (Gemma 4's differ)
     vision_width: int
     vision_depth: int
     patch_size: tuple[int, int]  # (height, width) in pixels; (0, 0) without a vision tower
@@ -111,6 +112,7 @@ class ModelFlops:
             attention_backward={"llm": counts["llm"][2], "vision": counts["vision"][2]},
             text_width=_width(text),
             text_layers=_attention_layers(text),
+            text_widths=_attention_widths(text),
             vision_width=(getattr(vision, "embed_dim", None) or getattr(vision, "hidden_size", 0)),
             vision_depth=(getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", 0)),
             patch_size=_pair(getattr(vision, "patch_size", 0) or 0),
@@ -132,6 +134,10 @@ class ModelFlops:
             elif isinstance(pixels, torch.Tensor) and pixels.ndim >= 4 and all(self.patch_size):
                 n = (pixels.shape[-2] // self.patch_size[0]) * (pixels.shape[-1] // self.patch_size[1])
                 frames += [n + self.class_token] * math.prod(pixels.shape[:-3])
+            elif isinstance(pixels, torch.Tensor) and pixels.ndim == 3:
+                # Pictures already cut into patches (Gemma 4): [pictures, patches, patch pixels], padded
+                # patches included (the tower computes them, masked).
+                frames += [pixels.shape[1]] * pixels.shape[0]
         return frames
 
     def applied(self, pack: Pack) -> dict[str, int]:
@@ -153,13 +159,15 @@ class ModelFlops:
     def forward_flops(self, pack: Pack) -> dict[str, int]:
         """Forward FLOPs of one pack by part."""
         applied, frames = self.applied(pack), self.frames(pack)
-        pairs = sum(
-            n * causal_pairs(length, window) for n, window in self.text_layers for length in pack.lengths
+        pairs_width = sum(
+            n * causal_pairs(length, window) * width
+            for (n, window), width in zip(self.text_layers, self.text_widths)
+            for length in pack.lengths
         )
         return {
             "llm_linear": 2 * self.forward["llm"] * applied["llm"],
             "lm_head": 2 * self.forward["lm_head"] * applied["lm_head"],
-            "llm_attention": 4 * pairs * self.text_width,
+            "llm_attention": 4 * pairs_width,
             "vision_linear": 2 * sum(self.forward[g] * applied[g] for g in ("patch_embed", "vision")),
             "vision_attention": 4 * sum(n * n for n in frames) * self.vision_width * self.vision_depth,
             "projector": 2 * self.forward["projector"] * applied["projector"],
@@ -218,9 +226,22 @@ def counter(model: nn.Module, adapter: ModelAdapter) -> ModelFlops:
     return _COUNTERS[model]
 
 
-def _width(text: Any) -> int:
+def _width(text: Any, layer: int = 0) -> int:
+    """heads x head_dim of the attention of layer `layer`. A config with per-layer values
+    (transformers' per_layer_config: Gemma 4's full-attention heads are twice as wide) refuses to
+    give its global head_dim, so those are read from the layer's own config."""
+    if getattr(text, "is_heterogeneous", False):
+        text = text.per_layer_config[layer]
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return text.num_attention_heads * head_dim
+
+
+def _attention_widths(text: Any) -> tuple[int, ...]:
+    """heads x head_dim of each group `_attention_layers` gives, read from the group's first layer."""
+    kinds = getattr(text, "layer_types", None)
+    if not kinds:
+        return (_width(text),)
+    return tuple(_width(text, kinds.index(k)) for k in ("full_attention", "sliding_attention") if k in kinds)
 
 
 def _attention_layers(text: Any) -> tuple[tuple[int, int | None], ...]:

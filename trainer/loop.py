@@ -175,7 +175,9 @@ class Trainer:
         small = cfg.finetune.method in ("lora", "qlora") and not cfg.finetune.lora.experts
         self.reduce_per_step = reduce == "step" or (reduce == "auto" and small)
         self.compute_dtype = built.compute_dtype
-        self.router = RouterBalance.of(self.model, cfg.train.router_aux_loss_coef)
+        self.router = RouterBalance.of(
+            self.model, cfg.train.router_aux_loss_coef, self.adapter.router_outputs == "probabilities"
+        )
         self.optimizer = build_optimizer(
             self.model, self.adapter, cfg.optim, fused=self.device.type == "cuda"
         )

@@ -42,14 +42,16 @@ logger = logging.getLogger(__name__)
 
 
 def router_classes(model: nn.Module) -> tuple[type, ...]:
-    """The router module classes whose logits the model records for `output_router_logits`."""
+    """The router module classes whose logits the model records for `output_router_logits`, of those
+    the model holds: Gemma 4's text model names its router class whether or not the checkpoint has
+    MoE blocks (only 26B-A4B does)."""
     found: set[type] = set()
     for module in model.modules():
         recorder = (getattr(type(module), "_can_record_outputs", None) or {}).get("router_logits")
         target = getattr(recorder, "target_class", recorder)
         if isinstance(target, type):
             found.add(target)
-    return tuple(found)
+    return tuple(c for c in found if any(isinstance(m, c) for m in model.modules()))
 
 
 def expert_parameters(model: nn.Module) -> list[str]:
@@ -65,13 +67,16 @@ def experts_implementation(model: nn.Module) -> str | None:
     return getattr(config, "_experts_implementation", None) or "eager"
 
 
-def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' load-balancing loss over the MoE layers' router logits ([tokens, experts] each),
-    and the tokens routed to each expert per layer ([layers, experts], no gradient)."""
+def balance_loss(
+    router_logits: tuple[torch.Tensor, ...], top_k: int, probabilities: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' load-balancing loss over the MoE layers' router logits ([tokens, experts] each; with
+    `probabilities`, the router's softmax already), and the tokens routed to each expert per layer
+    ([layers, experts], no gradient)."""
     experts = router_logits[0].shape[-1]
     counts, prob_sum, rows = [], 0.0, 0
     for logits in router_logits:
-        probs = F.softmax(logits.float(), dim=-1)
+        probs = logits.float() if probabilities else F.softmax(logits.float(), dim=-1)
         chosen = torch.topk(probs, top_k, dim=-1).indices
         counts.append(torch.bincount(chosen.flatten(), minlength=experts).float())
         prob_sum = prob_sum + probs.sum(dim=0)
@@ -87,15 +92,17 @@ class RouterBalance:
 
     coef: float
     top_k: int
+    probabilities: bool = False  # the model records router probabilities, not logits (Gemma 4)
     aux: torch.Tensor | float = 0.0  # this rank's step balance loss (token-weighted, no coefficient)
     load: torch.Tensor | None = None  # [layers, experts] tokens routed this step on this rank
     layers: int = 0  # MoE layers of the model (known after the first micro-batch)
     pending: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, model: nn.Module, coef: float | None) -> RouterBalance | None:
-        """The balance of `model` (None when it has no router): the checkpoint's `router_aux_loss_coef`
-        unless `coef` (train.router_aux_loss_coef) is given."""
+    def of(cls, model: nn.Module, coef: float | None, probabilities: bool = False) -> RouterBalance | None:
+        """The balance of `model`: the checkpoint's `router_aux_loss_coef` unless `coef`
+        (train.router_aux_loss_coef) is given. None for a model without routers, or whose checkpoint
+        names no coefficient when `coef` names none either (Gemma 4's MoE: transformers adds none)."""
         text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         if not router_classes(model):
             if coef:
@@ -104,17 +111,20 @@ class RouterBalance:
                     f"logits (output_router_logits): it is not a mixture-of-experts model mmloom knows"
                 )
             return None
-        coef = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
-        top_k = getattr(text, "num_experts_per_tok", None)
+        if coef is None and not getattr(text, "router_aux_loss_coef", None):
+            logger.info("mixture of experts without a router loss: the checkpoint names no coefficient")
+            return None
+        coef = text.router_aux_loss_coef if coef is None else coef
+        top_k = getattr(text, "num_experts_per_tok", None) or getattr(text, "top_k_experts", None)
         if top_k is None:
-            raise ValueError(f"{type(model).__name__}'s text config has no num_experts_per_tok")
+            raise ValueError(f"{type(model).__name__}'s text config names no experts per token")
         logger.info(
             "mixture of experts: router loss coefficient %g, top-%d routing, experts run as %s",
             coef,
             top_k,
             experts_implementation(model),
         )
-        return cls(coef=float(coef), top_k=int(top_k))
+        return cls(coef=float(coef), top_k=int(top_k), probabilities=probabilities)
 
     def observe(self, router_logits: tuple[torch.Tensor, ...] | None) -> None:
         """The router logits of the micro-batch just run forward (the model's output)."""
@@ -126,7 +136,7 @@ class RouterBalance:
         """coef x weight x the pending micro-batch's balance loss; `weight` is its share of the step's
         tokens over all ranks. Adds to the step's aux loss and expert load."""
         assert self.pending is not None, "observe() the micro-batch's router logits first"
-        loss, load = balance_loss(self.pending, self.top_k)
+        loss, load = balance_loss(self.pending, self.top_k, self.probabilities)
         self.pending = None
         self.aux = self.aux + loss.detach().double() * weight  # no host sync
         self.load = load if self.load is None else self.load + load

@@ -25,6 +25,9 @@ def test_balance_loss_is_transformers_load_balancing_loss() -> None:
     assert torch.allclose(loss, load_balancing_loss_func(logits, 8, 2), rtol=1e-6, atol=0)
     assert load.shape == (3, 8) and load.sum(dim=1).tolist() == [74.0] * 3
     assert load[0].tolist() == torch.bincount(logits[0].topk(2).indices.flatten(), minlength=8).tolist()
+    # Routers that record their softmax (Gemma 4) give the same loss from it.
+    softmaxed = tuple(torch.softmax(x, dim=-1) for x in logits)
+    assert torch.allclose(balance_loss(softmaxed, 2, probabilities=True)[0], loss, rtol=1e-6)
     # A router that cannot tell experts apart: f_e sums to top_k, P_e = 1/E, so the loss is top_k.
     uniform, _ = balance_loss((torch.zeros(10, 8),), top_k=2)
     assert uniform.item() == pytest.approx(2.0)
@@ -109,9 +112,40 @@ def test_lora_reaches_the_experts_only_when_asked(moe, tiny) -> None:
     assert default.target_parameters is None
     assert not any(".experts" in t or t.endswith(".gate") for t in default.target_modules)
     assert any(t.endswith("layers.0.self_attn.q_proj") for t in default.target_modules)
-    experts = lora_config(adapter, model, FinetuneConfig(method="lora", lora=LoraConfig(experts=True)))
+    with pytest.raises(ValueError, match="finetune.lora.experts=true needs finetune.lora.dropout=0"):
+        LoraConfig(experts=True)  # peft's ParamWrapper refuses dropout
+    on = LoraConfig(experts=True, dropout=0.0)
+    experts = lora_config(adapter, model, FinetuneConfig(method="lora", lora=on))
     assert experts.target_parameters == expert_parameters(model)
     assert experts.target_modules == default.target_modules
     dense = get_adapter(tiny("qwen3_vl"))
     with pytest.raises(ValueError, match="finetune.lora.experts=true, but .* has no mixture-of-experts"):
-        lora_config(dense, dense.load_model(), FinetuneConfig(method="lora", lora=LoraConfig(experts=True)))
+        lora_config(dense, dense.load_model(), FinetuneConfig(method="lora", lora=on))
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "glm4v_moe"])
+def test_a_full_export_converts_the_experts_as_save_pretrained_does(tiny, family: str, tmp_path) -> None:
+    """Qwen3.5-MoE and GLM-4.5V checkpoints store one tensor per expert, transformers one 3-D tensor
+    per layer: the streamed export (trainer/export.py) converts a block at a time, in files of at most
+    run.export_shard_gib, to exactly what save_pretrained writes, and reloads to the same weights."""
+    from safetensors.torch import load_file
+
+    from trainer.export import write_full
+
+    adapter = get_adapter(tiny(family))
+    model = adapter.load_model(dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # not the stored weights
+    write_full(model.state_dict(), adapter, tmp_path / "ours", rank=0, max_shard_gib=0.0005)
+    model.save_pretrained(tmp_path / "reference")
+
+    def tensors(path):
+        return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    ours, reference = tensors(tmp_path / "ours"), tensors(tmp_path / "reference")
+    assert len(list((tmp_path / "ours").glob("*.safetensors"))) > 1
+    assert ours.keys() == reference.keys() and any(".experts.1." in k for k in ours)
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+    reloaded = adapter.auto_class().from_pretrained(tmp_path / "ours").state_dict()
+    assert all(torch.equal(t, reloaded[k]) for k, t in model.state_dict().items())

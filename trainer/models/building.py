@@ -13,6 +13,9 @@ from trainer.models.checkpoint import Checkpoint
 
 
 class Building(Checkpoint):
+    # What a mixture of experts' routers record for output_router_logits (trainer/moe.py): "logits",
+    # or "probabilities" (Gemma 4's router records its softmax).
+    router_outputs: ClassVar[str] = "logits"
     # Parameter-name fragments of each module group, checked in this order (projector first: in
     # Qwen2-VL the merger sits inside the vision tower). Anything else is the language model.
     group_patterns: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]] = (
