@@ -442,21 +442,23 @@ def shard_video_overfit(root: Path) -> Path:
 
 
 def dry_run(model: Path, shards: Path, *overrides: str) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainer.train",
-        "--dry-run",
-        f"model.path={model}",
-        f"data.shards={shards}",
-        "data.workers=0",
-        "data.shuffle_buffer=8",
-        "data.packing.buffer=4",
-        *overrides,
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """`python -m trainer.train --dry-run`'s result, in this process (tests/e2e/test_dry_run.py runs the
+    command itself): one epoch streamed, rendered and packed."""
+    from trainer.config import load_config
+    from trainer.train import dry_run as stream_epoch
+
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model}",
+            f"data.shards={shards}",
+            "data.workers=0",
+            "data.shuffle_buffer=8",
+            "data.packing.buffer=4",
+            *overrides,
+        ],
+    )
+    return json.loads(json.dumps(stream_epoch(cfg, 0), sort_keys=True))  # as the command prints it
 
 
 def shard_samples(shards: Path) -> list[tuple[Any, dict[str, bytes]]]:

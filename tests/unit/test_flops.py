@@ -109,3 +109,41 @@ def test_attention_pairs_per_sample_and_window() -> None:
     assert _attention_layers(gemma_like) == ((1, None), (5, 512))
     mllama_like = types.SimpleNamespace(layer_types=None, num_hidden_layers=10, cross_attention_layers=[3, 8])
     assert _attention_layers(mllama_like) == ((8, None),)
+
+
+def test_step_flops_count_wider_full_layers_and_patchified_pictures(tiny) -> None:
+    """trainer/flops.py reads Gemma 4's per-layer head widths (the global head_dim is refused) and
+    counts the vision tower on its patch tensors: the step's matmul FLOPs are exactly torch's count,
+    and attention counts each layer type's causal pairs at its own width."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainer.data.packing import collate
+    from trainer.data.render import render_sample
+    from trainer.flops import ModelFlops, causal_pairs
+    from trainer.loop import micro_batch_loss
+
+    model, adapter, cfg = trainer_model(tiny("gemma4"), [])
+    pack = collate(adapter, [render_sample(adapter, s, PHOTOS) for s in SAMPLES])
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        micro_batch_loss(model, adapter, pack, torch.device("cpu"), chunk=cfg.train.loss_chunk).backward()
+    counted = {str(k): v for k, v in counter.flop_counts["Global"].items()}
+    flops = ModelFlops.of(model, adapter)
+    parts = flops.forward_flops(pack)
+    assert not flops.attention_backward["vision"]  # the tower is frozen
+    attention = 3 * parts["llm_attention"] + parts["vision_attention"]
+    assert counted["aten.mm"] == flops.step([pack]) - attention
+    text = adapter.config.get_text_config()
+    widths = [layer.num_attention_heads * layer.head_dim for layer in text.per_layer_config]
+    assert widths == [4 * 16, 4 * 32]  # sliding, full
+    pairs = {
+        kind: sum(
+            causal_pairs(n, text.sliding_window if kind == "sliding_attention" else None)
+            for n in pack.lengths
+        )
+        for kind in text.layer_types
+    }
+    assert parts["llm_attention"] == 4 * sum(pairs[k] * w for k, w in zip(text.layer_types, widths))
+    # Each picture's 2520 patches (padding included, which the tower computes under its mask).
+    assert parts["vision_attention"] == 4 * 3 * 2520**2 * 32 * 2

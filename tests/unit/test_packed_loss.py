@@ -132,6 +132,7 @@ def test_the_trainers_loss_computes_logits_only_for_targets(tiny, family: str) -
     hook = model.get_output_embeddings().register_forward_hook(
         lambda m, args, out: seen.append(args[0].shape[-2])
     )
+    recurrent = bool(attention.packing_leaks(adapter.config))  # linear-attention layers (Qwen3.5's)
     for group in (rendered, rendered[1:2]):
         pack = collate(adapter, group)
         per_source = torch.zeros(len(rendered), 2, dtype=torch.float64)
@@ -159,8 +160,16 @@ def test_the_trainers_loss_computes_logits_only_for_targets(tiny, family: str) -
         for name, param in model.named_parameters():
             # A key projection's bias cancels out of the softmax: its gradient is rounding noise.
             if param.grad is not None and not name.endswith("k_proj.bias"):
-                # fp32 sums in another order: within 1e-6 of the parameter's largest gradient
+                # fp32 sums in another order: within 1e-6 of the parameter's largest gradient. A Gated
+                # DeltaNet's per-head decay (Qwen3.5's A_log, dt_bias) sums opposing contributions of every
+                # token of the pack: a few 1e-6 of its largest. Its chunked fp32 recurrence also amplifies
+                # the rounding of what flows back through it (8x) into a media encoder below it: MiniCPM-V
+                # 4.6's tower, up to 2e-5 of the largest (its first query projection).
                 scale = float(param.grad.abs().max())
+                if name.endswith((".A_log", ".dt_bias")):
+                    scale *= 10
+                elif recurrent and adapter.param_group(name) in ("vision", "projector"):
+                    scale *= 100
                 assert torch.allclose(grads[name], param.grad, atol=1e-6 * scale, rtol=1e-5), (
                     name,
                     float((grads[name] - param.grad).abs().max()),

@@ -117,3 +117,17 @@ def test_attention_only_models_still_pack(tiny) -> None:
     packer = Packer(4096, 8, compatible=adapter.packs_with)
     packs = [p for i in range(20) for p in packer.add(fake(50 + i, str(i)))] + list(packer.flush())
     assert max(len(p) for p in packs) > 1 and sum(len(p) for p in packs) == 20
+
+
+def test_a_pack_of_a_model_that_does_not_pack_carries_no_boundaries(tiny) -> None:
+    """Qwen3.5 under the generic adapter: a pack holds one sample and no boundaries, which transformers'
+    Gated DeltaNet refuses without its kernel; its family adapter packs and passes them (it runs those
+    layers per sample)."""
+    from tests.support.samples import PHOTOS, SAMPLES
+    from trainer.data.render import render_sample
+
+    for family, packs in (("generic", False), (None, True)):
+        adapter = get_adapter(tiny("qwen3_5"), family=family)
+        assert adapter.packs_isolated is packs
+        pack = collate(adapter, [render_sample(adapter, SAMPLES[0], PHOTOS)])
+        assert ({"cu_seq_lens_q", "mmloom_segments"} <= pack.inputs.keys()) is packs

@@ -124,15 +124,19 @@ def collate(adapter: Batching, samples: list[Rendered]) -> Pack:
     input_ids, label = torch.cat(ids), torch.cat(labels)
     inputs = adapter.model_inputs(input_ids, label, torch.cat(positions, dim=-1), media)
     # The sample boundaries, once per pack, as transformers' packed-sequence kwargs (trainer/attention.py).
+    # Not for a model that packs no samples together (packs_isolated): its layers may refuse them
+    # (transformers' Gated DeltaNet without its kernel), and one sample needs none (the grey image
+    # after it sees it, but nothing after that image has a label).
     segments = tuple(len(x) for x in ids)
     cu = torch.tensor([0, *itertools.accumulate(segments)], dtype=torch.int32)
-    inputs.update(
-        cu_seq_lens_q=cu,
-        cu_seq_lens_k=cu,
-        max_length_q=max(segments),
-        max_length_k=max(segments),
-        mmloom_segments=segments,
-    )
+    if adapter.packs_isolated:
+        inputs.update(
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=max(segments),
+            max_length_k=max(segments),
+            mmloom_segments=segments,
+        )
     return Pack(
         inputs=inputs,
         tokens=tokens,

@@ -52,6 +52,7 @@ class Rendering(Checkpoint):
     media_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "pixel_values_videos")
     end_of_turn_tokens: ClassVar[tuple[str, ...]] = ()  # besides the tokenizer's eos token
     media_token_pattern: ClassVar[str] = ""  # added tokens that wrap media, besides the processor's
+    process_kwargs: ClassVar[dict[str, Any]] = {}  # passed to the processor by every `process` call
 
     @property
     def tokenizer(self) -> Any:
@@ -111,6 +112,7 @@ class Rendering(Checkpoint):
             # Nothing for the processor to expand: its tokenizer alone, at a third of the cost.
             return self.tokenizer([text], return_tensors="pt", add_special_tokens=special)
         kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt", "add_special_tokens": special}
+        kwargs.update(self.process_kwargs)
         if images:
             kwargs["images"] = images
         if videos:
