@@ -240,6 +240,17 @@ def choose(config: Any, model_class: type | None, device: torch.device) -> str:
     return VARLEN
 
 
+def choose_hybrid(config: Any, model_class: type | None, device: torch.device) -> str:
+    """`choose` for a hybrid model whose linear-attention layers run once per packed sample
+    (trainer/linear_attention.py) and take no attention backend: by its full-attention layers alone."""
+    import copy
+
+    attention_only = copy.deepcopy(config)
+    text = attention_only.get_text_config()
+    text.layer_types = ["full_attention"] * len(text.layer_types)
+    return choose(attention_only, model_class, device)
+
+
 def choose_masked(device: torch.device) -> str:
     """The backend of a family whose packed mask has bidirectional blocks (see `block_causal`)."""
     from transformers.utils import is_torch_flex_attn_available

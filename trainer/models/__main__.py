@@ -62,9 +62,10 @@ def capabilities(family: str, cls: type[ModelAdapter]) -> tuple[str, ...]:
 
 
 def attention_on_cuda(adapter: ModelAdapter) -> str:
-    if adapter.block_masks():
+    backend = adapter.attention_backend(torch.device("cuda"))
+    if backend == attention.FLEX:
         return "flex_attention, block masks"
-    if not attention.plain_layers(adapter.config):
+    if backend == "sdpa":
         return "SDPA, masked"
     return "varlen (flash-attn 2 if installed)"
 

@@ -81,19 +81,25 @@ class Building(Checkpoint):
         root unit it is gathered once per forward and once per backward, however often it runs."""
         return False
 
-    def attn_implementation(self) -> str | dict[str, str]:
-        """transformers' attn_implementation: the packed-attention backend trainer/attention.py picks
-        for this family's language model on this machine, SDPA for the vision tower. Logged once."""
+    def attention_backend(self, device: torch.device) -> str:
+        """The packed-attention backend trainer/attention.py picks for this family's language model on
+        `device`: flex_attention or SDPA where packs carry bidirectional blocks, else by its layers."""
         from trainer import attention
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.block_masks():  # type: ignore[attr-defined]
+            return attention.choose_masked(device)
         model_class = (
             None if self.trust_remote_code else self.auto_class()._model_mapping.get(type(self.config), None)
         )
-        if self.block_masks():  # type: ignore[attr-defined]
-            backend = attention.choose_masked(device)  # bidirectional blocks: flex_attention or SDPA
-        else:
-            backend = attention.choose(self.config, model_class, device)
+        return attention.choose(self.config, model_class, device)
+
+    def attn_implementation(self) -> str | dict[str, str]:
+        """transformers' attn_implementation: `attention_backend` on this machine for the language
+        model, SDPA for the vision tower. Logged once."""
+        from trainer import attention
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        backend = self.attention_backend(device)
         attention.log_once(f"attention: {backend} for the {self.family} language model on {device.type}")
         return attention.per_module(self.config, backend)
 

@@ -75,6 +75,13 @@ class MiniCPMV4_6Adapter(ModelAdapter):
     # Checked in order: the window merger (vision_tower.vit_merger) belongs to the tower.
     group_patterns = (("vision", ("vision_tower.",)), ("projector", ("merger.",)))
 
+    def attention_backend(self, device: torch.device) -> str:
+        """By the full-attention layers of its Qwen3.5 alone: the linear-attention ones run per sample."""
+        from trainer import attention
+
+        model_class = self.auto_class()._model_mapping.get(type(self.config), None)
+        return attention.choose_hybrid(self.config, model_class, device)
+
     # --- rendering -----------------------------------------------------------------------------------
 
     @cached_property

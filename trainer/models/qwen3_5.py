@@ -37,7 +37,6 @@ What differs from Qwen3-VL, and why:
 
 from __future__ import annotations
 
-import copy
 from functools import cached_property
 from typing import Any
 
@@ -96,20 +95,12 @@ class Qwen3_5Adapter(Qwen3VLAdapter):
         linear-attention layers because `prepare` runs them once per sample."""
         return True
 
-    def attn_implementation(self) -> str | dict[str, str]:
-        """The packed-attention backend trainer/attention.py picks for a language model of plain attention
-        layers (the full-attention ones; the linear-attention layers take none), SDPA for the vision tower."""
+    def attention_backend(self, device: torch.device) -> str:
+        """By the full-attention layers alone: the linear-attention ones take no backend."""
         from trainer import attention
 
-        full = copy.deepcopy(self.config)
-        text = full.get_text_config()
-        text.layer_types = ["full_attention"] * len(text.layer_types)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        backend = attention.choose(
-            full, self.auto_class()._model_mapping.get(type(self.config), None), device
-        )
-        attention.log_once(f"attention: {backend} for the {self.family} language model on {device.type}")
-        return attention.per_module(self.config, backend)
+        model_class = self.auto_class()._model_mapping.get(type(self.config), None)
+        return attention.choose_hybrid(self.config, model_class, device)
 
     def prepare(self, model: Any) -> Any:
         """`model` (Building.prepare), its linear-attention layers made to run once per packed sample."""
