@@ -468,9 +468,7 @@ def stage_oracle(args: argparse.Namespace) -> dict[str, Any]:
             rendered = demo_samples(adapter, shards)
             model_class = adapter.auto_class()._model_mapping.get(type(adapter.config), None)
             masked = adapter.block_masks()
-            entry["trainer_backend"] = (
-                attention.choose_masked(dev) if masked else attention.choose(adapter.config, model_class, dev)
-            )
+            entry["trainer_backend"] = adapter.attention_backend(dev)
             entry["samples"] = [r.length for r in rendered]
             for backend in backends_here(model_class, masked):
                 try:

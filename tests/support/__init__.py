@@ -12,8 +12,9 @@ REPO = Path(__file__).resolve().parents[2]
 # Subprocesses: nothing downloaded, one thread each (at most two processes run at a time).
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
-# The families `make test-fast` sweeps: the generic path, 3-D rope and native video, tiles, block masks.
-FAST_FAMILIES = ("gemma3", "idefics3", "llava", "qwen2_vl")
+# The families `make test-fast` sweeps: the generic path, 3-D rope and native video, tiles, block masks,
+# linear attention run per packed sample.
+FAST_FAMILIES = ("gemma3", "idefics3", "llava", "qwen2_vl", "qwen3_5")
 
 
 def family_params(families: list[str]) -> list:
