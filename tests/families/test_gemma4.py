@@ -358,12 +358,10 @@ class TestLargeGemma4:
         assert tok.decode(labelled) == "China.<turn|>A cup of coffee on a saucer.<turn|>"
 
 
-# flex_attention's BlockMasks for the picture blocks (on CPU they take minutes for the MoE variant, and
-# the other variants' masks are the same kind); SDPA's dense masks for all.
+# SDPA's dense masks for all: flex_attention's BlockMasks come from the same rule (trainer/attention.py's
+# block_causal), and compiling flex on CPU takes a minute a variant.
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("variant", "backend"), [*((v, "sdpa") for v in sorted(VARIANTS)), ("31b", "flex_attention")]
-)
+@pytest.mark.parametrize(("variant", "backend"), [(v, "sdpa") for v in sorted(VARIANTS)])
 def test_variant_packed_loss_equals_per_sample_losses(variants, variant: str, backend: str) -> None:
     """Shared keys and values, bidirectional pictures and MoE blocks keep packed samples apart: a pack's
     summed loss is its samples' losses one by one."""

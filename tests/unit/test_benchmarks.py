@@ -152,24 +152,6 @@ def test_gpu_benchmark_without_a_gpu_exits_cleanly() -> None:
 
 
 @pytest.mark.slow
-def test_gpu_benchmark_runs_its_code_on_cpu_with_smoke() -> None:
-    """`--smoke`: the tiny Qwen2-VL through the GPU suite's own build, data, step and FLOP count."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu" / "mfu.py"), "--smoke", "--ac", "none"],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["smoke"] and [r["ac"] for r in result["runs"]] == ["none"]
-    run = result["runs"][0]
-    assert run["steps"] > 0 and run["tokens_per_s"] > 0 and run["model_tflops_per_s_per_gpu"] is not None
-    assert 0 <= run["data_wait_fraction"] < 1
-
-
 @pytest.mark.slow
 def test_gpu_validation_runs_every_stage_on_cpu_with_smoke(tmp_path: Path) -> None:
     """benchmarks/gpu/validate.py --smoke: one JSON line per stage in order, each stage's checks
@@ -208,7 +190,11 @@ def test_gpu_validation_runs_every_stage_on_cpu_with_smoke(tmp_path: Path) -> No
         and "missing" in attention["reason"]
         or attention["trainer_path_host_reads"] == [0]
     )
-    assert [r["ac"] for r in by["mfu"]["runs"]] == ["none"] and by["mfu"]["runs"][0]["tokens_per_s"] > 0
+    # The GPU suite's mfu.py on the tiny Qwen2-VL: its own build, data, step and FLOP count.
+    assert [r["ac"] for r in by["mfu"]["runs"]] == ["none"]
+    mfu = by["mfu"]["runs"][0]
+    assert mfu["steps"] > 0 and mfu["tokens_per_s"] > 0 and mfu["model_tflops_per_s_per_gpu"] is not None
+    assert 0 <= mfu["data_wait_fraction"] < 1
     rows = {(r["method"], r["grad_accum"]): r for r in by["memory"]["rows"]}
     assert set(rows) == {("full", 1), ("full", 4), ("lora", 1), ("lora", 4)}
     assert 0 < rows["lora", 1]["trainable_params"] < rows["full", 1]["trainable_params"]
