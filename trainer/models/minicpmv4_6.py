@@ -134,12 +134,7 @@ class MiniCPMV4_6Adapter(ModelAdapter):
         media: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         input_ids, media = self.videos_as_images(input_ids, media)
-        return {
-            "input_ids": input_ids[None],
-            "labels": labels[None],
-            "position_ids": position_ids[None],
-            **media,
-        }
+        return super().model_inputs(input_ids, labels, position_ids, media)
 
     def videos_as_images(
         self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]
